@@ -1,0 +1,274 @@
+"""The CPU rasterizer: tile-binned, depth-sorted alpha compositing of 2D Gaussians, compiled with numba.
+
+Same shape as gsplat's CUDA kernels, so the two backends agree pixel for pixel:
+- binning: every visible Gaussian is listed in each 16x16 tile its box overlaps, front to back (one global depth sort,
+  then a stable counting sort by tile);
+- forward: each tile is a parallel task; each pixel walks its tile's list, composites
+  `alpha = min(0.999, o * exp(-sigma))` (skipping alpha < 1/255) and stops before transmittance would fall to 1e-4;
+- backward: each pixel walks the same list back to front, recovering the transmittance by division as gsplat does.
+  Gradients are written per (tile, Gaussian) intersection, so threads never share a slot, then summed per Gaussian:
+  race-free and deterministic.
+Kernels are generic over float32/float64 (float64 serves finite-difference gradient checks) and cached on disk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numba as nb
+import numpy as np
+import torch
+
+ALPHA_MIN = 1.0 / 255.0
+ALPHA_MAX = 0.999
+T_MIN = 1e-4
+
+
+@nb.njit(cache=True, nogil=True)
+def _tile_rect(x: float, y: float, rx: int, ry: int, tile_size: int, tiles_x: int, tiles_y: int):
+    x0 = min(max(int(math.floor((x - rx) / tile_size)), 0), tiles_x)
+    x1 = min(max(int(math.ceil((x + rx) / tile_size)), 0), tiles_x)
+    y0 = min(max(int(math.floor((y - ry) / tile_size)), 0), tiles_y)
+    y1 = min(max(int(math.ceil((y + ry) / tile_size)), 0), tiles_y)
+    return x0, x1, y0, y1
+
+
+@nb.njit(cache=True, nogil=True)
+def bin_gaussians(means2d, radii, order, tile_size, tiles_x, tiles_y):
+    """Per-tile lists of Gaussian ids, each sorted front to back. `order`: visible ids sorted by depth.
+
+    Returns (offsets [tiles+1], ids [intersections]); tile t owns ids[offsets[t]:offsets[t+1]].
+    """
+    counts = np.zeros(tiles_x * tiles_y + 1, np.int64)
+    for g in order:
+        x0, x1, y0, y1 = _tile_rect(means2d[g, 0], means2d[g, 1], radii[g, 0], radii[g, 1], tile_size, tiles_x, tiles_y)
+        for ty in range(y0, y1):
+            for tx in range(x0, x1):
+                counts[ty * tiles_x + tx + 1] += 1
+    offsets = np.cumsum(counts)
+    cursor = offsets[:-1].copy()
+    ids = np.empty(offsets[-1], np.int32)
+    for g in order:
+        x0, x1, y0, y1 = _tile_rect(means2d[g, 0], means2d[g, 1], radii[g, 0], radii[g, 1], tile_size, tiles_x, tiles_y)
+        for ty in range(y0, y1):
+            for tx in range(x0, x1):
+                t = ty * tiles_x + tx
+                ids[cursor[t]] = g
+                cursor[t] += 1
+    return offsets, ids
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _gather(means2d, conics, opacities, radii, feats, ids, start, end):
+    """Copy one tile's Gaussians into contiguous arrays (the per-pixel loop then streams through cache).
+
+    Besides position, conic and opacity each row holds the box radii and sigma_max = ln(255 o): a pixel outside the
+    box or with sigma > sigma_max has alpha < 1/255, so it is skipped without an exp, and exactly so.
+    """
+    n = end - start
+    k = feats.shape[1]
+    params = np.empty((n, 9), means2d.dtype)
+    local_feats = np.empty((n, k), feats.dtype)
+    for j in range(n):
+        g = ids[start + j]
+        params[j, 0] = means2d[g, 0]
+        params[j, 1] = means2d[g, 1]
+        params[j, 2] = conics[g, 0]
+        params[j, 3] = conics[g, 1]
+        params[j, 4] = conics[g, 2]
+        params[j, 5] = opacities[g]
+        params[j, 6] = radii[g, 0]
+        params[j, 7] = radii[g, 1]
+        params[j, 8] = math.log(max(opacities[g], 1e-30) / ALPHA_MIN)
+        for c in range(k):
+            local_feats[j, c] = feats[g, c]
+    return params, local_feats
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _row_list(params, fy, rows):
+    """Tile-local indices (in depth order) of the Gaussians whose box covers the pixel row at height `fy`."""
+    m = 0
+    for j in range(params.shape[0]):
+        if abs(fy - params[j, 1]) <= params[j, 7]:
+            rows[m] = j
+            m += 1
+    return m
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _alpha(params, j, fx, fy):
+    """(alpha, exp(-sigma), dx, dy) of Gaussian j at a pixel centre; alpha = 0 when it is skipped."""
+    dx = fx - params[j, 0]
+    if abs(dx) > params[j, 6]:
+        return 0.0, 0.0, dx, 0.0
+    dy = fy - params[j, 1]
+    sigma = 0.5 * (params[j, 2] * dx * dx + params[j, 4] * dy * dy) + params[j, 3] * dx * dy
+    if sigma < 0.0 or sigma > params[j, 8]:
+        return 0.0, 0.0, dx, dy
+    gauss = math.exp(-sigma)
+    alpha = min(ALPHA_MAX, params[j, 5] * gauss)
+    if alpha < ALPHA_MIN:
+        return 0.0, 0.0, dx, dy
+    return alpha, gauss, dx, dy
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def composite_forward(means2d, conics, opacities, radii, feats, offsets, ids, width, height, tile_size, tiles_x):
+    """Front-to-back compositing. Returns (features [H,W,K], final transmittance [H,W], row-list length used [H,W])."""
+    k = feats.shape[1]
+    out = np.zeros((height, width, k), feats.dtype)
+    out_t = np.ones((height, width), feats.dtype)
+    last = np.zeros((height, width), np.int32)
+    for t in nb.prange(offsets.shape[0] - 1):
+        start, end = offsets[t], offsets[t + 1]
+        if start == end:
+            continue
+        params, local_feats = _gather(means2d, conics, opacities, radii, feats, ids, start, end)
+        rows = np.empty(end - start, np.int32)
+        acc = np.empty(k, feats.dtype)
+        y_start = (t // tiles_x) * tile_size
+        x_start = (t % tiles_x) * tile_size
+        for py in range(y_start, min(y_start + tile_size, height)):
+            fy = py + 0.5
+            m = _row_list(params, fy, rows)
+            for px in range(x_start, min(x_start + tile_size, width)):
+                fx = px + 0.5
+                trans = 1.0
+                used = 0
+                acc[:] = 0.0
+                for r in range(m):
+                    j = rows[r]
+                    alpha, _, _, _ = _alpha(params, j, fx, fy)
+                    if alpha == 0.0:
+                        continue
+                    next_t = trans * (1.0 - alpha)
+                    if next_t <= T_MIN:
+                        break
+                    w = alpha * trans
+                    for c in range(k):
+                        acc[c] += w * local_feats[j, c]
+                    trans = next_t
+                    used = r + 1
+                for c in range(k):
+                    out[py, px, c] = acc[c]
+                out_t[py, px] = trans
+                last[py, px] = used
+    return out, out_t, last
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def composite_backward(means2d, conics, opacities, radii, feats, offsets, ids, width, height, tile_size, tiles_x,
+                       out_t, last, grad_out, grad_alpha):
+    """Gradients of a loss w.r.t. means2d, conics, opacities and features, from d loss / d (features, alpha)."""
+    k = feats.shape[1]
+    n_isect = ids.shape[0]
+    g_geom = np.zeros((n_isect, 6), feats.dtype)  # d/d (mean x, mean y, conic a, b, c, opacity) per intersection
+    g_feat = np.zeros((n_isect, k), feats.dtype)
+    for t in nb.prange(offsets.shape[0] - 1):
+        start, end = offsets[t], offsets[t + 1]
+        if start == end:
+            continue
+        params, local_feats = _gather(means2d, conics, opacities, radii, feats, ids, start, end)
+        rows = np.empty(end - start, np.int32)
+        suffix = np.empty(k, feats.dtype)
+        y_start = (t // tiles_x) * tile_size
+        x_start = (t % tiles_x) * tile_size
+        for py in range(y_start, min(y_start + tile_size, height)):
+            fy = py + 0.5
+            _row_list(params, fy, rows)
+            for px in range(x_start, min(x_start + tile_size, width)):
+                fx = px + 0.5
+                t_final = out_t[py, px]
+                trans = t_final
+                g_a = grad_alpha[py, px]
+                suffix[:] = 0.0  # sum over the Gaussians behind of feature * weight
+                for r in range(last[py, px] - 1, -1, -1):
+                    j = rows[r]
+                    alpha, gauss, dx, dy = _alpha(params, j, fx, fy)
+                    if alpha == 0.0:
+                        continue
+                    one_minus = 1.0 - alpha
+                    trans = trans / one_minus  # transmittance in front of this Gaussian
+                    w = alpha * trans
+                    d_alpha = g_a * t_final / one_minus
+                    e = start + j
+                    for c in range(k):
+                        g = grad_out[py, px, c]
+                        g_feat[e, c] += g * w
+                        d_alpha += g * (local_feats[j, c] * trans - suffix[c] / one_minus)
+                        suffix[c] += local_feats[j, c] * w
+                    if alpha >= ALPHA_MAX:
+                        continue  # clamped: alpha does not depend on the parameters here
+                    g_geom[e, 5] += d_alpha * gauss
+                    d_sigma = -d_alpha * alpha
+                    g_geom[e, 0] += -d_sigma * (params[j, 2] * dx + params[j, 3] * dy)
+                    g_geom[e, 1] += -d_sigma * (params[j, 3] * dx + params[j, 4] * dy)
+                    g_geom[e, 2] += d_sigma * 0.5 * dx * dx
+                    g_geom[e, 3] += d_sigma * dx * dy
+                    g_geom[e, 4] += d_sigma * 0.5 * dy * dy
+    return g_geom, g_feat
+
+
+@nb.njit(cache=True, nogil=True)
+def _sum_per_gaussian(ids, g_geom, g_feat, n):
+    geom = np.zeros((n, 6), g_geom.dtype)
+    feat = np.zeros((n, g_feat.shape[1]), g_feat.dtype)
+    for e in range(ids.shape[0]):
+        g = ids[e]
+        for c in range(6):
+            geom[g, c] += g_geom[e, c]
+        for c in range(g_feat.shape[1]):
+            feat[g, c] += g_feat[e, c]
+    return geom, feat
+
+
+@dataclass(frozen=True)
+class TileBins:
+    """Which Gaussians each tile composites: ids[offsets[t]:offsets[t+1]] front to back, plus their box radii."""
+
+    offsets: np.ndarray
+    ids: np.ndarray
+    radii: np.ndarray
+    width: int
+    height: int
+    tile_size: int
+
+    @property
+    def tiles_x(self) -> int:
+        return -(-self.width // self.tile_size)
+
+
+def bin_projected(means2d: np.ndarray, radii: np.ndarray, depths: np.ndarray, width: int, height: int,
+                  tile_size: int) -> TileBins:
+    """Tile lists for the Gaussians with non-zero radii, front to back."""
+    visible = np.flatnonzero((radii[:, 0] > 0) & (radii[:, 1] > 0))
+    order = visible[np.argsort(depths[visible], kind="stable")]
+    tiles_x, tiles_y = -(-width // tile_size), -(-height // tile_size)
+    offsets, ids = bin_gaussians(means2d, radii, order, tile_size, tiles_x, tiles_y)
+    return TileBins(offsets, ids, radii, width, height, tile_size)
+
+
+class CompositeCPU(torch.autograd.Function):
+    """Differentiable CPU compositing: (means2d, conics, opacities, features) -> (features image, alpha image)."""
+
+    @staticmethod
+    def forward(ctx, means2d, conics, opacities, feats, bins: TileBins):
+        arrays = [x.detach().contiguous().numpy() for x in (means2d, conics, opacities)]
+        arrays += [bins.radii, feats.detach().contiguous().numpy()]
+        layout = (bins.offsets, bins.ids, bins.width, bins.height, bins.tile_size, bins.tiles_x)
+        out, out_t, last = composite_forward(*arrays, *layout)
+        ctx.saved = (arrays, layout, out_t, last)
+        return torch.from_numpy(out), 1.0 - torch.from_numpy(out_t)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_alpha):
+        arrays, layout, out_t, last = ctx.saved
+        dtype = torch.from_numpy(arrays[-1][:0]).dtype
+        g_out = grad_out.detach().to(dtype).contiguous().numpy()
+        g_alpha = grad_alpha.detach().to(dtype).contiguous().numpy()
+        g_geom, g_feat = composite_backward(*arrays, *layout, out_t, last, g_out, g_alpha)
+        n = arrays[0].shape[0]
+        geom, feat = (torch.from_numpy(a) for a in _sum_per_gaussian(layout[1], g_geom, g_feat, n))
+        return geom[:, 0:2], geom[:, 2:5], geom[:, 5], feat, None
