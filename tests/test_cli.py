@@ -1,0 +1,119 @@
+"""The `near` command and the main job: real files written and read back, closed-form shading and tone-mapping."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import OpenEXR
+import pytest
+from PIL import Image
+
+from near_engine.asset import Asset, write_asset
+from near_engine.cli import main
+from near_engine.demo import diffuse_irradiance
+from near_engine.envmap import EnvMap
+from near_engine.images import linear_to_srgb, write_exr, write_png
+
+
+def test_irradiance_closed_form():
+    normals = np.array([[0, 0, 1.0], [0, 0, -1.0], [1.0, 0, 0], [0, -0.6, 0.8]])
+    # A uniform sky of radiance L gives E = pi L on every surface.
+    uniform = EnvMap.uniform([0.5, 1.0, 2.0], height=64)
+    np.testing.assert_allclose(diffuse_irradiance(uniform, normals), np.pi * np.array([[0.5, 1.0, 2.0]] * 4), rtol=2e-3)
+    # Upper hemisphere only: E = pi L facing up, 0 facing down, pi L / 2 for a vertical wall, pi L (1 + cos)/2 tilted.
+    sky = np.zeros((64, 128, 3), np.float32)
+    sky[:32] = 1.0
+    e = diffuse_irradiance(EnvMap.from_array(sky, strength=3.0), normals, height=64)[:, 0]
+    np.testing.assert_allclose(e, 3 * np.pi * np.array([1.0, 0.0, 0.5, 0.9]), rtol=1e-2, atol=1e-2)
+
+
+def test_irradiance_follows_world_rotation():
+    # A bright patch facing +X in the image; a Mapping rotation of +90 degrees shows it towards -Y.
+    img = np.zeros((32, 64, 3), np.float32)
+    img[14:18, 30:34] = 100.0  # image centre faces +X
+    env = EnvMap.from_array(img)
+    x, minus_y = np.array([[1.0, 0, 0]]), np.array([[0, -1.0, 0]])
+    assert diffuse_irradiance(env, x, height=32)[0, 0] > 10 * diffuse_irradiance(env, minus_y, height=32)[0, 0]
+    turned = env.with_settings(rotation_z=math.pi / 2)
+    np.testing.assert_allclose(diffuse_irradiance(turned, minus_y, height=32), diffuse_irradiance(env, x, height=32),
+                               rtol=1e-3)
+
+
+def test_standard_view_transform_values():
+    np.testing.assert_allclose(linear_to_srgb(np.array([0.0, 0.0031308, 0.18, 0.5, 1.0, 7.0, np.nan])),
+                               [0.0, 0.04045, 0.46135, 0.73536, 1.0, 1.0, 0.0], atol=1e-4)
+    np.testing.assert_allclose(linear_to_srgb(np.array([0.25]), exposure=1.0), linear_to_srgb(np.array([0.5])))
+
+
+def test_png_and_exr_writers(tmp_path):
+    rgb = np.zeros((4, 6, 3), np.float32)
+    rgb[..., 0] = 0.18
+    alpha = np.full((4, 6), 0.5, np.float32)
+    write_png(tmp_path / "a.png", rgb * alpha[..., None], alpha)  # premultiplied in, straight alpha out
+    png = np.asarray(Image.open(tmp_path / "a.png"))
+    assert png.shape == (4, 6, 4)
+    assert png[0, 0, 0] == round(0.46135 * 255) and png[0, 0, 3] == 128
+    write_exr(tmp_path / "a.exr", {"R": rgb[..., 0], "A": alpha, "Depth.Z": alpha * 3})
+    channels = OpenEXR.File(str(tmp_path / "a.exr"), separate_channels=True).channels()
+    assert set(channels) == {"R", "A", "Depth.Z"}
+    np.testing.assert_array_equal(channels["Depth.Z"].pixels, alpha * 3)
+
+
+def test_demo_writes_images_a_person_can_look_at(tmp_path, capsys):
+    assert main(["demo", "-o", str(tmp_path), "--size", "96", "--hdri", "sunset"]) == 0
+    assert "contact sheet" in capsys.readouterr().out
+    sheet = np.asarray(Image.open(tmp_path / "contact_sheet.png"))
+    assert sheet.shape == (96, 4 * 96, 3)
+    assert sheet.std() > 10  # a picture, not a flat fill
+    channels = OpenEXR.File(str(tmp_path / "sunset_az090.exr"), separate_channels=True).channels()
+    assert {"R", "G", "B", "A", "Depth.Z"} <= set(channels)
+    alpha, depth = channels["A"].pixels, channels["Depth.Z"].pixels
+    assert 0.1 < (alpha > 0.5).mean() < 0.6  # the object fills part of the frame
+    # The camera orbits at 2.2 units and the object fits in a 0.46-unit ball: depths must lie in between.
+    assert 1.7 < depth[alpha > 0.5].min() and depth[alpha > 0.5].max() < 2.7
+    assert np.all(alpha <= 1.0) and np.isfinite(channels["R"].pixels).all()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["frames"]) == 4
+
+
+def test_info_describes_exr_and_asset(tmp_path, capsys):
+    EnvMap.uniform([1.0, 2.0, 3.0], height=8).write_exr(tmp_path / "env.exr")
+    assert main(["info", str(tmp_path / "env.exr")]) == 0
+    out = capsys.readouterr().out
+    assert "16" in out and "8" in out  # width and height
+    coords = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
+    write_asset(tmp_path / "a.near", Asset(coords, np.ones((2, 8), np.float32), model="test"))
+    assert main(["info", str(tmp_path / "a.near")]) == 0
+    assert "2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", [None, b"", b"garbage that is no file format", b"\x76\x2f\x31\x01broken"])
+def test_info_on_bad_files_reports_clearly(tmp_path, capsys, content):
+    path = tmp_path / "bad.near"
+    if content is not None:
+        path.write_bytes(content)
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("near: error:") and "bad.near" in err and "Traceback" not in err
+
+
+def test_bench_prints_one_json_line():
+    out = subprocess.run([sys.executable, "-m", "near_engine.cli", "bench", "raster", "--gaussians", "3000",
+                          "--size", "64", "--repeats", "1"], check=True, capture_output=True, text=True).stdout
+    lines = out.strip().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["gaussians"] == 3000 and record["width"] == record["height"] == 64
+    for key in ("forward_ms", "backward_ms", "naive_numpy_ms", "speedup_vs_naive"):
+        assert record[key] > 0
+
+
+def test_help_lists_subcommands():
+    out = subprocess.run([sys.executable, "-m", "near_engine.cli", "--help"], check=True, capture_output=True,
+                         text=True).stdout
+    for name in ("demo", "info", "bench"):
+        assert name in out
