@@ -164,7 +164,7 @@ def test_image_does_not_depend_on_tile_size():
     cam = orbit_camera((70, 45))
     outs = [rasterize(means, quats, scales, opacities, colors, cam, tile_size=t) for t in (8, 16, 32)]
     for other in outs[1:]:
-        torch.testing.assert_close(other.channels, outs[0].channels, atol=1e-6, rtol=0)
+        torch.testing.assert_close(other.channels, outs[0].channels, atol=1e-5, rtol=0)  # float32 rounding, HDR up to 4
         torch.testing.assert_close(other.alpha, outs[0].alpha, atol=1e-6, rtol=0)
 
 

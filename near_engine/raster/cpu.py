@@ -60,15 +60,15 @@ def bin_gaussians(means2d, radii, order, tile_size, tiles_x, tiles_y):
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
-def _gather(means2d, conics, opacities, radii, feats, ids, start, end):
-    """Copy one tile's Gaussians into contiguous arrays (the per-pixel loop then streams through cache).
+def _gather(means2d, conics, opacities, feats, ids, start, end):
+    """Copy one tile's Gaussians into contiguous arrays, so the pixel loops stream through cache.
 
-    Besides position, conic and opacity each row holds the box radii and sigma_max = ln(255 o): a pixel outside the
-    box or with sigma > sigma_max has alpha < 1/255, so it is skipped without an exp, and exactly so.
+    Each row: mean x, mean y, conic a, b, c, opacity, sigma_max = ln(255 o) (beyond it alpha < 1/255), and the
+    half-height of the ellipse {sigma <= sigma_max}: sqrt(2 sigma_max a / (a c - b^2)).
     """
     n = end - start
     k = feats.shape[1]
-    params = np.empty((n, 9), means2d.dtype)
+    params = np.empty((n, 8), means2d.dtype)
     local_feats = np.empty((n, k), feats.dtype)
     for j in range(n):
         g = ids[start + j]
@@ -78,45 +78,76 @@ def _gather(means2d, conics, opacities, radii, feats, ids, start, end):
         params[j, 3] = conics[g, 1]
         params[j, 4] = conics[g, 2]
         params[j, 5] = opacities[g]
-        params[j, 6] = radii[g, 0]
-        params[j, 7] = radii[g, 1]
-        params[j, 8] = math.log(max(opacities[g], 1e-30) / ALPHA_MIN)
+        params[j, 6] = math.log(max(opacities[g], 1e-30) / ALPHA_MIN)
+        det = conics[g, 0] * conics[g, 2] - conics[g, 1] * conics[g, 1]
+        params[j, 7] = math.sqrt(max(2.0 * params[j, 6] * conics[g, 0] / det, 0.0)) if det > 0.0 else -1.0
         for c in range(k):
             local_feats[j, c] = feats[g, c]
     return params, local_feats
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
-def _row_list(params, fy, rows):
-    """Tile-local indices (in depth order) of the Gaussians whose box covers the pixel row at height `fy`."""
+def _row_spans(params, fy, x_start, x_end, rows, span_lo, span_hi):
+    """The Gaussians (tile-local index, in depth order) that can reach alpha 1/255 on the pixel row at height `fy`,
+    each with the pixel columns it spans there.
+
+    On a row, sigma(dx) = a/2 dx^2 + b dy dx + c/2 dy^2 is a parabola, so {sigma <= sigma_max} is an interval: solve
+    for it and widen by one pixel (the per-pixel test stays exact; the span only has to contain every hit).
+    """
     m = 0
     for j in range(params.shape[0]):
-        if abs(fy - params[j, 1]) <= params[j, 7]:
-            rows[m] = j
-            m += 1
+        dy = fy - params[j, 1]
+        if abs(dy) > params[j, 7] + 1e-3:
+            continue
+        qa = 0.5 * params[j, 2]
+        qb = params[j, 3] * dy
+        qc = 0.5 * params[j, 4] * dy * dy - params[j, 6]
+        disc = qb * qb - 4.0 * qa * qc
+        if disc < 0.0 or qa <= 0.0:
+            continue
+        root = math.sqrt(disc)
+        lo = params[j, 0] + (-qb - root) / (2.0 * qa)  # pixel-centre x where the span starts
+        hi = params[j, 0] + (-qb + root) / (2.0 * qa)
+        px_lo = max(x_start, int(math.floor(lo - 0.5)))
+        px_hi = min(x_end - 1, int(math.ceil(hi - 0.5)))
+        if px_lo > px_hi:
+            continue
+        rows[m] = j
+        span_lo[m] = px_lo
+        span_hi[m] = px_hi
+        m += 1
     return m
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
-def _alpha(params, j, fx, fy):
-    """(alpha, exp(-sigma), dx, dy) of Gaussian j at a pixel centre; alpha = 0 when it is skipped."""
-    dx = fx - params[j, 0]
-    if abs(dx) > params[j, 6]:
-        return 0.0, 0.0, dx, 0.0
-    dy = fy - params[j, 1]
-    sigma = 0.5 * (params[j, 2] * dx * dx + params[j, 4] * dy * dy) + params[j, 3] * dx * dy
-    if sigma < 0.0 or sigma > params[j, 8]:
-        return 0.0, 0.0, dx, dy
-    gauss = math.exp(-sigma)
+def _span_start(params, j, fx, fy):
+    """exp(-sigma) at the first pixel of a span, and the factors that step it one pixel right.
+
+    Along a row sigma is quadratic in x, so exp(-sigma) moves right by multiplying with `step`, which itself is
+    multiplied by `decay` = exp(-a) each pixel: two exps per span instead of one per pixel. Float64, so the recurrence
+    loses nothing over the ~10 pixels of a span.
+    """
+    dx = fx - float(params[j, 0])
+    dy = fy - float(params[j, 1])
+    a, b, c = float(params[j, 2]), float(params[j, 3]), float(params[j, 4])
+    sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
+    return math.exp(-sigma), math.exp(-(a * dx + 0.5 * a + b * dy)), math.exp(-a), dy
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _alpha(params, j, gauss):
+    """Gaussian j's alpha at a pixel where exp(-sigma) = gauss; 0 where it is skipped (alpha < 1/255)."""
     alpha = min(ALPHA_MAX, params[j, 5] * gauss)
-    if alpha < ALPHA_MIN:
-        return 0.0, 0.0, dx, dy
-    return alpha, gauss, dx, dy
+    return alpha if alpha >= ALPHA_MIN else 0.0
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def composite_forward(means2d, conics, opacities, radii, feats, offsets, ids, width, height, tile_size, tiles_x):
-    """Front-to-back compositing. Returns (features [H,W,K], final transmittance [H,W], row-list length used [H,W])."""
+def composite_forward(means2d, conics, opacities, feats, offsets, ids, width, height, tile_size, tiles_x):
+    """Front-to-back compositing. Returns (features [H,W,K], final transmittance [H,W], span-list length used [H,W]).
+
+    Within a tile row the loop runs Gaussian by Gaussian (depth order) over the pixels each one spans, keeping every
+    pixel's transmittance; each pixel therefore sees its Gaussians in the same order as a per-pixel loop would.
+    """
     k = feats.shape[1]
     out = np.zeros((height, width, k), feats.dtype)
     out_t = np.ones((height, width), feats.dtype)
@@ -125,43 +156,64 @@ def composite_forward(means2d, conics, opacities, radii, feats, offsets, ids, wi
         start, end = offsets[t], offsets[t + 1]
         if start == end:
             continue
-        params, local_feats = _gather(means2d, conics, opacities, radii, feats, ids, start, end)
-        rows = np.empty(end - start, np.int32)
-        acc = np.empty(k, feats.dtype)
+        params, local_feats = _gather(means2d, conics, opacities, feats, ids, start, end)
+        n = end - start
+        rows = np.empty(n, np.int32)
+        span_lo = np.empty(n, np.int32)
+        span_hi = np.empty(n, np.int32)
+        trans = np.empty(tile_size, feats.dtype)
+        acc = np.empty((tile_size, k), feats.dtype)
+        used = np.empty(tile_size, np.int32)
+        done = np.empty(tile_size, np.bool_)
         y_start = (t // tiles_x) * tile_size
         x_start = (t % tiles_x) * tile_size
+        x_end = min(x_start + tile_size, width)
         for py in range(y_start, min(y_start + tile_size, height)):
             fy = py + 0.5
-            m = _row_list(params, fy, rows)
-            for px in range(x_start, min(x_start + tile_size, width)):
-                fx = px + 0.5
-                trans = 1.0
-                used = 0
-                acc[:] = 0.0
-                for r in range(m):
-                    j = rows[r]
-                    alpha, _, _, _ = _alpha(params, j, fx, fy)
-                    if alpha == 0.0:
+            m = _row_spans(params, fy, x_start, x_end, rows, span_lo, span_hi)
+            trans[:] = 1.0
+            acc[:, :] = 0.0
+            used[:] = 0
+            done[:] = False
+            n_done = 0
+            for r in range(m):
+                j = rows[r]
+                gauss, step, decay, dy = _span_start(params, j, span_lo[r] + 0.5, fy)
+                for px in range(span_lo[r], span_hi[r] + 1):
+                    i = px - x_start
+                    alpha = _alpha(params, j, gauss)
+                    gauss *= step
+                    step *= decay
+                    if alpha == 0.0 or done[i]:
                         continue
-                    next_t = trans * (1.0 - alpha)
+                    next_t = trans[i] * (1.0 - alpha)
                     if next_t <= T_MIN:
-                        break
-                    w = alpha * trans
+                        done[i] = True
+                        n_done += 1
+                        continue
+                    w = alpha * trans[i]
                     for c in range(k):
-                        acc[c] += w * local_feats[j, c]
-                    trans = next_t
-                    used = r + 1
+                        acc[i, c] += w * local_feats[j, c]
+                    trans[i] = next_t
+                    used[i] = r + 1
+                if n_done == x_end - x_start:
+                    break
+            for px in range(x_start, x_end):
+                i = px - x_start
                 for c in range(k):
-                    out[py, px, c] = acc[c]
-                out_t[py, px] = trans
-                last[py, px] = used
+                    out[py, px, c] = acc[i, c]
+                out_t[py, px] = trans[i]
+                last[py, px] = used[i]
     return out, out_t, last
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def composite_backward(means2d, conics, opacities, radii, feats, offsets, ids, width, height, tile_size, tiles_x,
+def composite_backward(means2d, conics, opacities, feats, offsets, ids, width, height, tile_size, tiles_x,
                        out_t, last, grad_out, grad_alpha):
-    """Gradients of a loss w.r.t. means2d, conics, opacities and features, from d loss / d (features, alpha)."""
+    """Gradients of a loss w.r.t. means2d, conics, opacities and features, from d loss / d (features, alpha).
+
+    Walks each row's spans back to front, recovering each pixel's transmittance by division (as gsplat does).
+    """
     k = feats.shape[1]
     n_isect = ids.shape[0]
     g_geom = np.zeros((n_isect, 6), feats.dtype)  # d/d (mean x, mean y, conic a, b, c, opacity) per intersection
@@ -170,38 +222,47 @@ def composite_backward(means2d, conics, opacities, radii, feats, offsets, ids, w
         start, end = offsets[t], offsets[t + 1]
         if start == end:
             continue
-        params, local_feats = _gather(means2d, conics, opacities, radii, feats, ids, start, end)
-        rows = np.empty(end - start, np.int32)
-        suffix = np.empty(k, feats.dtype)
+        params, local_feats = _gather(means2d, conics, opacities, feats, ids, start, end)
+        n = end - start
+        rows = np.empty(n, np.int32)
+        span_lo = np.empty(n, np.int32)
+        span_hi = np.empty(n, np.int32)
+        trans = np.empty(tile_size, feats.dtype)
+        suffix = np.empty((tile_size, k), feats.dtype)  # per pixel: sum over the Gaussians behind of feature * weight
         y_start = (t // tiles_x) * tile_size
         x_start = (t % tiles_x) * tile_size
+        x_end = min(x_start + tile_size, width)
         for py in range(y_start, min(y_start + tile_size, height)):
             fy = py + 0.5
-            _row_list(params, fy, rows)
-            for px in range(x_start, min(x_start + tile_size, width)):
-                fx = px + 0.5
-                t_final = out_t[py, px]
-                trans = t_final
-                g_a = grad_alpha[py, px]
-                suffix[:] = 0.0  # sum over the Gaussians behind of feature * weight
-                for r in range(last[py, px] - 1, -1, -1):
-                    j = rows[r]
-                    alpha, gauss, dx, dy = _alpha(params, j, fx, fy)
-                    if alpha == 0.0:
+            m = _row_spans(params, fy, x_start, x_end, rows, span_lo, span_hi)
+            for px in range(x_start, x_end):
+                trans[px - x_start] = out_t[py, px]
+            suffix[:, :] = 0.0
+            for r in range(m - 1, -1, -1):
+                j = rows[r]
+                e = start + j
+                gauss, step, decay, dy = _span_start(params, j, span_lo[r] + 0.5, fy)
+                for px in range(span_lo[r], span_hi[r] + 1):
+                    g_px = gauss
+                    alpha = _alpha(params, j, gauss)
+                    gauss *= step
+                    step *= decay
+                    if alpha == 0.0 or r >= last[py, px]:
                         continue
+                    i = px - x_start
+                    dx = px + 0.5 - params[j, 0]
                     one_minus = 1.0 - alpha
-                    trans = trans / one_minus  # transmittance in front of this Gaussian
-                    w = alpha * trans
-                    d_alpha = g_a * t_final / one_minus
-                    e = start + j
+                    trans[i] = trans[i] / one_minus  # transmittance in front of this Gaussian
+                    w = alpha * trans[i]
+                    d_alpha = grad_alpha[py, px] * out_t[py, px] / one_minus
                     for c in range(k):
                         g = grad_out[py, px, c]
                         g_feat[e, c] += g * w
-                        d_alpha += g * (local_feats[j, c] * trans - suffix[c] / one_minus)
-                        suffix[c] += local_feats[j, c] * w
+                        d_alpha += g * (local_feats[j, c] * trans[i] - suffix[i, c] / one_minus)
+                        suffix[i, c] += local_feats[j, c] * w
                     if alpha >= ALPHA_MAX:
                         continue  # clamped: alpha does not depend on the parameters here
-                    g_geom[e, 5] += d_alpha * gauss
+                    g_geom[e, 5] += d_alpha * g_px
                     d_sigma = -d_alpha * alpha
                     g_geom[e, 0] += -d_sigma * (params[j, 2] * dx + params[j, 3] * dy)
                     g_geom[e, 1] += -d_sigma * (params[j, 3] * dx + params[j, 4] * dy)
@@ -226,11 +287,10 @@ def _sum_per_gaussian(ids, g_geom, g_feat, n):
 
 @dataclass(frozen=True)
 class TileBins:
-    """Which Gaussians each tile composites: ids[offsets[t]:offsets[t+1]] front to back, plus their box radii."""
+    """Which Gaussians each tile composites: ids[offsets[t]:offsets[t+1]], front to back."""
 
     offsets: np.ndarray
     ids: np.ndarray
-    radii: np.ndarray
     width: int
     height: int
     tile_size: int
@@ -247,7 +307,7 @@ def bin_projected(means2d: np.ndarray, radii: np.ndarray, depths: np.ndarray, wi
     order = visible[np.argsort(depths[visible], kind="stable")]
     tiles_x, tiles_y = -(-width // tile_size), -(-height // tile_size)
     offsets, ids = bin_gaussians(means2d, radii, order, tile_size, tiles_x, tiles_y)
-    return TileBins(offsets, ids, radii, width, height, tile_size)
+    return TileBins(offsets, ids, width, height, tile_size)
 
 
 class CompositeCPU(torch.autograd.Function):
@@ -255,8 +315,7 @@ class CompositeCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, means2d, conics, opacities, feats, bins: TileBins):
-        arrays = [x.detach().contiguous().numpy() for x in (means2d, conics, opacities)]
-        arrays += [bins.radii, feats.detach().contiguous().numpy()]
+        arrays = [x.detach().contiguous().numpy() for x in (means2d, conics, opacities, feats)]
         layout = (bins.offsets, bins.ids, bins.width, bins.height, bins.tile_size, bins.tiles_x)
         out, out_t, last = composite_forward(*arrays, *layout)
         ctx.saved = (arrays, layout, out_t, last)
