@@ -7,6 +7,7 @@ lighting and test data.
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 from .errors import NearError
@@ -16,10 +17,9 @@ def blender_hdri_dir() -> Path:
     """The folder of Blender's bundled world HDRIs, found next to the installed bpy module."""
     spec = importlib.util.find_spec("bpy")
     roots = list(spec.submodule_search_locations or []) if spec else []
-    for root in roots:
-        for folder in sorted(Path(root).glob("*/datafiles/studiolights/world")):
-            if any(folder.glob("*.exr")):
-                return folder
+    folders = [f for root in roots for f in Path(root).glob("*/datafiles/studiolights/world") if any(f.glob("*.exr"))]
+    if folders:  # the newest Blender version folder (e.g. "4.5") wins
+        return max(folders, key=lambda f: tuple(int(x) for x in re.findall(r"\d+", f.parts[-4])))
     raise NearError("Blender's bundled HDRIs were not found: install the 'bpy' module (pip install bpy) "
                     "or pass an HDRI file explicitly")
 
