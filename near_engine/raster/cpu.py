@@ -1,8 +1,8 @@
 """The CPU rasterizer: tile-binned, depth-sorted alpha compositing of 2D Gaussians, compiled with numba.
 
 Same shape as gsplat's CUDA kernels, so the two backends agree pixel for pixel:
-- binning: every visible Gaussian is listed in each 16x16 tile its box overlaps, front to back (one global depth sort,
-  then a stable counting sort by tile);
+- binning: a radix sort by depth, then a stable counting sort by tile lists every visible Gaussian front to back in
+  each 16x16 tile its box overlaps;
 - forward: each tile is a parallel task; each pixel walks its tile's list, composites
   `alpha = min(0.999, o * exp(-sigma))` (skipping alpha < 1/255) and stops before transmittance would fall to 1e-4;
 - backward: each pixel walks the same list back to front, recovering the transmittance by division as gsplat does.
@@ -35,22 +35,63 @@ def _tile_rect(x: float, y: float, rx: int, ry: int, tile_size: int, tiles_x: in
 
 
 @nb.njit(cache=True, nogil=True)
-def bin_gaussians(means2d, radii, order, tile_size, tiles_x, tiles_y):
-    """Per-tile lists of Gaussian ids, each sorted front to back. `order`: visible ids sorted by depth.
+def _radix_sort(keys, values):
+    """Rows of `values` [n, 2] (int64) stably sorted by uint32 `keys`: three 11-bit LSD radix passes that carry
+    the rows along, so every pass streams through memory."""
+    n = keys.shape[0]
+    k, v = keys.copy(), values.copy()
+    k_out, v_out = np.empty_like(k), np.empty_like(v)
+    for shift in (0, 11, 22):
+        starts = np.zeros(2049, np.int64)
+        for i in range(n):
+            starts[((k[i] >> shift) & 2047) + 1] += 1
+        for b in range(2048):
+            starts[b + 1] += starts[b]
+        for i in range(n):
+            b = (k[i] >> shift) & 2047
+            j = starts[b]
+            k_out[j] = k[i]
+            v_out[j, 0] = v[i, 0]
+            v_out[j, 1] = v[i, 1]
+            starts[b] = j + 1
+        k, k_out = k_out, k
+        v, v_out = v_out, v
+    return v
 
+
+@nb.njit(cache=True, nogil=True)
+def bin_gaussians(means2d, radii, depths, tile_size, tiles_x, tiles_y):
+    """Per-tile lists of the Gaussians with non-zero radii, each front to back (equal depths keep index order).
+
+    In memory order, each visible Gaussian's index and tile rectangle are packed into two int64s; a radix sort by
+    depth carries them along, so the counting sort by tile that follows streams instead of jumping around memory.
     Returns (offsets [tiles+1], ids [intersections]); tile t owns ids[offsets[t]:offsets[t+1]].
     """
+    n = means2d.shape[0]
+    keys = np.empty(n, np.uint32)
+    rows = np.empty((n, 2), np.int64)  # (index << 32 | x0 << 16 | x1, y0 << 16 | y1); tiles per side < 2^16
     counts = np.zeros(tiles_x * tiles_y + 1, np.int64)
-    for g in order:
+    m = 0
+    for g in range(n):
+        if radii[g, 0] <= 0 or radii[g, 1] <= 0:
+            continue
         x0, x1, y0, y1 = _tile_rect(means2d[g, 0], means2d[g, 1], radii[g, 0], radii[g, 1], tile_size, tiles_x, tiles_y)
         for ty in range(y0, y1):
             for tx in range(x0, x1):
                 counts[ty * tiles_x + tx + 1] += 1
+        # Visible depths are positive, and positive float32 bit patterns sort like the numbers they encode.
+        keys[m] = np.float32(depths[g]).view(np.uint32)
+        rows[m, 0] = (np.int64(g) << 32) | (np.int64(x0) << 16) | x1
+        rows[m, 1] = (np.int64(y0) << 16) | y1
+        m += 1
+    rows = _radix_sort(keys[:m], rows[:m])
     offsets = np.cumsum(counts)
     cursor = offsets[:-1].copy()
     ids = np.empty(offsets[-1], np.int32)
-    for g in order:
-        x0, x1, y0, y1 = _tile_rect(means2d[g, 0], means2d[g, 1], radii[g, 0], radii[g, 1], tile_size, tiles_x, tiles_y)
+    for i in range(m):
+        g = np.int32(rows[i, 0] >> 32)
+        x0, x1 = (rows[i, 0] >> 16) & 0xFFFF, rows[i, 0] & 0xFFFF
+        y0, y1 = rows[i, 1] >> 16, rows[i, 1] & 0xFFFF
         for ty in range(y0, y1):
             for tx in range(x0, x1):
                 t = ty * tiles_x + tx
@@ -302,11 +343,9 @@ class TileBins:
 
 def bin_projected(means2d: np.ndarray, radii: np.ndarray, depths: np.ndarray, width: int, height: int,
                   tile_size: int) -> TileBins:
-    """Tile lists for the Gaussians with non-zero radii, front to back."""
-    visible = np.flatnonzero((radii[:, 0] > 0) & (radii[:, 1] > 0))
-    order = visible[np.argsort(depths[visible], kind="stable")]
+    """Tile lists for the Gaussians with non-zero radii, front to back (equal depths keep index order)."""
     tiles_x, tiles_y = -(-width // tile_size), -(-height // tile_size)
-    offsets, ids = bin_gaussians(means2d, radii, order, tile_size, tiles_x, tiles_y)
+    offsets, ids = bin_gaussians(means2d, radii, depths, tile_size, tiles_x, tiles_y)
     return TileBins(offsets, ids, width, height, tile_size)
 
 
