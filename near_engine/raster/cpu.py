@@ -100,31 +100,46 @@ def bin_gaussians(means2d, radii, depths, tile_size, tiles_x, tiles_y):
     return offsets, ids
 
 
-@nb.njit(cache=True, nogil=True, inline="always")
-def _gather(means2d, conics, opacities, feats, ids, start, end):
-    """Copy one tile's Gaussians into contiguous arrays, so the pixel loops stream through cache.
+PARAMS = 8  # packed row: mean x, mean y, conic a, b, c, opacity, sigma_max, ellipse half-height; then features
 
-    Each row: mean x, mean y, conic a, b, c, opacity, sigma_max = ln(255 o) (beyond it alpha < 1/255), and the
-    half-height of the ellipse {sigma <= sigma_max}: sqrt(2 sigma_max a / (a c - b^2)).
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def pack_gaussians(means2d, conics, opacities, feats):
+    """One row per Gaussian with everything the pixel loops read, so fetching a Gaussian costs one cache miss, not
+    five (tiles visit Gaussians in depth order, which is random in memory).
+
+    Besides the inputs each row holds sigma_max = ln(255 o), beyond which alpha < 1/255, and the half-height of the
+    ellipse {sigma <= sigma_max}: sqrt(2 sigma_max a / (a c - b^2)).
     """
-    n = end - start
-    k = feats.shape[1]
-    params = np.empty((n, 8), means2d.dtype)
-    local_feats = np.empty((n, k), feats.dtype)
-    for j in range(n):
-        g = ids[start + j]
-        params[j, 0] = means2d[g, 0]
-        params[j, 1] = means2d[g, 1]
-        params[j, 2] = conics[g, 0]
-        params[j, 3] = conics[g, 1]
-        params[j, 4] = conics[g, 2]
-        params[j, 5] = opacities[g]
-        params[j, 6] = math.log(max(opacities[g], 1e-30) / ALPHA_MIN)
-        det = conics[g, 0] * conics[g, 2] - conics[g, 1] * conics[g, 1]
-        params[j, 7] = math.sqrt(max(2.0 * params[j, 6] * conics[g, 0] / det, 0.0)) if det > 0.0 else -1.0
-        for c in range(k):
-            local_feats[j, c] = feats[g, c]
-    return params, local_feats
+    n, k = feats.shape
+    packed = np.empty((n, PARAMS + k), feats.dtype)
+    for g in nb.prange(n):
+        a, b, c, o = conics[g, 0], conics[g, 1], conics[g, 2], opacities[g]
+        sigma_max = math.log(max(o, 1e-30) / ALPHA_MIN)
+        det = a * c - b * b
+        packed[g, 0] = means2d[g, 0]
+        packed[g, 1] = means2d[g, 1]
+        packed[g, 2] = a
+        packed[g, 3] = b
+        packed[g, 4] = c
+        packed[g, 5] = o
+        packed[g, 6] = sigma_max
+        packed[g, 7] = math.sqrt(max(2.0 * sigma_max * a / det, 0.0)) if det > 0.0 else -1.0
+        for i in range(k):
+            packed[g, PARAMS + i] = feats[g, i]
+    return packed
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _gather(packed, ids, start, end):
+    """Copy one tile's Gaussians into a contiguous block, so the pixel loops stream through cache.
+
+    Returns (params [n, PARAMS], features [n, K]) views of that block.
+    """
+    local = np.empty((end - start, packed.shape[1]), packed.dtype)
+    for j in range(end - start):
+        local[j, :] = packed[ids[start + j], :]
+    return local[:, :PARAMS], local[:, PARAMS:]
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
@@ -183,27 +198,28 @@ def _alpha(params, j, gauss):
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def composite_forward(means2d, conics, opacities, feats, offsets, ids, width, height, tile_size, tiles_x):
+def composite_forward(packed, offsets, ids, width, height, tile_size, tiles_x):
     """Front-to-back compositing. Returns (features [H,W,K], final transmittance [H,W], span-list length used [H,W]).
 
     Within a tile row the loop runs Gaussian by Gaussian (depth order) over the pixels each one spans, keeping every
     pixel's transmittance; each pixel therefore sees its Gaussians in the same order as a per-pixel loop would.
     """
-    k = feats.shape[1]
-    out = np.zeros((height, width, k), feats.dtype)
-    out_t = np.ones((height, width), feats.dtype)
+    k = packed.shape[1] - PARAMS
+    dtype = packed.dtype
+    out = np.zeros((height, width, k), dtype)
+    out_t = np.ones((height, width), dtype)
     last = np.zeros((height, width), np.int32)
     for t in nb.prange(offsets.shape[0] - 1):
         start, end = offsets[t], offsets[t + 1]
         if start == end:
             continue
-        params, local_feats = _gather(means2d, conics, opacities, feats, ids, start, end)
+        params, local_feats = _gather(packed, ids, start, end)
         n = end - start
         rows = np.empty(n, np.int32)
         span_lo = np.empty(n, np.int32)
         span_hi = np.empty(n, np.int32)
-        trans = np.empty(tile_size, feats.dtype)
-        acc = np.empty((tile_size, k), feats.dtype)
+        trans = np.empty(tile_size, dtype)
+        acc = np.empty((tile_size, k), dtype)
         used = np.empty(tile_size, np.int32)
         done = np.empty(tile_size, np.bool_)
         y_start = (t // tiles_x) * tile_size
@@ -249,27 +265,27 @@ def composite_forward(means2d, conics, opacities, feats, offsets, ids, width, he
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def composite_backward(means2d, conics, opacities, feats, offsets, ids, width, height, tile_size, tiles_x,
-                       out_t, last, grad_out, grad_alpha):
+def composite_backward(packed, offsets, ids, width, height, tile_size, tiles_x, out_t, last, grad_out, grad_alpha):
     """Gradients of a loss w.r.t. means2d, conics, opacities and features, from d loss / d (features, alpha).
 
     Walks each row's spans back to front, recovering each pixel's transmittance by division (as gsplat does).
     """
-    k = feats.shape[1]
+    k = packed.shape[1] - PARAMS
+    dtype = packed.dtype
     n_isect = ids.shape[0]
-    g_geom = np.zeros((n_isect, 6), feats.dtype)  # d/d (mean x, mean y, conic a, b, c, opacity) per intersection
-    g_feat = np.zeros((n_isect, k), feats.dtype)
+    g_geom = np.zeros((n_isect, 6), dtype)  # d/d (mean x, mean y, conic a, b, c, opacity) per intersection
+    g_feat = np.zeros((n_isect, k), dtype)
     for t in nb.prange(offsets.shape[0] - 1):
         start, end = offsets[t], offsets[t + 1]
         if start == end:
             continue
-        params, local_feats = _gather(means2d, conics, opacities, feats, ids, start, end)
+        params, local_feats = _gather(packed, ids, start, end)
         n = end - start
         rows = np.empty(n, np.int32)
         span_lo = np.empty(n, np.int32)
         span_hi = np.empty(n, np.int32)
-        trans = np.empty(tile_size, feats.dtype)
-        suffix = np.empty((tile_size, k), feats.dtype)  # per pixel: sum over the Gaussians behind of feature * weight
+        trans = np.empty(tile_size, dtype)
+        suffix = np.empty((tile_size, k), dtype)  # per pixel: sum over the Gaussians behind of feature * weight
         y_start = (t // tiles_x) * tile_size
         x_start = (t % tiles_x) * tile_size
         x_end = min(x_start + tile_size, width)
@@ -354,19 +370,18 @@ class CompositeCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, means2d, conics, opacities, feats, bins: TileBins):
-        arrays = [x.detach().contiguous().numpy() for x in (means2d, conics, opacities, feats)]
+        packed = pack_gaussians(*(x.detach().contiguous().numpy() for x in (means2d, conics, opacities, feats)))
         layout = (bins.offsets, bins.ids, bins.width, bins.height, bins.tile_size, bins.tiles_x)
-        out, out_t, last = composite_forward(*arrays, *layout)
-        ctx.saved = (arrays, layout, out_t, last)
+        out, out_t, last = composite_forward(packed, *layout)
+        ctx.saved = (packed, layout, out_t, last)
         return torch.from_numpy(out), 1.0 - torch.from_numpy(out_t)
 
     @staticmethod
     def backward(ctx, grad_out, grad_alpha):
-        arrays, layout, out_t, last = ctx.saved
-        dtype = torch.from_numpy(arrays[-1][:0]).dtype
+        packed, layout, out_t, last = ctx.saved
+        dtype = torch.from_numpy(packed[:0]).dtype
         g_out = grad_out.detach().to(dtype).contiguous().numpy()
         g_alpha = grad_alpha.detach().to(dtype).contiguous().numpy()
-        g_geom, g_feat = composite_backward(*arrays, *layout, out_t, last, g_out, g_alpha)
-        n = arrays[0].shape[0]
-        geom, feat = (torch.from_numpy(a) for a in _sum_per_gaussian(layout[1], g_geom, g_feat, n))
+        g_geom, g_feat = composite_backward(packed, *layout, out_t, last, g_out, g_alpha)
+        geom, feat = (torch.from_numpy(a) for a in _sum_per_gaussian(layout[1], g_geom, g_feat, packed.shape[0]))
         return geom[:, 0:2], geom[:, 2:5], geom[:, 5], feat, None
