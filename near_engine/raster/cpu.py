@@ -286,19 +286,25 @@ def composite_backward(packed, offsets, ids, width, height, tile_size, tiles_x, 
         span_hi = np.empty(n, np.int32)
         trans = np.empty(tile_size, dtype)
         suffix = np.empty((tile_size, k), dtype)  # per pixel: sum over the Gaussians behind of feature * weight
+        span_feat = np.empty(k, dtype)
         y_start = (t // tiles_x) * tile_size
         x_start = (t % tiles_x) * tile_size
         x_end = min(x_start + tile_size, width)
         for py in range(y_start, min(y_start + tile_size, height)):
             fy = py + 0.5
             m = _row_spans(params, fy, x_start, x_end, rows, span_lo, span_hi)
+            used = 0  # spans past every pixel's last contributor (early termination) need no visit
             for px in range(x_start, x_end):
                 trans[px - x_start] = out_t[py, px]
+                used = max(used, last[py, px])
             suffix[:, :] = 0.0
-            for r in range(m - 1, -1, -1):
+            for r in range(min(m, used) - 1, -1, -1):
                 j = rows[r]
-                e = start + j
                 gauss, step, decay, dy = _span_start(params, j, span_lo[r] + 0.5, fy)
+                # Along a span dy is fixed, so the geometry gradients need only these sums over its pixels:
+                # d_sigma, d_sigma * dx, d_sigma * dx^2 and d_alpha * exp(-sigma). Written once per span.
+                s0 = s1 = s2 = s_opacity = 0.0
+                span_feat[:] = 0.0
                 for px in range(span_lo[r], span_hi[r] + 1):
                     g_px = gauss
                     alpha = _alpha(params, j, gauss)
@@ -307,30 +313,39 @@ def composite_backward(packed, offsets, ids, width, height, tile_size, tiles_x, 
                     if alpha == 0.0 or r >= last[py, px]:
                         continue
                     i = px - x_start
-                    dx = px + 0.5 - params[j, 0]
                     one_minus = 1.0 - alpha
                     trans[i] = trans[i] / one_minus  # transmittance in front of this Gaussian
                     w = alpha * trans[i]
                     d_alpha = grad_alpha[py, px] * out_t[py, px] / one_minus
                     for c in range(k):
                         g = grad_out[py, px, c]
-                        g_feat[e, c] += g * w
+                        span_feat[c] += g * w
                         d_alpha += g * (local_feats[j, c] * trans[i] - suffix[i, c] / one_minus)
                         suffix[i, c] += local_feats[j, c] * w
                     if alpha >= ALPHA_MAX:
                         continue  # clamped: alpha does not depend on the parameters here
-                    g_geom[e, 5] += d_alpha * g_px
+                    dx = px + 0.5 - params[j, 0]
                     d_sigma = -d_alpha * alpha
-                    g_geom[e, 0] += -d_sigma * (params[j, 2] * dx + params[j, 3] * dy)
-                    g_geom[e, 1] += -d_sigma * (params[j, 3] * dx + params[j, 4] * dy)
-                    g_geom[e, 2] += d_sigma * 0.5 * dx * dx
-                    g_geom[e, 3] += d_sigma * dx * dy
-                    g_geom[e, 4] += d_sigma * 0.5 * dy * dy
+                    s_opacity += d_alpha * g_px
+                    s0 += d_sigma
+                    s1 += d_sigma * dx
+                    s2 += d_sigma * dx * dx
+                e = start + j
+                a, b, c2 = params[j, 2], params[j, 3], params[j, 4]
+                g_geom[e, 0] += -(a * s1 + b * dy * s0)
+                g_geom[e, 1] += -(b * s1 + c2 * dy * s0)
+                g_geom[e, 2] += 0.5 * s2
+                g_geom[e, 3] += dy * s1
+                g_geom[e, 4] += 0.5 * dy * dy * s0
+                g_geom[e, 5] += s_opacity
+                for c in range(k):
+                    g_feat[e, c] += span_feat[c]
     return g_geom, g_feat
 
 
 @nb.njit(cache=True, nogil=True)
 def _sum_per_gaussian(ids, g_geom, g_feat, n):
+    """Sum per-intersection gradients per Gaussian (sequential: it is bound by memory latency, not arithmetic)."""
     geom = np.zeros((n, 6), g_geom.dtype)
     feat = np.zeros((n, g_feat.shape[1]), g_feat.dtype)
     for e in range(ids.shape[0]):
