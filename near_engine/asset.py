@@ -31,13 +31,13 @@ import os
 import re
 import stat
 import struct
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from near_engine.errors import AssetError
+from near_engine.files import write_bytes_atomically
 
 __all__ = [
     "Asset",
@@ -321,34 +321,7 @@ def write_asset(path: str | os.PathLike, asset: Asset) -> None:
     except (SafetensorError, ValueError, TypeError) as exc:  # pragma: no cover - the Asset was validated
         raise AssetError(f"Could not encode {label}: {exc}") from exc
 
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        if os.path.isdir(path):
-            raise AssetError(f"Could not write {label}: a folder of that name is in the way")
-        try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-        except OSError:
-            mode = 0o644
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.chmod(tmp, mode)
-        except OSError:  # pragma: no cover - filesystems without modes
-            pass
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        raise AssetError(f"Could not write {label}: {exc.strerror or exc}") from exc
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:  # pragma: no cover
-                pass
+    write_bytes_atomically(path, data, AssetError)
 
 
 # ------------------------------------------------------------------------------------------------------------ read

@@ -43,6 +43,7 @@ import numpy as np
 import OpenEXR
 
 from .errors import EnvMapError
+from .images import write_exr
 
 if TYPE_CHECKING:  # pragma: no cover
     from .camera import Camera
@@ -51,10 +52,6 @@ if TYPE_CHECKING:  # pragma: no cover
 # use and already 1.5 GiB as float32 RGB; a bigger size in a header is far more likely corruption than a real map.
 MAX_DIMENSION = 16384
 
-# The codecs Blender's EXR writer offers (ImageFormatSettings.exr_codec), by their Blender names.
-EXR_COMPRESSIONS: tuple[str, ...] = ("NONE", "RLE", "ZIPS", "ZIP", "PIZ", "PXR24", "B44", "B44A", "DWAA", "DWAB")
-_EXR_CODEC = {name: getattr(OpenEXR, "NO_COMPRESSION" if name == "NONE" else f"{name}_COMPRESSION")
-              for name in EXR_COMPRESSIONS}
 # Negative values below -NEGATIVE_WARN_FRACTION * mean(|rgb|) warn when clamped; shallower ones are codec ringing.
 NEGATIVE_WARN_FRACTION = 0.05
 _HALF_MAX = float(np.finfo(np.float16).max)
@@ -312,10 +309,6 @@ class EnvMap:
         the target and renamed, so a failed write leaves any existing file untouched.
         """
         name = str(path)
-        codec = _EXR_CODEC.get(str(compression).upper())
-        if codec is None:
-            raise EnvMapError(f"{name}: unknown EXR compression {compression!r}; "
-                              f"use one of {', '.join(EXR_COMPRESSIONS)}")
         if str(pixel_type).upper() not in ("FLOAT", "HALF"):
             raise EnvMapError(f"{name}: pixel_type must be 'FLOAT' or 'HALF', got {pixel_type!r}")
         data = self.pixels
@@ -324,18 +317,7 @@ class EnvMap:
             if over:
                 _warn(f"{name}: {over} values above {_HALF_MAX:g} clamped to fit HALF")
             data = np.minimum(data, _HALF_MAX).astype(np.float16)
-        channels = {c: np.ascontiguousarray(data[..., i]) for i, c in enumerate("RGB")}
-        header = {"compression": codec, "type": OpenEXR.scanlineimage}
-        target = Path(path)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            OpenEXR.File(header, channels).write(str(tmp))
-            os.replace(tmp, target)
-        except Exception as exc:  # the bindings raise RuntimeError; the OS raises OSError
-            raise EnvMapError(f"{name}: could not write the OpenEXR file ({exc})") from exc
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        write_exr(path, {c: data[..., i] for i, c in enumerate("RGB")}, compression, error=EnvMapError)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

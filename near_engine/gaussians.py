@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .errors import RasterError
+from .files import write_bytes_atomically
 
 SH_C0 = 0.28209479177387814  # the degree-0 spherical-harmonic constant used by 3DGS PLY colours
 
@@ -111,12 +112,7 @@ class Gaussians:
             record[name] = values
         header = "ply\nformat binary_little_endian 1.0\nelement vertex %d\n" % n
         header += "".join(f"property float {name}\n" for name in columns) + "end_header\n"
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(header.encode("ascii"))
-            f.write(record.tobytes())
-        tmp.replace(path)
+        write_bytes_atomically(path, header.encode("ascii") + record.tobytes(), RasterError)
 
 
 def quat_to_rotmat_entries(quats: torch.Tensor) -> list[list[torch.Tensor]]:

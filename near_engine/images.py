@@ -8,12 +8,17 @@ written straight (not premultiplied), as PNG expects.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import OpenEXR
 
 from .errors import NearError
+from .files import write_atomically
+
+# The codecs Blender's EXR writer offers (ImageFormatSettings.exr_codec), by their Blender names.
+EXR_COMPRESSIONS: tuple[str, ...] = ("NONE", "RLE", "ZIPS", "ZIP", "PIZ", "PXR24", "B44", "B44A", "DWAA", "DWAB")
+_EXR_CODECS = {name: getattr(OpenEXR, "NO_COMPRESSION" if name == "NONE" else f"{name}_COMPRESSION")
+               for name in EXR_COMPRESSIONS}
 
 
 def linear_to_srgb(linear: np.ndarray, exposure: float = 0.0) -> np.ndarray:
@@ -36,34 +41,24 @@ def write_png(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | None
         mode = "RGBA"
     else:
         pixels, mode = linear_to_srgb(rgb, exposure), "RGB"
-    _atomic(path, lambda tmp: Image.fromarray(np.round(pixels * 255).astype(np.uint8), mode).save(tmp, format="PNG"))
+    image = Image.fromarray(np.round(pixels * 255).astype(np.uint8), mode)
+    write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def write_exr(path: str | os.PathLike, channels: dict[str, np.ndarray], compression: str = "ZIP") -> None:
-    """Write named float32 [H,W] channels (e.g. "R", "G", "B", "A", "Depth.Z") as one scanline OpenEXR part."""
-    if not channels:
-        raise NearError("write_exr needs at least one channel")
+def write_exr(path: str | os.PathLike, channels: dict[str, np.ndarray], compression: str = "ZIP",
+              error: type[NearError] = NearError) -> None:
+    """Write named [H,W] channels (e.g. "R", "G", "B", "A", "Depth.Z") as one scanline OpenEXR part.
+
+    float16 arrays are stored as HALF, everything else as FLOAT. `compression` is one of EXR_COMPRESSIONS
+    (Blender's names); PXR24, B44(A), DWAA and DWAB are lossy, and B44(A) only compress HALF channels.
+    """
+    codec = _EXR_CODECS.get(str(compression).upper())
+    if codec is None:
+        raise error(f"{path}: unknown EXR compression {compression!r}; use one of {', '.join(EXR_COMPRESSIONS)}")
     shapes = {np.shape(v) for v in channels.values()}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-        raise NearError(f"write_exr needs [H, W] channels of one size, got shapes {sorted(shapes)}")
-    try:
-        codec = getattr(OpenEXR, "NO_COMPRESSION" if compression == "NONE" else f"{compression}_COMPRESSION")
-    except AttributeError:
-        raise NearError(f"unknown EXR compression {compression!r}") from None
-    data = {name: np.ascontiguousarray(v, dtype=np.float32) for name, v in channels.items()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2 or 0 in next(iter(shapes)):
+        raise error(f"{path}: an EXR needs non-empty [H, W] channels of one size, got shapes {sorted(shapes)}")
+    data = {name: np.ascontiguousarray(v, dtype=np.float16 if np.asarray(v).dtype == np.float16 else np.float32)
+            for name, v in channels.items()}
     header = {"compression": codec, "type": OpenEXR.scanlineimage}
-    _atomic(path, lambda tmp: OpenEXR.File(header, data).write(tmp))
-
-
-def _atomic(path: str | os.PathLike, write) -> None:
-    """Write through a temporary file in the same folder, so a failure never leaves half an image behind."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, target)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise NearError(f"could not write {target}: {exc}") from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomically(path, lambda tmp: OpenEXR.File(header, data).write(tmp), error)

@@ -207,7 +207,7 @@ def test_orbit_geometry(azimuth, elevation):
     target = np.array([0.2, -0.1, 0.4])
     distance = 3.5
     cam = Camera.orbit(azimuth, elevation, distance, width=128, height=96, fov_x_deg=40, target=target)
-    az, el = math.radians(azimuth), math.radians(elevation)
+    az = math.radians(azimuth)
     offset = cam.position - target
     assert np.linalg.norm(offset) == pytest.approx(distance)
     assert math.degrees(math.asin(offset[2] / distance)) == pytest.approx(elevation)

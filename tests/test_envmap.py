@@ -13,7 +13,6 @@ import pytest
 
 from near_engine.camera import Camera
 from near_engine.envmap import (
-    EXR_COMPRESSIONS,
     MAX_DIMENSION,
     EnvMap,
     EnvMapWarning,
@@ -24,6 +23,7 @@ from near_engine.envmap import (
     uv_to_direction,
 )
 from near_engine.errors import EnvMapError
+from near_engine.images import EXR_COMPRESSIONS
 
 H, W = 32, 64
 
@@ -674,8 +674,13 @@ def test_write_errors(tmp_path):
     env = EnvMap.uniform(1.0, height=4)
     with pytest.raises(EnvMapError, match="unknown EXR compression 'LZW'"):
         env.write_exr(tmp_path / "a.exr", compression="LZW")
-    with pytest.raises(EnvMapError, match="could not write"):
+    with pytest.raises(EnvMapError, match="Could not write 'folder.exr'"):
         env.write_exr(tmp_path / "no" / "such" / "folder.exr")
+    env.write_exr(tmp_path / "kept.exr")
+    with pytest.raises(EnvMapError, match="unknown EXR compression"):
+        EnvMap.uniform(2.0, height=4).write_exr(tmp_path / "kept.exr", compression="LZW")
+    assert float(EnvMap.read(tmp_path / "kept.exr").pixels.max()) == 1.0  # a failed write leaves the old file
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     with pytest.warns(EnvMapWarning, match="clamped to fit HALF"):
         EnvMap.uniform(1e6, height=2).write_exr(tmp_path / "h.exr", pixel_type="HALF")
     assert float(EnvMap.read(tmp_path / "h.exr").pixels.max()) == 65504.0

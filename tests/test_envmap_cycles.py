@@ -26,7 +26,8 @@ import pytest
 bpy = pytest.importorskip("bpy")
 
 from near_engine.camera import Camera  # noqa: E402
-from near_engine.envmap import EXR_COMPRESSIONS, EnvMap, EnvMapWarning, direction_to_uv, rotation_z_matrix  # noqa: E402
+from near_engine.envmap import EnvMap, EnvMapWarning, direction_to_uv, rotation_z_matrix  # noqa: E402
+from near_engine.images import EXR_COMPRESSIONS  # noqa: E402
 
 pytestmark = [pytest.mark.cycles, pytest.mark.timeout(300)]
 
