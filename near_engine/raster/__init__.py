@@ -48,6 +48,9 @@ def rasterize(
     `eps2d` pixel^2 low-pass on each 2D covariance with the matching opacity compensation.
     """
     _check_inputs(means, quats, scales, opacities, channels, camera, background)
+    if not 0.1 <= eps2d <= 100.0:
+        # The CPU kernel steps exp(-sigma) along pixel rows, which stays in range only for a 2D blur of >= 0.1 px^2.
+        raise RasterError(f"eps2d (the 2D blur in pixels^2) must be between 0.1 and 100, got {eps2d}")
     if backend == "auto":
         backend = "cuda" if means.is_cuda else "cpu"
     if backend == "cuda":
