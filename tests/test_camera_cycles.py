@@ -16,15 +16,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import bmesh
+import bpy
 import numpy as np
+import OpenEXR
 import pytest
+from mathutils import Euler, Matrix, Vector
 
-bpy = pytest.importorskip("bpy")
-OpenEXR = pytest.importorskip("OpenEXR")
-bmesh = pytest.importorskip("bmesh")
-from mathutils import Euler, Matrix, Vector  # noqa: E402  (comes with bpy)
-
-from near_engine.camera import Camera  # noqa: E402
+from near_engine.camera import Camera
 
 TOLERANCE_PX = 0.5
 SAMPLES = 64

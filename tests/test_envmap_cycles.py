@@ -19,15 +19,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import bpy
 import numpy as np
 import OpenEXR
 import pytest
 
-bpy = pytest.importorskip("bpy")
-
-from near_engine.camera import Camera  # noqa: E402
-from near_engine.envmap import EnvMap, EnvMapWarning, direction_to_uv, rotation_z_matrix  # noqa: E402
-from near_engine.images import EXR_COMPRESSIONS  # noqa: E402
+from near_engine.camera import Camera
+from near_engine.envmap import EnvMap, EnvMapWarning, direction_to_uv, rotation_z_matrix
+from near_engine.images import EXR_COMPRESSIONS
 
 pytestmark = [pytest.mark.cycles, pytest.mark.timeout(300)]
 
