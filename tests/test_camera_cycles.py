@@ -16,12 +16,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import bmesh
-import bpy
+import bpy  # before bmesh and mathutils: importing bpy is what makes Blender's own modules importable
 import numpy as np
 import OpenEXR
 import pytest
-from mathutils import Euler, Matrix, Vector
+
+import bmesh  # noqa: E402, I001
+from mathutils import Euler, Matrix, Vector  # noqa: E402
 
 from near_engine.camera import Camera
 
