@@ -20,7 +20,7 @@ from .errors import CameraError
 BLENDER_TO_OPENCV = np.diag([1.0, -1.0, -1.0, 1.0])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Camera:
     """A camera: image size, intrinsics in pixels, world-to-camera (OpenCV axes) and clipping range.
 
@@ -41,13 +41,24 @@ class Camera:
     def __post_init__(self) -> None:
         w2c = np.asarray(self.world_to_camera, dtype=np.float64)
         object.__setattr__(self, "world_to_camera", w2c)
-        if int(self.width) != self.width or int(self.height) != self.height or self.width < 1 or self.height < 1:
+        try:
+            whole = int(self.width) == self.width and int(self.height) == self.height
+        except (TypeError, ValueError, OverflowError):
+            whole = False
+        if not whole or self.width < 1 or self.height < 1:
             raise CameraError(f"camera resolution must be positive integers, got {self.width}x{self.height}")
+        object.__setattr__(self, "width", int(self.width))
+        object.__setattr__(self, "height", int(self.height))
         values = (self.fx, self.fy, self.cx, self.cy, self.near, self.far)
         if not all(math.isfinite(v) for v in values) or self.fx <= 0 or self.fy <= 0:
             raise CameraError(f"camera intrinsics must be finite with positive focal lengths, got fx={self.fx}, fy={self.fy}")
         if w2c.shape != (4, 4) or not np.isfinite(w2c).all():
             raise CameraError(f"world_to_camera must be a finite 4x4 matrix, got shape {w2c.shape}")
+        rot = w2c[:3, :3]
+        if (not np.allclose(rot @ rot.T, np.eye(3), atol=1e-6) or np.linalg.det(rot) < 0
+                or not np.allclose(w2c[3], [0.0, 0.0, 0.0, 1.0])):
+            raise CameraError("world_to_camera must be a rigid transform (rotation and translation, no scale, "
+                              "shear or mirroring); move scale onto the objects instead")
         if not 0 <= self.near < self.far:
             raise CameraError(f"clip range must satisfy 0 <= near < far, got near={self.near}, far={self.far}")
 

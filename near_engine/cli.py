@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from .demo import DEFAULT_HDRIS
 from .errors import NearError
 
 
@@ -44,6 +45,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_bench_raster(args: argparse.Namespace) -> int:
     from .bench import bench_first_call, bench_raster
 
+    if args.repeats < 1 or args.gaussians < 0 or args.size < 1:
+        raise NearError("--repeats and --size must be at least 1 and --gaussians at least 0")
     result = bench_raster(args.gaussians, args.size, repeats=args.repeats, naive=args.naive)
     if args.first_call:
         result.update(bench_first_call())
@@ -58,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="render the built-in demo object under Blender's HDRIs (turntable + sheet)")
     demo.add_argument("-o", "--output", default="out/demo", help="output folder (default: out/demo)")
     demo.add_argument("--size", type=int, default=384, help="image width and height in pixels (default 384)")
-    demo.add_argument("--hdri", nargs="+", default=["forest", "sunset", "studio"],
-                      help="names of Blender's bundled HDRIs (default: forest sunset studio)")
+    demo.add_argument("--hdri", nargs="+", default=list(DEFAULT_HDRIS),
+                      help=f"names of Blender's bundled HDRIs (default: {' '.join(DEFAULT_HDRIS)})")
     demo.set_defaults(func=_cmd_demo)
 
     info = sub.add_parser("info", help="describe an EXR/HDR image or a .near asset")
@@ -71,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     raster = bench_sub.add_parser("raster", help="rasterizer forward/backward on the fixed benchmark scene")
     raster.add_argument("--gaussians", type=int, default=100_000)
     raster.add_argument("--size", type=int, default=512)
-    raster.add_argument("--repeats", type=int, default=5)
+    raster.add_argument("--repeats", type=int, default=5, help="timed runs per figure; the best is kept")
     raster.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the plain NumPy splatter and print the speed-up (default on)")
     raster.add_argument("--first-call", action="store_true",

@@ -20,8 +20,10 @@ import torch
 from .blender_data import blender_hdri
 from .camera import Camera
 from .envmap import EnvMap, equirect_solid_angles, rotation_z_matrix, uv_to_direction
+from .errors import NearError
+from .files import write_bytes_atomically
 from .gaussians import Gaussians
-from .images import linear_to_srgb, write_exr, write_png
+from .images import write_exr, write_png
 from .raster import rasterize
 
 DEFAULT_HDRIS = ("forest", "sunset", "studio")
@@ -75,7 +77,12 @@ def diffuse_irradiance(env: EnvMap, normals: np.ndarray, height: int = 32) -> np
 def render_demo(out_dir: str | Path, size: int = 384, hdris=DEFAULT_HDRIS, azimuths=(0, 90, 180, 270)) -> dict:
     """Render the demo object under each HDRI from each azimuth; returns a summary (also written as summary.json)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise NearError(f"{out} exists and is not a folder: choose another output folder") from None
+    except OSError as exc:
+        raise NearError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
     obj = demo_object()
     normals = obj.channels["normal"].numpy().astype(np.float64)
     rows, summary = [], {"size": size, "gaussians": len(obj), "frames": []}
@@ -95,14 +102,11 @@ def render_demo(out_dir: str | Path, size: int = 384, hdris=DEFAULT_HDRIS, azimu
             write_exr(stem.with_suffix(".exr"), {"R": rgb[..., 0], "G": rgb[..., 1], "B": rgb[..., 2], "A": alpha,
                                                  "Depth.Z": depth})
             write_png(stem.with_suffix(".png"), rgb)
-            tiles.append(linear_to_srgb(rgb))
+            tiles.append(rgb)
             summary["frames"].append({"hdri": name, "azimuth": az, "raster_ms": round(ms, 1),
                                       "object_pixels": int((alpha > 0.5).sum())})
         rows.append(np.concatenate(tiles, axis=1))
-    sheet = np.concatenate(rows, axis=0)
-    from PIL import Image
-
-    Image.fromarray(np.round(sheet * 255).astype(np.uint8)).save(out / "contact_sheet.png")
+    write_png(out / "contact_sheet.png", np.concatenate(rows, axis=0))
     summary["contact_sheet"] = str(out / "contact_sheet.png")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_bytes_atomically(out / "summary.json", json.dumps(summary, indent=1).encode())
     return summary

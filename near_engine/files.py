@@ -26,9 +26,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None],
     try:
         mode = stat.S_IMODE(os.stat(target).st_mode)
     except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
+        mode = 0o644  # mkstemp makes owner-only files; a new output is readable like any other
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -45,7 +43,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None],
 
 
 def write_bytes_atomically(path: str | os.PathLike, data: bytes, error: type[NearError] = NearError) -> None:
-    """Write `data` to `path` atomically and durably (fsync before the rename)."""
+    """Write `data` to `path` atomically, flushing it to disk (fsync) before the rename."""
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -49,7 +49,8 @@ class Gaussians:
         Non-uniform scale or shear cannot be represented exactly by per-axis scales of rotated Gaussians; such
         matrices are rejected rather than silently approximated.
         """
-        m = torch.as_tensor(np.asarray(matrix, dtype=np.float64)).to(self.means)
+        m = torch.as_tensor(matrix.detach().cpu().double() if isinstance(matrix, torch.Tensor)
+                            else np.asarray(matrix, dtype=np.float64)).to(self.means)
         if m.shape != (4, 4) or not torch.isfinite(m).all():
             raise RasterError("transform must be a finite 4x4 matrix")
         linear = m[:3, :3].double()
@@ -69,10 +70,12 @@ class Gaussians:
         """Join batches into one; every part must carry the same channel names and widths."""
         if not parts:
             raise RasterError("cannot concatenate an empty list of Gaussians")
-        names = list(parts[0].channels)
+        widths = {n: c.shape[1] for n, c in parts[0].channels.items()}
         for p in parts[1:]:
-            if list(p.channels) != names:
-                raise RasterError(f"channel names differ: {names} vs {list(p.channels)}")
+            other = {n: c.shape[1] for n, c in p.channels.items()}
+            if other != widths:
+                raise RasterError(f"channel names or widths differ: {widths} vs {other}")
+        names = list(widths)
         return Gaussians(
             torch.cat([p.means for p in parts]),
             torch.cat([p.quats for p in parts]),
@@ -94,6 +97,9 @@ class Gaussians:
         scales = self.scales.detach().cpu().double().numpy()
         opac = self.opacities.detach().cpu().double().clamp(1e-6, 1 - 1e-6).numpy()
         if color_channel is not None and color_channel in self.channels:
+            if self.channels[color_channel].shape[1] < 3:
+                raise RasterError(f"PLY colour channel {color_channel!r} needs 3 columns, "
+                                  f"has {self.channels[color_channel].shape[1]}")
             rgb = self.channels[color_channel].detach().cpu().double().numpy()[:, :3].clip(0.0, 1.0)
         else:
             rgb = np.full((n, 3), 0.5)

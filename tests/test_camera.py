@@ -324,6 +324,10 @@ def test_from_blender_rejects_invalid_parameters(kwargs, message):
         (dict(world_to_camera=np.zeros((3, 4))), "4x4"),
         (dict(world_to_camera=np.full((4, 4), np.nan)), "finite"),
         (dict(near=1.0, far=0.5), "near < far"),
+        (dict(world_to_camera=np.diag([2.0, 2.0, 2.0, 1.0])), "rigid"),
+        (dict(world_to_camera=np.diag([1.0, -1.0, 1.0, 1.0])), "rigid"),
+        (dict(world_to_camera=np.array([[1, 0.3, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])), "rigid"),
+        (dict(world_to_camera=np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0.1, 1.0]])), "rigid"),
     ],
 )
 def test_camera_constructor_rejects_invalid_parameters(kwargs, message):
@@ -339,6 +343,11 @@ def test_look_at_rejects_degenerate_input():
     for fov in (0.0, 180.0, -10.0):
         with pytest.raises(CameraError, match="field of view"):
             Camera.look_at([0.0, -5.0, 0.0], [0.0, 0.0, 0.0], width=10, height=10, fov_x_deg=fov)
+
+
+def test_whole_float_resolution_becomes_int():
+    cam = Camera(32.0, 24.0, 30.0, 30.0, 16.0, 12.0)
+    assert (cam.width, cam.height) == (32, 24) and isinstance(cam.width, int)
 
 
 def test_camera_error_is_a_near_error():

@@ -80,15 +80,23 @@ def test_demo_writes_images_a_person_can_look_at(tmp_path, capsys):
     assert len(summary["frames"]) == 4
 
 
+def test_demo_refuses_a_file_as_output_folder(tmp_path, capsys):
+    (tmp_path / "taken").write_text("not a folder")
+    assert main(["demo", "-o", str(tmp_path / "taken"), "--size", "16", "--hdri", "sunset"]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "not a folder"
+
+
 def test_info_describes_exr_and_asset(tmp_path, capsys):
-    EnvMap.uniform([1.0, 2.0, 3.0], height=8).write_exr(tmp_path / "env.exr")
+    EnvMap.uniform([1.0, 2.0, 3.0], height=8).write_exr(tmp_path / "env.exr", compression="PIZ")
     assert main(["info", str(tmp_path / "env.exr")]) == 0
     out = capsys.readouterr().out
-    assert "16" in out and "8" in out  # width and height
+    assert "16 x 8" in out and "PIZ" in out
     coords = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
-    write_asset(tmp_path / "a.near", Asset(coords, np.ones((2, 8), np.float32), model="test"))
+    write_asset(tmp_path / "a.near", Asset(coords, np.ones((2, 8), np.float32), model="tiny-test"))
     assert main(["info", str(tmp_path / "a.near")]) == 0
-    assert "2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "voxels       2 " in out and "channels     8" in out and "tiny-test" in out
 
 
 @pytest.mark.parametrize("content", [None, b"", b"garbage that is no file format", b"\x76\x2f\x31\x01broken"])

@@ -94,8 +94,14 @@ def test_concatenate():
     assert len(c) == 17
     torch.testing.assert_close(c.means[10:], b.means)
     torch.testing.assert_close(c.channels["feature"][:10], a.channels["feature"])
-    with pytest.raises(RasterError, match="channel names"):
+    with pytest.raises(RasterError, match="channel names or widths"):
         Gaussians.concatenate([a, Gaussians(b.means, b.quats, b.scales, b.opacities, {"rgb": b.channels["rgb"]})])
+    wider = dict(b.channels, feature=torch.zeros(7, 6, dtype=torch.float64))
+    with pytest.raises(RasterError, match="channel names or widths"):
+        Gaussians.concatenate([a, Gaussians(b.means, b.quats, b.scales, b.opacities, wider)])
+    reordered = {"feature": b.channels["feature"], "rgb": b.channels["rgb"]}
+    c2 = Gaussians.concatenate([a, Gaussians(b.means, b.quats, b.scales, b.opacities, reordered)])
+    torch.testing.assert_close(c2.channels["rgb"][10:], b.channels["rgb"])
     with pytest.raises(RasterError):
         Gaussians.concatenate([])
 

@@ -66,14 +66,16 @@ def reference_composite(means2d, conics, opacities, depths, colors, width, heigh
     return out, alpha_img, depth_img, stopped
 
 
-def gsplat_projection(means, quats, scales, opacities, cam: Camera):
+def gsplat_projection(means, quats, scales, opacities, cam: Camera, eps2d=0.3, antialiased=True):
+    """gsplat's own torch projection; `comp` is the opacity factor (1 when not antialiased)."""
     covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_covar=True, compute_preci=False, triu=False)
     viewmat = torch.as_tensor(cam.world_to_camera, dtype=means.dtype)[None]
     K = torch.as_tensor(cam.K, dtype=means.dtype)[None]
     radii, means2d, depths, conics, comp = _fully_fused_projection(
-        means, covars, viewmat, K, cam.width, cam.height, eps2d=0.3, near_plane=cam.near, far_plane=cam.far,
-        calc_compensations=True, camera_model="ortho" if cam.orthographic else "pinhole")
-    return means2d[0], conics[0], depths[0], comp[0], radii[0]
+        means, covars, viewmat, K, cam.width, cam.height, eps2d=eps2d, near_plane=cam.near, far_plane=cam.far,
+        calc_compensations=antialiased, camera_model="ortho" if cam.orthographic else "pinhole")
+    comp = comp[0] if antialiased else torch.ones_like(depths[0])
+    return means2d[0], conics[0], depths[0], comp, radii[0]
 
 
 @pytest.mark.parametrize("ortho", [False, True])
@@ -96,13 +98,14 @@ def test_projection_matches_gsplat_reference(ortho):
     assert (ours.radii[:, 0] > 0).sum() > 0.9 * (radii[:, 0] > 0).sum()
 
 
-@pytest.mark.parametrize("ortho", [False, True])
-def test_colours_alpha_depth_match_slow_reference(ortho):
+@pytest.mark.parametrize("ortho, eps2d, antialiased", [(False, 0.3, True), (True, 0.3, True), (False, 0.8, False)])
+def test_colours_alpha_depth_match_slow_reference(ortho, eps2d, antialiased):
     means, quats, scales, opacities, colors = random_scene(150, seed=2)
     cam = orbit_camera((37, 29), ortho=ortho)  # sizes that are not multiples of the tile size
-    out = rasterize(means, quats, scales, opacities, colors, cam)
+    out = rasterize(means, quats, scales, opacities, colors, cam, eps2d=eps2d, antialiased=antialiased)
     # The reference composites gsplat's own projection, so no part of our pipeline is shared.
-    m2, con, dep, comp, _ = gsplat_projection(*(x.double() for x in (means, quats, scales, opacities)), cam)
+    m2, con, dep, comp, _ = gsplat_projection(*(x.double() for x in (means, quats, scales, opacities)), cam,
+                                              eps2d=eps2d, antialiased=antialiased)
     ref_c, ref_a, ref_d, _ = reference_composite(m2.numpy(), con.numpy(), (opacities.double() * comp).numpy(),
                                               dep.numpy(), colors.double().numpy(), cam.width, cam.height)
     assert ref_a.max() > 0.9 and (ref_a == 0).any()  # the scene covers part of the frame, and opaquely
@@ -120,10 +123,14 @@ def test_early_termination_matches_reference():
     cam = orbit_camera((24, 20))
     out = rasterize(means, quats, scales, opacities, colors, cam)
     m2, con, dep, comp, _ = gsplat_projection(*(x.double() for x in (means, quats, scales, opacities)), cam)
-    ref_c, ref_a, _, stopped = reference_composite(m2.numpy(), con.numpy(), (opacities.double() * comp).numpy(),
-                                                   dep.numpy(), colors.double().numpy(), cam.width, cam.height)
+    ref_c, ref_a, ref_d, stopped = reference_composite(m2.numpy(), con.numpy(),
+                                                       (opacities.double() * comp).numpy(), dep.numpy(),
+                                                       colors.double().numpy(), cam.width, cam.height)
     assert stopped > 50  # of the 480 pixels, about a fifth (the object's core) stop early
     np.testing.assert_allclose(out.channels.numpy(), ref_c, atol=2e-4)
+    np.testing.assert_allclose(out.alpha[..., 0].numpy(), ref_a, atol=2e-5)
+    hit = ref_a > 1e-3
+    np.testing.assert_allclose(out.depth[..., 0].numpy()[hit], ref_d[hit], rtol=1e-4)
 
 
 def test_extreme_sizes_and_positions_match_reference():
@@ -191,8 +198,9 @@ def test_image_does_not_depend_on_tile_size():
         torch.testing.assert_close(other.alpha, outs[0].alpha, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("ortho", [False, True])
-def test_gradients_match_finite_differences(ortho):
+@pytest.mark.parametrize("ortho, tile_size", [(False, 16), (True, 16), (False, 4)])
+def test_gradients_match_finite_differences(ortho, tile_size):
+    # tile_size 4 spreads each Gaussian over several tiles, so per-tile gradient slots must be summed correctly.
     means, quats, scales, opacities, colors = random_scene(12, seed=6, dtype=torch.float64, spread=0.3,
                                                            scale=(0.06, 0.15))
     opacities = opacities.clamp(max=0.9)  # away from the 0.999 clamp, where alpha is not differentiable
@@ -201,7 +209,7 @@ def test_gradients_match_finite_differences(ortho):
     weights = torch.randn(cam.height, cam.width, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
     def loss(*params):
-        out = rasterize(*params, cam, background)
+        out = rasterize(*params, cam, background, tile_size=tile_size)
         return (torch.cat([out.channels, out.alpha, out.depth], -1) * weights).sum()
 
     params = [x.clone().requires_grad_() for x in (means, quats, scales, opacities, colors)]
@@ -223,6 +231,41 @@ def test_float32_gradients_agree_with_float64():
         assert torch.linalg.norm(g64 - g32) <= 2e-3 * torch.linalg.norm(g64)
 
 
+def test_gradients_stay_finite_for_degenerate_gaussians():
+    # Needles, zero scales, Gaussians at and behind the camera: culled or invisible, but their gradients must be
+    # finite (zero), or one optimizer step would turn the parameters into NaN.
+    means, quats, scales, opacities, colors = random_scene(300, seed=12)
+    cam = orbit_camera((40, 30))
+    scales[:100] = torch.tensor([0.05, 1e-6, 1e-6])
+    scales[100:110] = 0.0
+    means[110:115] = torch.tensor(cam.position, dtype=torch.float32)
+    means[115:120] = torch.tensor(cam.position, dtype=torch.float32) * 1.5
+    params = [x.clone().requires_grad_() for x in (means, quats, scales, opacities, colors)]
+    out = rasterize(*params, cam, background=torch.ones(3))
+    (out.channels.sum() + out.alpha.sum() + out.depth.sum()).backward()
+    assert out.alpha.max() > 0.5
+    for p in params:
+        assert torch.isfinite(p.grad).all()
+    assert params[0].grad[110:120].abs().max() == 0  # at or behind the camera: no influence
+
+
+def test_naive_baseline_matches_kernel():
+    # The benchmark's speed-up is only meaningful if the baseline computes the same image.
+    from near_engine.raster.naive import splat_naive
+    from near_engine.raster.projection import project_gaussians
+
+    means, quats, scales, opacities, colors = random_scene(400, seed=13)
+    cam = orbit_camera((50, 40))
+    out = rasterize(means, quats, scales, opacities, colors, cam)
+    p = project_gaussians(means, quats, scales, opacities, cam)
+    feats = torch.cat([colors, p.depths[:, None]], -1).numpy()
+    naive, alpha = splat_naive(*(x.numpy() for x in (p.means2d, p.conics, p.opacities, p.radii, p.depths)), feats,
+                               cam.width, cam.height)
+    assert alpha.max() > 0.9
+    np.testing.assert_allclose(naive[..., :3], out.channels.numpy(), atol=2e-4)
+    np.testing.assert_allclose(alpha, out.alpha[..., 0].numpy(), atol=2e-5)
+
+
 def test_bad_inputs_raise_raster_error():
     means, quats, scales, opacities, colors = random_scene(10, seed=8)
     cam = orbit_camera((10, 10))
@@ -238,6 +281,12 @@ def test_bad_inputs_raise_raster_error():
         rasterize(means, quats, scales, opacities, colors, cam, eps2d=0.0)
     with pytest.raises(RasterError, match="backend"):
         rasterize(means, quats, scales, opacities, colors, cam, backend="metal")
+    for bad in (0, -16, 1000):
+        with pytest.raises(RasterError, match="tile_size"):
+            rasterize(means, quats, scales, opacities, colors, cam, tile_size=bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(RasterError, match="CUDA"):
+            rasterize(means, quats, scales, opacities, colors, cam, backend="cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the gsplat backend needs a CUDA device; none here")

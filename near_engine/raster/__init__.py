@@ -49,17 +49,25 @@ def rasterize(
     """
     _check_inputs(means, quats, scales, opacities, channels, camera, background)
     if not 0.1 <= eps2d <= 100.0:
-        # The CPU kernel steps exp(-sigma) along pixel rows, which stays in range only for a 2D blur of >= 0.1 px^2.
+        # Below 0.1 px^2 a thin Gaussian's conic grows so large that the CPU kernel's per-row exp recurrence
+        # overflows; one limit for both backends keeps their images alike.
         raise RasterError(f"eps2d (the 2D blur in pixels^2) must be between 0.1 and 100, got {eps2d}")
+    if not 1 <= tile_size <= 256 or -(-max(camera.width, camera.height) // tile_size) >= 2**16:
+        raise RasterError(f"tile_size must be 1..256 and leave fewer than 65536 tiles per side, got {tile_size}")
     if backend == "auto":
         backend = "cuda" if means.is_cuda else "cpu"
+    tensors = (means, quats, scales, opacities, channels)
     if backend == "cuda":
+        if not (torch.cuda.is_available() and all(x.is_cuda for x in tensors)):
+            raise RasterError("the 'cuda' rasterizer needs a CUDA device and CUDA tensors")
         from .cuda import rasterize_gsplat
 
         return rasterize_gsplat(means, quats, scales, opacities, channels, camera, background,
                                 antialiased=antialiased, eps2d=eps2d, tile_size=tile_size)
     if backend != "cpu":
         raise RasterError(f"unknown rasterizer backend {backend!r} (use 'auto', 'cpu' or 'cuda')")
+    if any(x.device.type != "cpu" for x in tensors):
+        raise RasterError("the 'cpu' rasterizer needs CPU tensors (use backend='auto' for CUDA tensors)")
     return _rasterize_cpu(means, quats, scales, opacities, channels, camera, background, antialiased, eps2d, tile_size)
 
 

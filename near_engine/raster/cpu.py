@@ -1,6 +1,6 @@
 """The CPU rasterizer: tile-binned, depth-sorted alpha compositing of 2D Gaussians, compiled with numba.
 
-Same shape as gsplat's CUDA kernels, so the two backends agree pixel for pixel:
+Same shape and rules as gsplat's CUDA kernels, so the two backends agree up to floating-point rounding:
 - binning: a radix sort by depth, then a stable counting sort by tile lists every visible Gaussian front to back in
   each 16x16 tile its box overlaps;
 - forward: each tile is a parallel task; each pixel walks its tile's list, composites
@@ -14,15 +14,18 @@ Kernels are generic over float32/float64 (float64 serves finite-difference gradi
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import numba as nb
 import numpy as np
 import torch
 
-ALPHA_MIN = 1.0 / 255.0
-ALPHA_MAX = 0.999
-T_MIN = 1e-4
+from .projection import ALPHA_MAX, ALPHA_MIN, T_MIN
+
+# numba's fallback threading layer (workqueue) aborts the process if two threads enter parallel kernels at once;
+# Blender may render and draw the viewport from different threads, so kernel calls take turns.
+_KERNEL_LOCK = threading.Lock()
 
 
 @nb.njit(cache=True, nogil=True)
@@ -100,23 +103,22 @@ def bin_gaussians(means2d, radii, depths, tile_size, tiles_x, tiles_y):
     return offsets, ids
 
 
-PARAMS = 8  # packed row: mean x, mean y, conic a, b, c, opacity, sigma_max, ellipse half-height; then features
+PARAMS = 8  # packed row: mean x, mean y, conic a, b, c, opacity, sigma_max, box half-height; then features
 
 
 @nb.njit(parallel=True, cache=True, nogil=True)
-def pack_gaussians(means2d, conics, opacities, feats):
+def pack_gaussians(means2d, conics, opacities, radii, feats):
     """One row per Gaussian with everything the pixel loops read, so fetching a Gaussian costs one cache miss, not
     five (tiles visit Gaussians in depth order, which is random in memory).
 
-    Besides the inputs each row holds sigma_max = ln(255 o), beyond which alpha < 1/255, and the half-height of the
-    ellipse {sigma <= sigma_max}: sqrt(2 sigma_max a / (a c - b^2)).
+    Besides the inputs each row holds sigma_max = ln(255 o), beyond which alpha < 1/255, and the box half-height
+    (from the projection), beyond which no row of the Gaussian reaches that alpha.
     """
     n, k = feats.shape
     packed = np.empty((n, PARAMS + k), feats.dtype)
     for g in nb.prange(n):
         a, b, c, o = conics[g, 0], conics[g, 1], conics[g, 2], opacities[g]
         sigma_max = math.log(max(o, 1e-30) / ALPHA_MIN)
-        det = a * c - b * b
         packed[g, 0] = means2d[g, 0]
         packed[g, 1] = means2d[g, 1]
         packed[g, 2] = a
@@ -124,7 +126,7 @@ def pack_gaussians(means2d, conics, opacities, feats):
         packed[g, 4] = c
         packed[g, 5] = o
         packed[g, 6] = sigma_max
-        packed[g, 7] = math.sqrt(max(2.0 * sigma_max * a / det, 0.0)) if det > 0.0 else -1.0
+        packed[g, 7] = radii[g, 1]
         for i in range(k):
             packed[g, PARAMS + i] = feats[g, i]
     return packed
@@ -153,7 +155,7 @@ def _row_spans(params, fy, x_start, x_end, rows, span_lo, span_hi):
     m = 0
     for j in range(params.shape[0]):
         dy = fy - params[j, 1]
-        if abs(dy) > params[j, 7] + 1e-3:
+        if abs(dy) > params[j, 7]:
             continue
         qa = 0.5 * params[j, 2]
         qb = params[j, 3] * dy
@@ -359,10 +361,11 @@ def _sum_per_gaussian(ids, g_geom, g_feat, n):
 
 @dataclass(frozen=True)
 class TileBins:
-    """Which Gaussians each tile composites: ids[offsets[t]:offsets[t+1]], front to back."""
+    """Which Gaussians each tile composites: ids[offsets[t]:offsets[t+1]], front to back; plus the box radii."""
 
     offsets: np.ndarray
     ids: np.ndarray
+    radii: np.ndarray
     width: int
     height: int
     tile_size: int
@@ -376,8 +379,9 @@ def bin_projected(means2d: np.ndarray, radii: np.ndarray, depths: np.ndarray, wi
                   tile_size: int) -> TileBins:
     """Tile lists for the Gaussians with non-zero radii, front to back (equal depths keep index order)."""
     tiles_x, tiles_y = -(-width // tile_size), -(-height // tile_size)
-    offsets, ids = bin_gaussians(means2d, radii, depths, tile_size, tiles_x, tiles_y)
-    return TileBins(offsets, ids, width, height, tile_size)
+    with _KERNEL_LOCK:
+        offsets, ids = bin_gaussians(means2d, radii, depths, tile_size, tiles_x, tiles_y)
+    return TileBins(offsets, ids, radii, width, height, tile_size)
 
 
 class CompositeCPU(torch.autograd.Function):
@@ -385,9 +389,11 @@ class CompositeCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, means2d, conics, opacities, feats, bins: TileBins):
-        packed = pack_gaussians(*(x.detach().contiguous().numpy() for x in (means2d, conics, opacities, feats)))
+        arrays = [x.detach().contiguous().numpy() for x in (means2d, conics, opacities)]
         layout = (bins.offsets, bins.ids, bins.width, bins.height, bins.tile_size, bins.tiles_x)
-        out, out_t, last = composite_forward(packed, *layout)
+        with _KERNEL_LOCK:
+            packed = pack_gaussians(*arrays, bins.radii, feats.detach().contiguous().numpy())
+            out, out_t, last = composite_forward(packed, *layout)
         ctx.saved = (packed, layout, out_t, last)
         return torch.from_numpy(out), 1.0 - torch.from_numpy(out_t)
 
@@ -397,6 +403,8 @@ class CompositeCPU(torch.autograd.Function):
         dtype = torch.from_numpy(packed[:0]).dtype
         g_out = grad_out.detach().to(dtype).contiguous().numpy()
         g_alpha = grad_alpha.detach().to(dtype).contiguous().numpy()
-        g_geom, g_feat = composite_backward(packed, *layout, out_t, last, g_out, g_alpha)
-        geom, feat = (torch.from_numpy(a) for a in _sum_per_gaussian(layout[1], g_geom, g_feat, packed.shape[0]))
+        with _KERNEL_LOCK:
+            g_geom, g_feat = composite_backward(packed, *layout, out_t, last, g_out, g_alpha)
+            sums = _sum_per_gaussian(layout[1], g_geom, g_feat, packed.shape[0])
+        geom, feat = (torch.from_numpy(a) for a in sums)
         return geom[:, 0:2], geom[:, 2:5], geom[:, 5], feat, None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cpu import ALPHA_MAX, ALPHA_MIN, T_MIN
+from .projection import ALPHA_MAX, ALPHA_MIN, T_MIN
 
 
 def splat_naive(means2d: np.ndarray, conics: np.ndarray, opacities: np.ndarray, radii: np.ndarray,
