@@ -3,11 +3,13 @@
 Same shape and rules as gsplat's CUDA kernels, so the two backends agree up to floating-point rounding:
 - binning: a radix sort by depth, then a stable counting sort by tile lists every visible Gaussian front to back in
   each 16x16 tile its box overlaps;
-- forward: each tile is a parallel task; each pixel walks its tile's list, composites
-  `alpha = min(0.999, o * exp(-sigma))` (skipping alpha < 1/255) and stops before transmittance would fall to 1e-4;
-- backward: each pixel walks the same list back to front, recovering the transmittance by division as gsplat does.
-  Gradients are written per (tile, Gaussian) intersection, so threads never share a slot, then summed per Gaussian:
-  race-free and deterministic.
+- forward: each tile is a parallel task. Per pixel row, every Gaussian of the tile that can reach alpha 1/255 on
+  that row gets its exact pixel span (the row cuts its ellipse in an interval); spans are composited in depth order
+  with `alpha = min(0.999, o * exp(-sigma))` (skipping alpha < 1/255), exp(-sigma) stepped along the span by a
+  recurrence, and each pixel stops before its transmittance would fall to 1e-4;
+- backward: the same spans back to front, recovering the transmittance by division as gsplat does. Gradients are
+  summed per span, written per (tile, Gaussian) intersection so threads never share a slot, then summed per
+  Gaussian: race-free and deterministic.
 Kernels are generic over float32/float64 (float64 serves finite-difference gradient checks) and cached on disk.
 """
 
@@ -201,7 +203,8 @@ def _alpha(params, j, gauss):
 
 @nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def composite_forward(packed, offsets, ids, width, height, tile_size, tiles_x):
-    """Front-to-back compositing. Returns (features [H,W,K], final transmittance [H,W], span-list length used [H,W]).
+    """Front-to-back compositing. Returns (features [H,W,K], final transmittance [H,W], last [H,W]): `last` is one
+    past the tile-local index of each pixel's last contributing Gaussian (0 if none), for the backward pass.
 
     Within a tile row the loop runs Gaussian by Gaussian (depth order) over the pixels each one spans, keeping every
     pixel's transmittance; each pixel therefore sees its Gaussians in the same order as a per-pixel loop would.
@@ -254,7 +257,7 @@ def composite_forward(packed, offsets, ids, width, height, tile_size, tiles_x):
                     for c in range(k):
                         acc[i, c] += w * local_feats[j, c]
                     trans[i] = next_t
-                    used[i] = r + 1
+                    used[i] = j + 1
                 if n_done == x_end - x_start:
                     break
             for px in range(x_start, x_end):
@@ -270,7 +273,9 @@ def composite_forward(packed, offsets, ids, width, height, tile_size, tiles_x):
 def composite_backward(packed, offsets, ids, width, height, tile_size, tiles_x, out_t, last, grad_out, grad_alpha):
     """Gradients of a loss w.r.t. means2d, conics, opacities and features, from d loss / d (features, alpha).
 
-    Walks each row's spans back to front, recovering each pixel's transmittance by division (as gsplat does).
+    Walks each row's spans back to front, recovering each pixel's transmittance by division (as gsplat does). A
+    pixel's contributors are recognised by Gaussian index (< last), not by position in the span list, so a span list
+    that rounds differently from the forward pass's cannot shift gradients onto the wrong Gaussians.
     """
     k = packed.shape[1] - PARAMS
     dtype = packed.dtype
@@ -295,13 +300,15 @@ def composite_backward(packed, offsets, ids, width, height, tile_size, tiles_x, 
         for py in range(y_start, min(y_start + tile_size, height)):
             fy = py + 0.5
             m = _row_spans(params, fy, x_start, x_end, rows, span_lo, span_hi)
-            used = 0  # spans past every pixel's last contributor (early termination) need no visit
+            used = 0  # Gaussians behind every pixel's last contributor (early termination) need no visit
             for px in range(x_start, x_end):
                 trans[px - x_start] = out_t[py, px]
                 used = max(used, last[py, px])
             suffix[:, :] = 0.0
-            for r in range(min(m, used) - 1, -1, -1):
+            for r in range(m - 1, -1, -1):
                 j = rows[r]
+                if j >= used:
+                    continue
                 gauss, step, decay, dy = _span_start(params, j, span_lo[r] + 0.5, fy)
                 # Along a span dy is fixed, so the geometry gradients need only these sums over its pixels:
                 # d_sigma, d_sigma * dx, d_sigma * dx^2 and d_alpha * exp(-sigma). Written once per span.
@@ -312,7 +319,7 @@ def composite_backward(packed, offsets, ids, width, height, tile_size, tiles_x, 
                     alpha = _alpha(params, j, gauss)
                     gauss *= step
                     step *= decay
-                    if alpha == 0.0 or r >= last[py, px]:
+                    if alpha == 0.0 or j >= last[py, px]:
                         continue
                     i = px - x_start
                     one_minus = 1.0 - alpha
