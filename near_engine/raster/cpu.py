@@ -135,15 +135,17 @@ def pack_gaussians(means2d, conics, opacities, radii, feats):
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
-def _gather(packed, ids, start, end):
-    """Copy one tile's Gaussians into a contiguous block, so the pixel loops stream through cache.
-
-    Returns (params [n, PARAMS], features [n, K]) views of that block.
-    """
-    local = np.empty((end - start, packed.shape[1]), packed.dtype)
-    for j in range(end - start):
+def _tile(packed, ids, start, end, t, tiles_x, tile_size, width):
+    """What both passes need for tile t: its Gaussians copied into one contiguous block (so the pixel loops stream
+    through cache) as (params [n, PARAMS], features [n, K]) views, span buffers, and the tile's pixel bounds."""
+    n = end - start
+    local = np.empty((n, packed.shape[1]), packed.dtype)
+    for j in range(n):
         local[j, :] = packed[ids[start + j], :]
-    return local[:, :PARAMS], local[:, PARAMS:]
+    x_start = (t % tiles_x) * tile_size
+    y_start = (t // tiles_x) * tile_size
+    return (local[:, :PARAMS], local[:, PARAMS:], np.empty(n, np.int32), np.empty(n, np.int32),
+            np.empty(n, np.int32), x_start, min(x_start + tile_size, width), y_start)
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
@@ -218,18 +220,12 @@ def composite_forward(packed, offsets, ids, width, height, tile_size, tiles_x):
         start, end = offsets[t], offsets[t + 1]
         if start == end:
             continue
-        params, local_feats = _gather(packed, ids, start, end)
-        n = end - start
-        rows = np.empty(n, np.int32)
-        span_lo = np.empty(n, np.int32)
-        span_hi = np.empty(n, np.int32)
+        params, local_feats, rows, span_lo, span_hi, x_start, x_end, y_start = _tile(
+            packed, ids, start, end, t, tiles_x, tile_size, width)
         trans = np.empty(tile_size, dtype)
         acc = np.empty((tile_size, k), dtype)
         used = np.empty(tile_size, np.int32)
         done = np.empty(tile_size, np.bool_)
-        y_start = (t // tiles_x) * tile_size
-        x_start = (t % tiles_x) * tile_size
-        x_end = min(x_start + tile_size, width)
         for py in range(y_start, min(y_start + tile_size, height)):
             fy = py + 0.5
             m = _row_spans(params, fy, x_start, x_end, rows, span_lo, span_hi)
@@ -286,17 +282,11 @@ def composite_backward(packed, offsets, ids, width, height, tile_size, tiles_x, 
         start, end = offsets[t], offsets[t + 1]
         if start == end:
             continue
-        params, local_feats = _gather(packed, ids, start, end)
-        n = end - start
-        rows = np.empty(n, np.int32)
-        span_lo = np.empty(n, np.int32)
-        span_hi = np.empty(n, np.int32)
+        params, local_feats, rows, span_lo, span_hi, x_start, x_end, y_start = _tile(
+            packed, ids, start, end, t, tiles_x, tile_size, width)
         trans = np.empty(tile_size, dtype)
         suffix = np.empty((tile_size, k), dtype)  # per pixel: sum over the Gaussians behind of feature * weight
         span_feat = np.empty(k, dtype)
-        y_start = (t // tiles_x) * tile_size
-        x_start = (t % tiles_x) * tile_size
-        x_end = min(x_start + tile_size, width)
         for py in range(y_start, min(y_start + tile_size, height)):
             fy = py + 0.5
             m = _row_spans(params, fy, x_start, x_end, rows, span_lo, span_hi)
