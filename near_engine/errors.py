@@ -19,3 +19,7 @@ class CameraError(NearError):
 
 class RasterError(NearError):
     """Inputs to the rasterizer that are inconsistent (mismatched shapes, NaN parameters, empty image...)."""
+
+
+class CheckpointError(NearError):
+    """Weights that cannot be used: a missing or damaged file, or tensors that do not fit the network."""

@@ -1,0 +1,142 @@
+"""Weights on disk: safetensors files read into modules with every mismatch named, our folder format, and the
+official NeAR folder layout. Nothing here unpickles or executes anything from a file.
+
+Our format: a folder with `pipeline.json` ({"models": {key: name}, ...}) and `<name>.json` ({"name": class name,
+"args": constructor arguments}) + `<name>.safetensors` per network. The official NeAR layout is the same per network
+but listed by `pipeline.yaml` (`args.models: {key: path}`, read with `yaml.safe_load`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+from .files import write_atomically
+
+MAX_LISTED = 12  # how many mismatched names an error message spells out before summarising
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One network of a weights folder: its pipeline key, class name, constructor args and weights file."""
+
+    key: str
+    class_name: str
+    args: dict[str, Any]
+    weights: Path
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file (on the CPU). A missing or damaged file raises CheckpointError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"weights file {path} is damaged or not a safetensors file ({exc})") from None
+
+
+def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `tensors` into `module` strictly: every missing, unexpected or mis-shaped tensor is named in one error.
+
+    Values are cast to each parameter's dtype, so fp16 and fp32 files (or a mix, as the official checkpoints are)
+    load alike. Entries that share storage in the module (the tokenizer's repeated layer) are simply written twice.
+    """
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    misshaped = sorted(f"{k} (file {list(tensors[k].shape)}, model {list(expected[k].shape)})"
+                       for k in set(expected) & set(tensors) if tensors[k].shape != expected[k].shape)
+    problems = [(what, names) for what, names in
+                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if names]
+    if problems:
+        parts = []
+        for what, names in problems:
+            shown = ", ".join(names[:MAX_LISTED]) + (f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED
+                                                     else "")
+            parts.append(f"{len(names)} {what}: {shown}")
+        raise CheckpointError(f"{source} does not fit {type(module).__name__}: " + "; ".join(parts))
+    with torch.no_grad():
+        for name, value in expected.items():
+            value.copy_(tensors[name].to(value.dtype))
+
+
+def save_model(folder: str | os.PathLike, name: str, module: torch.nn.Module, args: dict[str, Any]) -> None:
+    """Write `<name>.json` and `<name>.safetensors` for `module` (built with constructor `args`)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Shared tensors (one module registered under several names) are stored as separate copies, as safetensors
+    # requires; loading writes each copy back into the one shared parameter.
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+    write_atomically(folder / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp), CheckpointError)
+    config = json.dumps({"name": type(module).__name__, "args": args}, indent=1).encode()
+    write_atomically(folder / f"{name}.json", lambda tmp: Path(tmp).write_bytes(config), CheckpointError)
+
+
+def read_model_entry(key: str, base: Path) -> ModelEntry:
+    """The network at `base` (`base.json` + `base.safetensors`)."""
+    config_path = base.with_name(base.name + ".json")
+    weights = base.with_name(base.name + ".safetensors")
+    config = _read_json(config_path)
+    if not isinstance(config, dict) or not isinstance(config.get("name"), str) or not isinstance(
+            config.get("args", {}), dict):
+        raise CheckpointError(f"{config_path} must hold {{\"name\": class name, \"args\": {{...}}}}")
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing (the weights of '{key}')")
+    return ModelEntry(key, config["name"], dict(config.get("args", {})), weights)
+
+
+def read_weights_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, ModelEntry]]:
+    """(pipeline settings, {key: ModelEntry}) of our folder format or, unchanged, the official NeAR layout."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"weights folder {folder} does not exist")
+    if (folder / "pipeline.json").is_file():
+        pipeline = _read_json(folder / "pipeline.json")
+        models = pipeline.get("models") if isinstance(pipeline, dict) else None
+    elif (folder / "pipeline.yaml").is_file():
+        pipeline = _read_yaml(folder / "pipeline.yaml")
+        args = pipeline.get("args") if isinstance(pipeline, dict) else None
+        models = args.get("models") if isinstance(args, dict) else None
+        pipeline = args
+    else:
+        raise CheckpointError(f"{folder} is not a weights folder: it has neither pipeline.json nor pipeline.yaml")
+    if not isinstance(models, dict) or not models or not all(isinstance(v, str) for v in models.values()):
+        raise CheckpointError(f"{folder}: the pipeline file must list its networks as models: {{key: path}}")
+    entries = {}
+    for key, rel in models.items():
+        base = (folder / rel).resolve()
+        if folder.resolve() not in base.parents:
+            raise CheckpointError(f"{folder}: network '{key}' points outside the weights folder ({rel})")
+        entries[key] = read_model_entry(key, base)
+    return pipeline, entries
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not readable JSON ({exc})") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"{path} is not readable YAML ({exc})") from None
