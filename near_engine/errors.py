@@ -23,3 +23,7 @@ class RasterError(NearError):
 
 class CheckpointError(NearError):
     """Weights that cannot be used: a missing or damaged file, or tensors that do not fit the network."""
+
+
+class SparseError(NearError):
+    """Inconsistent sparse-tensor inputs: mismatched shapes, coordinates off the grid, unsorted or duplicate voxels."""
