@@ -12,6 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from near_engine.gaussians import SH_C0, Gaussians, quat_to_rotmat
+from near_engine.models.blocks import nerf_encoding
 from near_engine.models.gaussian_heads import (
     RepresentationConfig,
     hammersley_offsets,
@@ -23,7 +24,7 @@ from near_engine.models.gaussian_heads import (
     shading_normals,
     voxel_centres,
 )
-from near_engine.models.shading import ShadingMLP, nerf_encoding
+from near_engine.models.shading import ShadingMLP
 
 CHECKPOINTS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "checkpoints"
 G = 32
@@ -97,18 +98,6 @@ def test_unknown_activation_is_an_error() -> None:
 
 
 # ---------------------------------------------------------------- shading MLP: maths
-
-
-def test_nerf_encoding_layout() -> None:
-    x = torch.tensor([[0.3, -0.2, 0.9]])
-    enc = nerf_encoding(x, 6)
-    assert enc.shape == (1, 39)
-    assert torch.equal(enc[:, :3], x)
-    # sines: dimension-major, frequencies 1, 2, 4, ..., 32; then the same with a pi/2 phase (cosines)
-    assert torch.allclose(enc[0, 3 + 6 * 1 + 2], torch.sin(x[0, 1] * 4))
-    assert torch.allclose(enc[0, 3 + 18 + 6 * 2 + 5], torch.cos(x[0, 2] * 32), atol=1e-6)
-    assert nerf_encoding(x, 12).shape == (1, 75)
-    assert nerf_encoding(x[:, :1], 12).shape == (1, 25)
 
 
 def test_sine_initialisation_follows_reference() -> None:

@@ -23,26 +23,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .blocks import nerf_encoding, nerf_encoding_dim
+
 NORMAL_FREQUENCIES = 6  # the reference hard-codes 6 frequencies for the normal, whatever `num_frequencies` says
-
-
-def nerf_encoding(x: torch.Tensor, num_frequencies: int, include_input: bool = True) -> torch.Tensor:
-    """NeRF positional encoding in the layout of nerfstudio's / NeAR's `NeRFEncoding` (min exponent 0).
-
-    For ``x`` [..., D] and frequencies ``2**k`` (k = 0..F-1) the output is
-    ``[x (if include_input), sin(x_d 2^k) for d, k (d major), sin(x_d 2^k + pi/2) for d, k]``:
-    ``D * (2F + 1)`` channels with the input, ``2 D F`` without. ``sin(. + pi/2)`` rather than ``cos`` keeps the numbers
-    identical to the reference's.
-    """
-    freqs = 2.0 ** torch.linspace(0.0, num_frequencies - 1, num_frequencies, device=x.device, dtype=x.dtype)
-    scaled = (x[..., None] * freqs).flatten(-2)
-    encoded = torch.sin(torch.cat([scaled, scaled + math.pi / 2.0], dim=-1))
-    return torch.cat([x, encoded], dim=-1) if include_input else encoded
-
-
-def nerf_encoding_dim(in_dim: int, num_frequencies: int, include_input: bool = True) -> int:
-    """Width of `nerf_encoding`'s output for an ``in_dim``-wide input."""
-    return in_dim * num_frequencies * 2 + (in_dim if include_input else 0)
 
 
 class Sine(nn.Module):
