@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import torch
 
@@ -98,8 +98,13 @@ def read_model_entry(key: str, base: Path) -> ModelEntry:
     return ModelEntry(key, config["name"], dict(config.get("args", {})), weights)
 
 
-def read_weights_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, ModelEntry]]:
-    """(pipeline settings, {key: ModelEntry}) of our folder format or, unchanged, the official NeAR layout."""
+def read_weights_folder(folder: str | os.PathLike,
+                        keys: Collection[str] | None = None) -> tuple[dict[str, Any], dict[str, ModelEntry]]:
+    """(pipeline settings, {key: ModelEntry}) of our folder format or, unchanged, the official NeAR layout.
+
+    Only the networks in `keys` (all when None) are opened, so a folder whose other networks' files are absent (the
+    official stage-1 flow model, say) still serves the ones asked for. The settings keep the full `models` listing.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"weights folder {folder} does not exist")
@@ -120,7 +125,8 @@ def read_weights_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict
         base = (folder / rel).resolve()
         if folder.resolve() not in base.parents:
             raise CheckpointError(f"{folder}: network '{key}' points outside the weights folder ({rel})")
-        entries[key] = read_model_entry(key, base)
+        if keys is None or key in keys:
+            entries[key] = read_model_entry(key, base)
     return pipeline, entries
 
 
