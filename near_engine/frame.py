@@ -1,0 +1,357 @@
+"""One NeAR frame for one object, in its own asset space: light tokens -> LAD -> Gaussians -> shading -> two passes.
+
+This is the per-frame half of NeAR's stage 2 (the IAD output `h, registers` is computed once per asset by the caller).
+The pipeline layers caching, several objects and world/object transforms on top of these functions:
+
+    tokens  = light_tokens(networks["hdri_encoder"], envmap, rotation_z)      # per environment map (+ object yaw)
+    context = networks["renderer"].project_context(registers, tokens)        # optional, per (asset, light)
+    frame   = decode_gaussians(networks, h, registers, tokens_or_context, camera_position=cam_pos_in_asset_space)
+    passes  = render_passes(frame, camera_in_asset_space, background)        # one object
+    # several objects: frame.pass_gaussians().transformed(matrix_world) for each, PassGaussians.concatenate(...),
+    # then rasterize_passes(joined, world_camera, background).
+
+Nothing here forces `torch.no_grad()`: training needs the gradients, inference wraps the calls itself.
+
+Facts of the official code this follows (Luh1124/NeAR at commit 163c214):
+
+* **Camera position of the LAD.** `SLatGaussianRenderer.forward` (`trellis/models/structured_latent_vae/renderer_gs.py`
+  l. 242-248) takes `cam_pos = inverse(extrinsics)[:, :3, 3]` and compares it with the voxel positions
+  `(coord + 0.5) / 64` in [0, 1]^3. The *same* extrinsics then rasterize the Gaussians (`render_view`,
+  `trellis/pipelines/near_image_to_relightable_3d.py` l. 407-412; `render_frames` in `trellis/utils/render_utils_rl.py`
+  l. 66-67), whose means `get_xyz` (`gaussian_model.py` l. 316-317) are shifted by the aabb origin (-0.5, -0.5, -0.5)
+  into the +-0.5 cube, and the cameras look at the origin (`render_utils_rl.py` l. 35). So the official `cam_pos` is the
+  camera centre in the +-0.5 frame, i.e. **our asset-space camera position, unchanged** (not +0.5): the half-voxel-cube
+  offset is a quirk *inside* the LAD's view embedding (it sees the camera as if it were 0.5 lower on every axis), and the
+  trained weights expect exactly that. `models.lad.LightingAwareDecoder.view_embedding` reproduces the [0, 1] voxel
+  positions, so `decode_gaussians` passes the asset-space camera position as is.
+* **Shading runs per Gaussian, before rasterization.** `render_gsplat` (`trellis/renderers/gaussian_render.py`)
+  l. 181: `global_normal_view = pc.get_normal_view(camera)` (world-frame normal: shortest axis under the lit scales
+  ŝ, flipped to face the camera); l. 184: `batched_neural_basis(neural_basis, global_normal_view, rgb_features, ...)`
+  gives per-Gaussian outputs; l. 185-187 split them into rgb (HDR), brightness, nush1; l. 198-206 rasterize them as
+  Gaussian colours. It is not deferred shading.
+* **Normal flip quirk.** `get_normal` / `get_normal_view` (`gaussian_model.py` l. 378-390) test
+  `camera_center - self._xyz` with the unshifted [0, 1] `_xyz`; `shading_normals(flip_reference_offset=0.5)` does the
+  same (`NORMAL_FLIP_OFFSET`).
+* **Two passes** (`gaussian_render.py` l. 211-247), sharing means, quats and opacities: scales s with
+  [base colour, metallic, roughness, pbr1, view normal from s] and scales ŝ with [rgb, shadow, brightness, nush1,
+  hdri1, hdri2, view normal from ŝ], both "RGB+ED" (expected depth), antialiased. The final colour is the lit pass's
+  rgb alone (l. 261; the shadow is not multiplied in) and is composited with the *lit* pass's alpha (`alpha_view`:
+  `render_frames` l. 75 and 92, `render_relight_color_numpy` l. 492-496).
+* **Normal passes** in the official code are view-space: `global_normal @ world_view_transform[:3, :3]` (l. 179, 182)
+  turns world normals into OpenCV camera axes, then y and z are negated (l. 270-271), i.e. OpenGL view axes
+  (x right, y up, z towards the viewer).
+
+Design decisions:
+
+* The `normal` pass is **world-space, unit length** by default (`normal_space="world"`): Cycles' Normal pass is
+  world-space, and that is what Blender compositing set-ups (relighting with a Normal node, masks by orientation)
+  expect. `normal_space="view"` gives the official OpenGL view-space normals instead, `"camera"` OpenCV camera axes.
+  The composited normal (a weighted sum of unit normals) is renormalized where it is not zero.
+* Intrinsic and lit passes are **premultiplied by their alpha** (composited over zero, as the official renders with a
+  black background). Only `combined` gets the background: `rgb = colour + (1 - lit_alpha) * background`, with alpha =
+  lit alpha (transparent film, no background) or 1 (background given), as Blender's Combined pass.
+* Depth is the expected camera-space z of the pass (gsplat's "ED"); where the pass's alpha is 0 it is
+  `BACKGROUND_DEPTH` = 1e10, the value Cycles writes for the background in its Depth pass.
+* Scene-linear HDR throughout: no clamping of radiance (the ELU output may dip to -0.001, as the official), no
+  tone-mapping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .camera import Camera
+from .envmap import EnvMap
+from .gaussians import Gaussians
+from .models.blocks import BlockContext
+from .models.gaussian_heads import (
+    HeadGaussians,
+    IntrinsicGaussians,
+    LitParameters,
+    heads_to_gaussians,
+    shading_normals,
+)
+from .models.tokenizer import tokenizer_input
+from .raster import rasterize
+from .sparse import SparseTensor
+
+__all__ = [
+    "BACKGROUND_DEPTH",
+    "NORMAL_FLIP_OFFSET",
+    "FrameGaussians",
+    "PassGaussians",
+    "light_planes",
+    "light_tokens",
+    "decode_gaussians",
+    "rasterize_passes",
+    "render_passes",
+]
+
+#: Depth written where a pass has no coverage (Cycles' background depth).
+BACKGROUND_DEPTH = 1.0e10
+#: The official normal flip compares the camera with the unshifted [0, 1] Gaussian positions (see module docstring).
+NORMAL_FLIP_OFFSET = 0.5
+#: Channel names and widths of the two rasterized passes.
+INTRINSIC_CHANNELS: tuple[tuple[str, int], ...] = (("base_color", 3), ("roughness", 1), ("metallic", 1),
+                                                   ("normal", 3))
+LIT_CHANNELS: tuple[tuple[str, int], ...] = (("color", 3), ("shadow", 1))
+_NORMAL_SPACES = ("world", "view", "camera")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# light
+
+
+def light_planes(envmap: EnvMap, rotation_z: float | None = None, size: int = 512) -> torch.Tensor:
+    """The tokenizer's input planes [1, 9, size, size] for `envmap` (its strength applied).
+
+    `rotation_z` (radians, the official `hdri_rot`) defaults to the map's own Mapping rotation. For an object turned
+    in the world, the pipeline passes the light's rotation as seen from the object's frame instead (DESIGN.md,
+    "Lighting vs. object transforms").
+    """
+    rotation = envmap.rotation_z if rotation_z is None else float(rotation_z)
+    pixels = envmap.pixels if envmap.strength == 1.0 else envmap.pixels * np.float32(envmap.strength)
+    return tokenizer_input(pixels, rotation, size)[None]
+
+
+def light_tokens(tokenizer: nn.Module, envmap: EnvMap, rotation_z: float | None = None, size: int = 512
+                 ) -> torch.Tensor:
+    """Light tokens [1, T, C] of `envmap` seen with Z rotation `rotation_z` (default: the map's own), strength applied.
+
+    The planes are built on the CPU and moved to the tokenizer's device and dtype. `size` is the planes' side (512 for
+    the official tokenizer; smaller works for small configurations).
+    """
+    weight = next(tokenizer.parameters())
+    planes = light_planes(envmap, rotation_z, size).to(device=weight.device, dtype=weight.dtype)
+    return tokenizer(planes)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# decoding
+
+
+@dataclass(frozen=True)
+class FrameGaussians:
+    """Everything one object needs for a frame, in asset space, one row per Gaussian (V voxels * G Gaussians).
+
+    `normals` come from the intrinsic scales s (intrinsic pass), `lit_normals` from the lit scales ŝ (shading input);
+    both unit, asset-space, facing `camera_position` (official flip). `radiance` [N, 3] is the shading MLP's HDR RGB,
+    `shading_extra` [N, k] its other outputs (official: brightness, nush1).
+    """
+
+    intrinsic: IntrinsicGaussians
+    lit: LitParameters
+    normals: torch.Tensor
+    lit_normals: torch.Tensor
+    radiance: torch.Tensor
+    shading_extra: torch.Tensor
+    camera_position: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.intrinsic.means.shape[0]
+
+    def pass_gaussians(self) -> "PassGaussians":
+        """The two rasterizable Gaussian batches (asset space): channels of `INTRINSIC_CHANNELS` / `LIT_CHANNELS`."""
+        g = self.intrinsic
+        opacities = g.opacities.clamp_min(0.0)  # gsplat skips alpha < 1/255; negative tanh opacities never show
+        intrinsic = Gaussians(g.means, g.quats, g.scales, opacities, {
+            "base_color": g.base_color, "roughness": g.roughness, "metallic": g.metallic, "normal": self.normals})
+        lit = Gaussians(g.means, g.quats, self.lit.scales, opacities, {
+            "color": self.radiance, "shadow": self.lit.shadow})
+        return PassGaussians(intrinsic, lit)
+
+
+@dataclass(frozen=True)
+class PassGaussians:
+    """The intrinsic (scales s) and lit (scales ŝ) Gaussian batches of one or more objects, same order and frame.
+
+    The `normal` channel is in the frame of the means: `transformed` rotates it with them.
+    """
+
+    intrinsic: Gaussians
+    lit: Gaussians
+
+    def transformed(self, matrix: np.ndarray | torch.Tensor) -> "PassGaussians":
+        """Apply a 4x4 similarity (an object's matrix_world) to both batches, normals included."""
+        m = torch.as_tensor(np.asarray(matrix.detach().cpu() if isinstance(matrix, torch.Tensor) else matrix,
+                                       dtype=np.float64))
+        linear = m[:3, :3]
+        rotation = (linear / torch.linalg.det(linear).abs().pow(1.0 / 3.0)).to(self.intrinsic.means)
+        intrinsic = self.intrinsic.transformed(matrix)
+        channels = dict(intrinsic.channels)
+        channels["normal"] = self.intrinsic.channels["normal"] @ rotation.T
+        return PassGaussians(replace(intrinsic, channels=channels), self.lit.transformed(matrix))
+
+    @staticmethod
+    def concatenate(parts: Sequence["PassGaussians"]) -> "PassGaussians":
+        return PassGaussians(Gaussians.concatenate([p.intrinsic for p in parts]),
+                             Gaussians.concatenate([p.lit for p in parts]))
+
+
+def _network(networks: Mapping[str, nn.Module], key: str) -> nn.Module:
+    if key not in networks:
+        raise KeyError(f"networks lack {key!r} (have {', '.join(sorted(networks))})")
+    return networks[key]
+
+
+def decode_gaussians(
+    networks: Mapping[str, nn.Module],
+    h: SparseTensor | torch.Tensor,
+    registers: torch.Tensor | None,
+    light: torch.Tensor | Sequence[BlockContext],
+    coords: torch.Tensor | None = None,
+    resolution: int | None = None,
+    *,
+    camera_position: np.ndarray | torch.Tensor | Sequence[float],
+    normal_flip_offset: float = NORMAL_FLIP_OFFSET,
+) -> FrameGaussians:
+    """LAD + heads + shading for one object: IAD output -> per-Gaussian intrinsic and lit parameters and radiance.
+
+    - `networks`: needs "renderer" (LAD) and "neural_basis" (shading MLP).
+    - `h`: the IAD output, a single-object `SparseTensor` [V, C] (then `coords`/`resolution` come from it), or its
+      features [V, C] with `coords` int [V, 3] voxel indices and `resolution`.
+    - `registers` [1, R, C] from the IAD; `light`: light tokens [1, T, C] (`light_tokens`) or the LAD's projected
+      context (`renderer.project_context(registers, tokens)`, then `registers` may be None).
+    - `camera_position` [3]: the camera centre in this object's asset space (passed to the LAD as is; see the module
+      docstring for why that is the official `cam_pos`).
+
+    Follows `SLatGaussianRenderer.forward` + `to_representation` and `render_gsplat` l. 155-187: Gaussians from the
+    four heads, normals from the smallest axis (s for the intrinsic pass, ŝ for shading) flipped towards the camera,
+    then the shading MLP per Gaussian on (colour feature f, ŝ-normal).
+    """
+    lad = _network(networks, "renderer")
+    shading = _network(networks, "neural_basis")
+    if isinstance(h, SparseTensor):
+        if h.batch_size != 1:
+            raise ValueError(f"decode_gaussians renders one object; h has batch size {h.batch_size}")
+        if coords is not None and not torch.equal(coords.to(h.coords.device, torch.int32), h.coords[:, 1:]):
+            raise ValueError("coords differ from the SparseTensor's own coordinates")
+        if resolution is not None and resolution != h.resolution:
+            raise ValueError(f"resolution {resolution} differs from the SparseTensor's {h.resolution}")
+        tensor = h
+    else:
+        if coords is None or resolution is None:
+            raise ValueError("decode_gaussians needs coords and resolution when h is a feature tensor")
+        coords = torch.as_tensor(coords).to(h.device)
+        tensor = SparseTensor.from_list([(coords, h)], int(resolution))
+    if tensor.resolution != lad.resolution:
+        raise ValueError(f"the asset's grid is {tensor.resolution}^3 but the LAD was trained on {lad.resolution}^3")
+    feats = tensor.feats
+    cam = torch.as_tensor(np.asarray(camera_position, dtype=np.float64) if not isinstance(camera_position, torch.Tensor)
+                          else camera_position).to(device=feats.device, dtype=feats.dtype).reshape(3)
+    if not bool(torch.isfinite(cam).all()):
+        raise ValueError("camera_position must be finite")
+
+    if isinstance(light, torch.Tensor):
+        heads = lad(tensor, registers, light, cam[None])
+    else:
+        heads = lad(tensor, None, None, cam[None], context=list(light))
+
+    config = replace(lad.rep_config, resolution=tensor.resolution)
+    gaussians: HeadGaussians = heads_to_gaussians(tensor.coords[:, 1:], heads["gs"], heads["pbr"], heads["scale"],
+                                                  heads["rgb"], config, lad.offset_perturbation)
+    g, lit = gaussians.intrinsic, gaussians.lit
+    normals = shading_normals(g.quats, g.scales, cam, g.means, normal_flip_offset)
+    lit_normals = shading_normals(g.quats, lit.scales, cam, g.means, normal_flip_offset)
+    shaded = shading(lit.features, lit_normals)
+    return FrameGaussians(g, lit, normals, lit_normals, shaded[:, :3], shaded[:, 3:], cam)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# rasterization
+
+
+def _background_tensor(background, camera: Camera, like: torch.Tensor) -> torch.Tensor | None:
+    if background is None:
+        return None
+    if isinstance(background, EnvMap):
+        background = background.background(camera)
+    bg = torch.as_tensor(np.asarray(background, dtype=np.float32) if not isinstance(background, torch.Tensor)
+                         else background).to(like)
+    if tuple(bg.shape) not in ((3,), (camera.height, camera.width, 3)):
+        raise ValueError(f"background must be [3] or [H, W, 3] = [{camera.height}, {camera.width}, 3], "
+                         f"got {tuple(bg.shape)}")
+    return bg
+
+
+def _normals_to(normals: torch.Tensor, space: str, camera: Camera) -> torch.Tensor:
+    if space == "world":
+        return normals
+    rot = torch.as_tensor(camera.world_to_camera[:3, :3]).to(normals)
+    n = normals @ rot.T  # OpenCV camera axes
+    if space == "view":  # OpenGL view axes, as the official (gaussian_render.py l. 270-271)
+        n = n * torch.tensor([1.0, -1.0, -1.0]).to(n)
+    return n
+
+
+def rasterize_passes(
+    gaussians: PassGaussians,
+    camera: Camera,
+    background: EnvMap | torch.Tensor | np.ndarray | Sequence[float] | None = None,
+    *,
+    normal_space: str = "world",
+    backend: str = "auto",
+) -> dict[str, torch.Tensor]:
+    """Rasterize the intrinsic and lit batches for `camera` (same frame as the Gaussians) -> passes, each [H, W, k].
+
+    Intrinsic pass (scales s): "base_color" 3, "roughness" 1, "metallic" 1, "normal" 3 (unit, `normal_space`),
+    "depth" 1, "alpha" 1. Lit pass (scales ŝ): "color" 3 (HDR, premultiplied), "shadow" 1, "lit_alpha" 1,
+    "lit_depth" 1. "combined" 4: HDR RGBA, the lit colour over `background` (an EnvMap seen by this camera, [3] or
+    [H, W, 3]); alpha is the lit alpha without background, 1 with one. Scene-linear, not tone-mapped.
+    """
+    if normal_space not in _NORMAL_SPACES:
+        raise ValueError(f"normal_space must be one of {_NORMAL_SPACES}, got {normal_space!r}")
+    gi, gl = gaussians.intrinsic, gaussians.lit
+    normals = _normals_to(gi.channels["normal"], normal_space, camera)
+    channels_i = torch.cat([gi.channels["base_color"], gi.channels["roughness"], gi.channels["metallic"], normals], -1)
+    channels_l = torch.cat([gl.channels["color"], gl.channels["shadow"]], -1)
+    out_i = rasterize(gi.means, gi.quats, gi.scales, gi.opacities, channels_i, camera, backend=backend)
+    out_l = rasterize(gl.means, gl.quats, gl.scales, gl.opacities, channels_l, camera, backend=backend)
+
+    alpha, lit_alpha = out_i.alpha, out_l.alpha
+    normal = out_i.channels[..., 5:8]
+    length = torch.linalg.vector_norm(normal, dim=-1, keepdim=True)
+    covered = length > 1e-12
+    normal = torch.where(covered, normal / torch.where(covered, length, torch.ones_like(length)),
+                         torch.zeros_like(normal))
+    far = torch.full_like(out_i.depth, BACKGROUND_DEPTH)
+    color = out_l.channels[..., :3]
+    bg = _background_tensor(background, camera, color)
+    if bg is None:
+        combined = torch.cat([color, lit_alpha], -1)
+    else:
+        combined = torch.cat([color + (1.0 - lit_alpha) * bg, torch.ones_like(lit_alpha)], -1)
+    return {
+        "combined": combined,
+        "color": color,
+        "shadow": out_l.channels[..., 3:4],
+        "lit_alpha": lit_alpha,
+        "lit_depth": torch.where(lit_alpha > 0, out_l.depth, far),
+        "base_color": out_i.channels[..., 0:3],
+        "roughness": out_i.channels[..., 3:4],
+        "metallic": out_i.channels[..., 4:5],
+        "normal": normal,
+        "depth": torch.where(alpha > 0, out_i.depth, far),
+        "alpha": alpha,
+    }
+
+
+def render_passes(
+    frame: FrameGaussians,
+    camera: Camera,
+    background: EnvMap | torch.Tensor | np.ndarray | Sequence[float] | None = None,
+    *,
+    normal_space: str = "world",
+    backend: str = "auto",
+) -> dict[str, torch.Tensor]:
+    """One object's passes in its asset space (`camera` in asset space): `rasterize_passes(frame.pass_gaussians())`.
+
+    An `EnvMap` background is sampled through `camera`, so with an asset-space camera it is right only when the
+    object's matrix is the identity; the pipeline passes world-camera backgrounds as tensors.
+    """
+    return rasterize_passes(frame.pass_gaussians(), camera, background, normal_space=normal_space, backend=backend)

@@ -1,0 +1,220 @@
+"""Per-frame NeAR rendering (`near_engine.frame`): light tokens -> LAD -> Gaussians -> shading -> two passes.
+
+Every test uses `random_weights("near-tiny", seed)`: seeded, UNTRAINED networks. They check shapes, ranges, wiring,
+invariances and gradients, never image quality (the renders are noise).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from near_engine.camera import Camera
+from near_engine.configs import random_weights
+from near_engine.envmap import EnvMap
+from near_engine.frame import (
+    BACKGROUND_DEPTH,
+    PassGaussians,
+    decode_gaussians,
+    light_planes,
+    light_tokens,
+    rasterize_passes,
+    render_passes,
+)
+from near_engine.sparse import SparseTensor
+
+WIDTH, HEIGHT, PLANES = 64, 48, 64
+INTRINSIC_PASSES = ("base_color", "roughness", "metallic", "normal", "depth", "alpha")
+
+
+@pytest.fixture(scope="module")
+def networks():
+    return random_weights("near-tiny", seed=3)
+
+
+@pytest.fixture(scope="module")
+def asset():
+    """About 300 voxels in a blob around the grid centre, with random latents."""
+    g = torch.Generator().manual_seed(0)
+    coords = torch.unique(torch.randint(25, 39, (420, 3), generator=g), dim=0)[:300]
+    feats = torch.randn(coords.shape[0], 8, generator=g)
+    return SparseTensor.from_list([(coords, feats)], 64)
+
+
+def _env(seed: int, **kwargs) -> EnvMap:
+    rng = np.random.default_rng(seed)
+    return EnvMap.from_array((rng.random((16, 32, 3)) * 3).astype(np.float32), **kwargs)
+
+
+def _camera(eye=(1.3, -1.1, 0.7), target=(0.0, 0.0, 0.0)) -> Camera:
+    return Camera.look_at(np.array(eye), np.array(target), width=WIDTH, height=HEIGHT, fov_x_deg=40.0)
+
+
+def _render(networks, asset, env, camera, background=None, **kwargs):
+    h, registers = networks["decoder"](asset)
+    tokens = light_tokens(networks["hdri_encoder"], env, size=PLANES)
+    frame = decode_gaussians(networks, h, registers, tokens, camera_position=camera.position)
+    return frame, render_passes(frame, camera, background, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def rendered(networks, asset):
+    with torch.no_grad():
+        return _render(networks, asset, _env(1), _camera(), _env(1))
+
+
+def test_light_tokens_shape_and_strength(networks) -> None:
+    env = _env(1)
+    with torch.no_grad():
+        tokens = light_tokens(networks["hdri_encoder"], env, size=PLANES)
+        brighter = light_tokens(networks["hdri_encoder"], env.with_settings(strength=4.0), size=PLANES)
+    assert tokens.shape == (1, networks["hdri_encoder"].num_tokens, networks["hdri_encoder"].output_dim)
+    assert torch.isfinite(tokens).all()
+    assert not torch.equal(tokens, brighter)
+    scaled = EnvMap.from_array(env.pixels * 4.0)
+    assert torch.equal(light_planes(env.with_settings(strength=4.0), size=PLANES), light_planes(scaled, size=PLANES))
+
+
+def test_pass_shapes_and_ranges(rendered) -> None:
+    frame, passes = rendered
+    widths = {"combined": 4, "color": 3, "shadow": 1, "lit_alpha": 1, "lit_depth": 1, "base_color": 3,
+              "roughness": 1, "metallic": 1, "normal": 3, "depth": 1, "alpha": 1}
+    assert set(passes) == set(widths)
+    for name, k in widths.items():
+        assert passes[name].shape == (HEIGHT, WIDTH, k), name
+        assert torch.isfinite(passes[name]).all(), name
+    assert len(frame) == 300 * 16 and frame.radiance.shape == (len(frame), 3)
+    for name in ("alpha", "lit_alpha", "roughness", "metallic", "shadow"):
+        assert passes[name].min() >= 0 and passes[name].max() <= 1 + 1e-6, name
+    alpha = passes["alpha"][..., 0]
+    assert (alpha > 0.5).sum() > 50, "the object should cover part of the image"
+    length = torch.linalg.vector_norm(passes["normal"][alpha > 0.5], dim=-1)
+    assert torch.allclose(length, torch.ones_like(length), atol=1e-4)
+    # combined: over a background its alpha is 1; HDR colour is finite and >= the ELU floor
+    assert torch.all(passes["combined"][..., 3] == 1)
+    assert passes["color"].min() >= -1e-3
+    depth = passes["depth"][alpha > 0.5]
+    assert depth.min() > 0.5 and depth.max() < 3.0  # camera about 1.85 from the centre of a small object
+    assert torch.all(passes["depth"][alpha == 0] == BACKGROUND_DEPTH)
+
+
+def test_environment_changes_only_the_lit_passes(networks, asset) -> None:
+    camera = _camera()
+    with torch.no_grad():
+        _, a = _render(networks, asset, _env(1), camera)
+        _, b = _render(networks, asset, _env(2, rotation_z=1.0, strength=2.5), camera)
+    for name in INTRINSIC_PASSES:
+        assert torch.equal(a[name], b[name]), name
+    covered = a["lit_alpha"][..., 0] > 0.5
+    assert (a["color"][covered] - b["color"][covered]).abs().max() > 1e-4
+    assert not torch.equal(a["combined"], b["combined"])
+
+
+def test_deterministic(networks, asset) -> None:
+    camera = _camera()
+    with torch.no_grad():
+        _, a = _render(networks, asset, _env(1), camera, _env(1))
+        _, b = _render(networks, asset, _env(1), camera, _env(1))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_projected_context_and_feature_tensor_inputs_match(networks, asset, rendered) -> None:
+    frame, _ = rendered
+    camera = _camera()
+    with torch.no_grad():
+        h, registers = networks["decoder"](asset)
+        tokens = light_tokens(networks["hdri_encoder"], _env(1), size=PLANES)
+        context = networks["renderer"].project_context(registers, tokens)
+        other = decode_gaussians(networks, h.feats, None, context, asset.coords[:, 1:], 64,
+                                 camera_position=camera.position)
+    assert torch.allclose(other.radiance, frame.radiance, atol=1e-5)
+    assert torch.allclose(other.intrinsic.means, frame.intrinsic.means)
+
+
+def test_gradients_reach_every_network_through_the_lit_colour(networks, asset) -> None:
+    for net in networks.values():
+        net.zero_grad(set_to_none=True)
+    camera = _camera()
+    _, passes = _render(networks, asset, _env(1), camera)
+    loss = (passes["color"] - 0.3).square().mean()
+    loss.backward()
+    for key, net in networks.items():
+        grads = {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
+        assert any(g is not None and g.abs().sum() > 0 for g in grads.values()), f"no gradient reaches {key}"
+        assert all(g is None or torch.isfinite(g).all() for g in grads.values()), key
+        missing = sorted(n for n, g in grads.items() if g is None)
+        if key == "renderer":  # roughness/metallic/pbr1 feed only the intrinsic pass, as in the official renderer
+            assert all(n.startswith("pbr_out_layer.") for n in missing), missing
+        else:
+            assert not missing, (key, missing)
+    for net in networks.values():
+        net.zero_grad(set_to_none=True)
+
+
+def test_object_behind_the_camera_gives_background(networks, asset) -> None:
+    camera = _camera(eye=(2.0, 0.0, 0.0), target=(4.0, 0.0, 0.0))  # looking away from the object
+    background = torch.tensor([0.25, 0.5, 2.0])
+    with torch.no_grad():
+        _, passes = _render(networks, asset, _env(1), camera, background)
+    assert torch.all(passes["alpha"] == 0) and torch.all(passes["lit_alpha"] == 0)
+    assert torch.equal(passes["combined"][..., :3], background.expand(HEIGHT, WIDTH, 3))
+    assert torch.all(passes["combined"][..., 3] == 1)
+    assert torch.all(passes["depth"] == BACKGROUND_DEPTH)
+    # an environment map as background: what the camera sees of it
+    with torch.no_grad():
+        _, passes = _render(networks, asset, _env(1), camera, _env(4))
+    expected = torch.from_numpy(_env(4).background(camera))
+    assert torch.allclose(passes["combined"][..., :3], expected)
+
+
+def test_transparent_combined_is_premultiplied_lit_colour(networks, asset) -> None:
+    with torch.no_grad():
+        _, passes = _render(networks, asset, _env(1), _camera())
+    assert torch.equal(passes["combined"][..., :3], passes["color"])
+    assert torch.equal(passes["combined"][..., 3:], passes["lit_alpha"])
+
+
+def test_view_space_normals_are_the_official_axes(rendered) -> None:
+    frame, passes = rendered
+    camera = _camera()
+    view = rasterize_passes(frame.pass_gaussians(), camera, normal_space="view")["normal"]
+    rot = torch.as_tensor(np.diag([1.0, -1.0, -1.0]) @ camera.world_to_camera[:3, :3]).float()
+    assert torch.allclose(view, passes["normal"] @ rot.T, atol=1e-5)
+    covered = passes["alpha"][..., 0] > 0.5
+    assert (view[covered][:, 2] > 0).float().mean() > 0.9  # facing the camera: +z towards the viewer (OpenGL)
+
+
+def test_transformed_gaussians_render_like_a_moved_camera(rendered) -> None:
+    """Moving the object by M and the camera by M gives the same image, normals turned by M's rotation."""
+    frame, passes = rendered
+    camera = _camera()
+    a = math.radians(50.0)
+    m = np.eye(4)
+    m[:3, :3] = [[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]]
+    m[:3, 3] = [0.3, -0.2, 0.1]
+    moved = camera.with_world_to_camera(camera.world_to_camera @ np.linalg.inv(m))
+    with torch.no_grad():
+        world = rasterize_passes(frame.pass_gaussians().transformed(m), moved)
+        joined = PassGaussians.concatenate([frame.pass_gaussians().transformed(m)])
+    for name in ("color", "alpha", "base_color", "depth"):
+        assert torch.allclose(world[name], passes[name], atol=2e-4), name
+    rot = torch.as_tensor(m[:3, :3]).float()
+    covered = passes["alpha"][..., 0] > 0.5
+    assert torch.allclose(world["normal"][covered], passes["normal"][covered] @ rot.T, atol=1e-3)
+    assert len(joined.intrinsic) == len(frame)
+
+
+def test_bad_inputs(networks, asset) -> None:
+    with torch.no_grad():
+        h, registers = networks["decoder"](asset)
+    tokens = torch.zeros(1, 4, networks["renderer"].model_channels)
+    with pytest.raises(ValueError):
+        decode_gaussians(networks, h.feats, registers, tokens, camera_position=(0, 0, 2))  # no coords
+    with pytest.raises(ValueError):
+        decode_gaussians(networks, h, registers, tokens, camera_position=(math.nan, 0.0, 0.0))
+    with pytest.raises(KeyError):
+        decode_gaussians({"renderer": networks["renderer"]}, h, registers, tokens, camera_position=(0, 0, 2))
