@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from manifests import load_manifest
 from safetensors.torch import save_file
 
 from near_engine.configs import (
@@ -27,9 +28,6 @@ from near_engine.configs import (
 )
 from near_engine.errors import CheckpointError
 from near_engine.sparse import SparseTensor
-
-MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoints"
-needs_manifests = pytest.mark.skipif(not MANIFESTS.is_dir(), reason="reference manifests not available")
 
 # A small configuration written with the OFFICIAL class names (for the official-layout test).
 SMALL_OFFICIAL = {
@@ -51,7 +49,7 @@ SMALL_OFFICIAL = {
 
 
 def _manifest(key: str) -> dict:
-    return json.loads((MANIFESTS / f"near_{key}.json").read_text())
+    return load_manifest(f"near_{key}")
 
 
 def _slat(n: int = 60, seed: int = 0) -> SparseTensor:
@@ -94,7 +92,6 @@ def _write_official(folder: Path, nets: dict, config: dict, fp16_blocks: bool = 
         + "  slat_normalization:\n    mean: [0, 0, 0, 0, 0, 0, 0, 0]\n    std: [1, 1, 1, 1, 1, 1, 1, 1]\n")
 
 
-@needs_manifests
 def test_official_config_on_meta_matches_the_manifests_exactly():
     nets = build_networks("near-official", device="meta")
     assert set(nets) == set(NETWORK_KEYS)
@@ -109,7 +106,6 @@ def test_official_config_on_meta_matches_the_manifests_exactly():
         assert count_parameters(module) == manifest["total_params"], key
 
 
-@needs_manifests
 @pytest.mark.parametrize("key", NETWORK_KEYS)
 def test_every_manifest_alternative_builds_with_its_listed_shapes(key):
     manifest = _manifest(key)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from manifests import load_manifest
 
 from near_engine.checkpoints import load_weights, read_safetensors, save_model
 from near_engine.models.blocks import AbsolutePositionEmbedder, CrossAttention, NeRFEncoding, SelfAttention, layer_norm
@@ -19,7 +20,6 @@ from near_engine.models.iad import IntrinsicAwareDecoder
 from near_engine.models.lad import HEAD_LAYOUT, LightingAwareDecoder, camera_positions, split_heads
 from near_engine.sparse import SparseTensor
 
-MANIFESTS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "checkpoints"
 CLASSES = {"near_decoder": IntrinsicAwareDecoder, "near_renderer": LightingAwareDecoder}
 
 TINY_IAD = dict(resolution=64, model_channels=32, latent_channels=8, cond_channels=32, num_blocks=2, num_heads=2,
@@ -30,10 +30,7 @@ TINY_LAD = dict(resolution=64, model_channels=32, latent_channels=32, cond_chann
 
 
 def _manifest(name: str) -> dict:
-    path = MANIFESTS / f"{name}.json"
-    if not path.is_file():
-        pytest.skip(f"reference manifest {path} is not available")
-    return json.loads(path.read_text())
+    return load_manifest(name)
 
 
 def _expand(pattern: str, count: str, indices: range) -> list[str]:
@@ -47,8 +44,7 @@ def _expand(pattern: str, count: str, indices: range) -> list[str]:
 def _alternative_cases() -> list[tuple[str, int | None]]:
     cases: list[tuple[str, int | None]] = []
     for name in CLASSES:
-        path = MANIFESTS / f"{name}.json"
-        alts = json.loads(path.read_text())["alternatives"] if path.is_file() else []
+        alts = load_manifest(name)["alternatives"]
         cases += [(name, None)] + [(name, i) for i in range(len(alts))]
     return cases
 

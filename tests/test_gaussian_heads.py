@@ -3,12 +3,11 @@ the Hammersley buffer, normals, output ranges and gradients. Seeded random input
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from manifests import load_manifest
 from torch.nn import functional as F
 
 from near_engine.gaussians import SH_C0, Gaussians, quat_to_rotmat
@@ -26,15 +25,11 @@ from near_engine.models.gaussian_heads import (
 )
 from near_engine.models.shading import ShadingMLP
 
-CHECKPOINTS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "checkpoints"
 G = 32
 
 
 def _manifest(name: str) -> dict:
-    path = CHECKPOINTS / name
-    if not path.exists():
-        pytest.skip(f"manifest not found at {path}")
-    return json.loads(path.read_text())
+    return load_manifest(name.removesuffix(".json"))
 
 
 def _state_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:

@@ -3,19 +3,17 @@ planes' layout in closed form (where a bright texel lands, unit directions, rota
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from manifests import load_manifest
 
 from near_engine.envmap import direction_to_uv
 from near_engine.errors import EnvMapError
 from near_engine.models.tokenizer import OFFICIAL_GRID, IlluminationTokenizer, tokenizer_input
 
-MANIFEST = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "checkpoints" / "near_hdri_encoder.json"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 SMALL = dict(output_dim=32, num_tokens=64, cnn_out_channels=16, n_heads=4, num_transformer_layers=2,
@@ -23,9 +21,7 @@ SMALL = dict(output_dim=32, num_tokens=64, cnn_out_channels=16, n_heads=4, num_t
 
 
 def _manifest() -> dict:
-    if not MANIFEST.is_file():
-        pytest.skip(f"manifest not found at {MANIFEST}")
-    return json.loads(MANIFEST.read_text())
+    return load_manifest("near_hdri_encoder")
 
 
 def _expected(params: list) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
