@@ -1,0 +1,210 @@
+"""`NearPipeline`: scenes (NeAR objects + world light + camera) -> render passes, with the caches that keep it fast.
+
+Layering (see `near_engine.frame`): per object, the IAD output of its asset (cached), light tokens of the world map as
+seen from the object's frame (cached), the LAD + heads + shading in asset space, then the pass Gaussians are moved into
+the world by the object's matrix_world. All objects are concatenated and rasterized once with the world camera.
+
+**Light in an object's frame.** `EnvMap.sample(d)` looks the image up at `Rz(theta) d` (theta: the Mapping node's Z
+rotation). An object whose matrix_world rotates by `Rz(phi)` sees, along its own direction `d_obj`, the world
+direction `d = Rz(phi) d_obj`, so the radiance it receives is the image at `Rz(theta) Rz(phi) d_obj =
+Rz(theta + phi) d_obj`: in its frame the world light has Mapping rotation **theta + phi** (`object_light_rotation`).
+The tokenizer takes only a Z rotation, so phi is the yaw of matrix_world's rotation (the heading of its x axis in the
+XY plane); a tilt of the object is ignored for the light (its camera position is still exact, the full inverse).
+
+**Caches** (bounded LRU, `LRUCache` with hit/miss counters), keyed so that they invalidate exactly:
+
+* `iad_cache`: the IAD output `(h, registers)` per `(asset.fingerprint(), weights_id)`;
+* `light_cache`: light tokens per `(image content hash, object-frame rotation, strength, weights_id)`. The tokenizer's
+  backbone cannot be shared across rotations: the rotation rolls its input planes (with bilinear resampling) before
+  the convolutions, so the whole tokenizer runs per key.
+
+Renders never return a random network as a model: `from_pretrained` needs a weights folder; a bare configuration name
+whose trained weights are not shipped raises `CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .asset import Asset
+from .camera import Camera
+from .configs import CONFIGS, load_networks
+from .envmap import EnvMap
+from .errors import CheckpointError, NearError
+from .frame import PassGaussians, decode_gaussians, light_tokens, rasterize_passes
+from .sparse import SparseTensor
+
+__all__ = ["PASSES", "Scene", "LRUCache", "NearPipeline", "object_light_rotation"]
+
+#: The passes `render` can return: [H, W, k] float32, scene-linear (see `near_engine.frame.rasterize_passes`).
+PASSES: tuple[str, ...] = ("combined", "depth", "alpha", "base_color", "roughness", "metallic", "normal", "shadow")
+
+
+@dataclass
+class Scene:
+    """What to render: NeAR objects (asset, 4x4 matrix_world) in Blender world space, the World light, a camera.
+
+    `transparent` is Blender's transparent film: the combined pass has no background and carries the object's alpha.
+    """
+
+    objects: list[tuple[Asset, np.ndarray]]
+    envmap: EnvMap
+    camera: Camera
+    transparent: bool = False
+
+
+@dataclass
+class LRUCache:
+    """A small least-recently-used cache with hit/miss counters (what tests check to see what was recomputed)."""
+
+    maxsize: int
+    hits: int = 0
+    misses: int = 0
+    _items: OrderedDict = field(default_factory=OrderedDict, repr=False)
+
+    def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """The value for `key`, computing (and storing) it on a miss; the oldest entry goes beyond `maxsize`."""
+        if key in self._items:
+            self.hits += 1
+            self._items.move_to_end(key)
+            return self._items[key]
+        self.misses += 1
+        value = compute()
+        self._items[key] = value
+        if len(self._items) > self.maxsize:
+            self._items.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+def object_light_rotation(world_rotation_z: float, matrix_world: np.ndarray) -> float:
+    """The Mapping Z rotation the world light has in an object's frame: theta + yaw(matrix_world), in [-pi, pi].
+
+    Derivation in the module docstring; the yaw is the heading of matrix_world's x axis (tilt ignored).
+    """
+    m = np.asarray(matrix_world, dtype=np.float64)
+    yaw = math.atan2(m[1, 0], m[0, 0])
+    return math.remainder(world_rotation_z + yaw, 2 * math.pi)
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _check_matrix(matrix: np.ndarray, index: int) -> np.ndarray:
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.shape != (4, 4) or not np.isfinite(m).all() or abs(np.linalg.det(m[:3, :3])) < 1e-12:
+        raise NearError(f"scene object {index}: matrix_world must be a finite, invertible 4x4 matrix")
+    return m
+
+
+class NearPipeline:
+    """NeAR stage 2 on a set of networks ("decoder", "hdri_encoder", "renderer", "neural_basis").
+
+    `weights_id` names the weights (a folder path, a checkpoint hash...): it is part of every cache key, so two
+    different weights must never share an id. `light_size` is the side of the tokenizer's input planes (512 for the
+    official tokenizer; small configurations may use less).
+    """
+
+    def __init__(self, networks: Mapping[str, nn.Module], weights_id: str, device: str | torch.device = "cpu", *,
+                 light_size: int = 512, cache_size: int = 8) -> None:
+        self.device = _resolve_device(device)
+        self.light_size = int(light_size)
+        self.iad_cache = LRUCache(cache_size)
+        self.light_cache = LRUCache(cache_size)
+        self._image_hashes = LRUCache(cache_size)
+        self.set_networks(networks, weights_id)
+
+    @classmethod
+    def from_pretrained(cls, name_or_folder: str | Path, device: str | torch.device = "auto",
+                        **kwargs: Any) -> "NearPipeline":
+        """Load a weights folder (our format or the official NeAR layout) onto `device` ("auto": CUDA if present).
+
+        A configuration name such as "near-tiny" is refused: no trained weights ship for it yet.
+        """
+        folder = Path(name_or_folder)
+        if not folder.is_dir():
+            if str(name_or_folder) in CONFIGS:
+                raise CheckpointError(f"no trained weights ship for {name_or_folder!r} yet; pass a weights folder "
+                                      "(our format or the official NeAR layout)")
+            raise CheckpointError(f"{name_or_folder}: not a weights folder")
+        resolved = _resolve_device(device)
+        networks, _ = load_networks(folder, resolved)
+        return cls(networks, str(folder.resolve()), resolved, **kwargs)
+
+    def set_networks(self, networks: Mapping[str, nn.Module], weights_id: str) -> None:
+        """Use other weights; cached results of the previous weights stay keyed by their own id."""
+        self.networks = {key: module.to(self.device).eval() for key, module in networks.items()}
+        self.weights_id = str(weights_id)
+
+    # ---- caches --------------------------------------------------------------------------------------------------
+
+    def _image_hash(self, pixels: np.ndarray) -> str:
+        """Content hash of an environment image, computed once per array (EnvMap pixels are read-only).
+
+        Entries hold the array itself, so its id cannot be reused by another array while the entry lives.
+        """
+        def digest() -> tuple[np.ndarray, str]:
+            h = hashlib.sha256(repr((pixels.shape, pixels.dtype.str)).encode())
+            h.update(np.ascontiguousarray(pixels).data)
+            return pixels, h.hexdigest()
+
+        return self._image_hashes.get(id(pixels), digest)[1]
+
+    def _iad(self, asset: Asset) -> tuple[SparseTensor, torch.Tensor]:
+        def compute() -> tuple[SparseTensor, torch.Tensor]:
+            coords = torch.from_numpy(np.array(asset.coords)).to(self.device)
+            feats = torch.from_numpy(np.array(asset.feats)).to(self.device)
+            return self.networks["decoder"](SparseTensor.from_list([(coords, feats)], asset.resolution))
+
+        return self.iad_cache.get((asset.fingerprint(), self.weights_id), compute)
+
+    def _light(self, envmap: EnvMap, rotation: float) -> torch.Tensor:
+        key = (self._image_hash(envmap.pixels), rotation, envmap.strength, self.weights_id)
+        return self.light_cache.get(key, lambda: light_tokens(self.networks["hdri_encoder"], envmap, rotation,
+                                                              self.light_size))
+
+    # ---- rendering -----------------------------------------------------------------------------------------------
+
+    def render(self, scene: Scene, passes: Sequence[str] = ("combined",)) -> dict[str, np.ndarray]:
+        """The requested `passes` (names in `PASSES`) of `scene`, each float32 [H, W, k] on the CPU.
+
+        "combined" is HDR RGBA: the objects over the World's background (alpha 1), or with `scene.transparent` the
+        premultiplied object colour and its alpha. Other passes: see `near_engine.frame.rasterize_passes`.
+        """
+        passes = tuple(passes)
+        unknown = [p for p in passes if p not in PASSES]
+        if unknown or not passes:
+            raise NearError(f"unknown render pass(es) {', '.join(map(repr, unknown)) or '(none requested)'}; "
+                             f"available: {', '.join(PASSES)}")
+        if not scene.objects:
+            raise NearError("the scene has no NeAR objects to render")
+        camera, envmap = scene.camera, scene.envmap
+        parts = []
+        with torch.no_grad():
+            for index, (asset, matrix) in enumerate(scene.objects):
+                m = _check_matrix(matrix, index)
+                h, registers = self._iad(asset)
+                tokens = self._light(envmap, object_light_rotation(envmap.rotation_z, m))
+                camera_in_asset = (np.linalg.inv(m) @ np.append(camera.position, 1.0))[:3]
+                frame = decode_gaussians(self.networks, h, registers, tokens, camera_position=camera_in_asset)
+                parts.append(frame.pass_gaussians().transformed(m))
+            background = None if scene.transparent else envmap.background(camera)
+            out = rasterize_passes(PassGaussians.concatenate(parts), camera, background)
+        return {name: out[name].detach().cpu().numpy() for name in passes}

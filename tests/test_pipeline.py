@@ -1,0 +1,206 @@
+"""`NearPipeline`: scenes of several objects, the world light in each object's frame, caches, errors.
+
+Every test uses `random_weights("near-tiny", seed)`: seeded, UNTRAINED networks (they render noise). The tests check
+wiring, caching, transforms and invariances, never image quality.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from near_engine.asset import Asset
+from near_engine.camera import Camera
+from near_engine.configs import random_weights, save_networks
+from near_engine.envmap import EnvMap, rotation_z_matrix
+from near_engine.errors import CheckpointError, NearError
+from near_engine.pipeline import PASSES, NearPipeline, Scene, object_light_rotation
+
+WIDTH, HEIGHT, LIGHT_SIZE = 48, 40, 64
+
+
+@pytest.fixture(scope="module")
+def networks():
+    return random_weights("near-tiny", seed=3)
+
+
+def _asset(seed: int) -> Asset:
+    """About 300 voxels in a blob around the grid centre, with random latents."""
+    g = torch.Generator().manual_seed(seed)
+    coords = torch.unique(torch.randint(25, 39, (420, 3), generator=g), dim=0)[:300]
+    return Asset(coords.numpy(), torch.randn(coords.shape[0], 8, generator=g).numpy())
+
+
+def _env(seed: int, **kwargs) -> EnvMap:
+    rng = np.random.default_rng(seed)
+    return EnvMap.from_array((rng.random((16, 32, 3)) * 3).astype(np.float32), **kwargs)
+
+
+def _camera(eye=(1.6, -1.4, 0.8)) -> Camera:
+    return Camera.look_at(np.array(eye), np.zeros(3), width=WIDTH, height=HEIGHT, fov_x_deg=50.0)
+
+
+def _matrix(yaw_deg: float = 0.0, translation=(0.0, 0.0, 0.0), scale: float = 1.0) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, :3] = rotation_z_matrix(math.radians(yaw_deg)) * scale
+    m[:3, 3] = translation
+    return m
+
+
+def _pipeline(networks, weights_id: str = "w0") -> NearPipeline:
+    return NearPipeline(networks, weights_id, "cpu", light_size=LIGHT_SIZE)
+
+
+@pytest.fixture(scope="module")
+def assets():
+    return _asset(0), _asset(1)
+
+
+@pytest.fixture(scope="module")
+def two_objects(assets):
+    return [(assets[0], _matrix(30.0, (0.0, -0.45, 0.0), 0.9)), (assets[1], _matrix(-70.0, (0.1, 0.45, 0.1)))]
+
+
+def _counts(pipeline: NearPipeline) -> tuple[int, int, int, int]:
+    return (pipeline.iad_cache.hits, pipeline.iad_cache.misses, pipeline.light_cache.hits,
+            pipeline.light_cache.misses)
+
+
+def test_object_light_rotation_matches_envmap_sampling() -> None:
+    """An object turned by yaw phi receives, along its own direction d, what the world sends along Rz(phi) d."""
+    rng = np.random.default_rng(0)
+    image = (rng.random((32, 64, 3)) * 2).astype(np.float32)
+    directions = rng.normal(size=(200, 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    theta = 0.7
+    for yaw in (0.0, 35.0, -120.0, 200.0):
+        m = _matrix(yaw, (1.0, -2.0, 0.5), 1.7)
+        world = EnvMap.from_array(image, rotation_z=theta).sample(directions @ m[:3, :3].T / 1.7)
+        seen = EnvMap.from_array(image, rotation_z=object_light_rotation(theta, m)).sample(directions)
+        np.testing.assert_allclose(seen, world, rtol=1e-4, atol=1e-5)
+
+
+def test_cached_render_equals_uncached(networks, two_objects) -> None:
+    scene = Scene(two_objects, _env(1, rotation_z=0.4), _camera())
+    pipeline = _pipeline(networks)
+    first = pipeline.render(scene, PASSES)
+    assert _counts(pipeline) == (0, 2, 0, 2)
+    again = pipeline.render(scene, PASSES)
+    assert _counts(pipeline) == (2, 2, 2, 2)  # nothing recomputed but the frame
+    fresh = _pipeline(networks).render(scene, PASSES)
+    assert set(first) == set(PASSES)
+    for name in PASSES:
+        assert again[name].dtype == np.float32 and again[name].shape[:2] == (HEIGHT, WIDTH)
+        np.testing.assert_array_equal(again[name], fresh[name])
+        np.testing.assert_array_equal(first[name], fresh[name])
+
+
+def test_caches_invalidate_exactly(networks, assets) -> None:
+    a, b = assets
+    env, camera = _env(1), _camera()
+    pipeline = _pipeline(networks)
+    pipeline.render(Scene([(a, np.eye(4))], env, camera))
+    assert _counts(pipeline) == (0, 1, 0, 1)
+    pipeline.render(Scene([(a, np.eye(4))], _env(2), camera))  # another image: light only
+    assert _counts(pipeline) == (1, 1, 0, 2)
+    pipeline.render(Scene([(a, np.eye(4))], env.with_settings(strength=2.0), camera))  # strength: light only
+    assert _counts(pipeline) == (2, 1, 0, 3)
+    pipeline.render(Scene([(a, _matrix(40.0))], env, camera))  # object turned: light seen at another rotation
+    assert _counts(pipeline) == (3, 1, 0, 4)
+    pipeline.render(Scene([(b, np.eye(4))], env, camera))  # another asset: IAD only
+    assert _counts(pipeline) == (3, 2, 1, 4)
+    pipeline.render(Scene([(a, np.eye(4))], EnvMap.from_array(env.pixels.copy()), camera))  # same content: hit
+    assert _counts(pipeline) == (4, 2, 2, 4)
+    pipeline.set_networks(random_weights("near-tiny", seed=4), "w1")  # other weights: both
+    scene = Scene([(a, np.eye(4))], env, camera)
+    cached = pipeline.render(scene)
+    assert _counts(pipeline) == (4, 3, 2, 5)
+    fresh = _pipeline(random_weights("near-tiny", seed=4), "w1").render(scene)
+    np.testing.assert_array_equal(cached["combined"], fresh["combined"])
+
+
+def test_rotating_everything_together_changes_nothing(networks, two_objects) -> None:
+    """Camera, both objects and the world light turned together about Z by 90 degrees: the same image.
+
+    Each object sees the same light rotation (theta - a) + (phi + a) and the same camera position in its asset space
+    (up to float64 rounding), so the networks get the same inputs; only the float32 Gaussian means, their projection
+    and the compositing order of nearly coincident depths are computed on different numbers. 1e-4 (relative to
+    radiance and depths of order 1) bounds that rounding with margin while any real error (a wrong sign of the light
+    rotation, a missing transform) changes pixels by order 0.1 or more.
+    """
+    a = math.radians(90.0)
+    turn = _matrix(90.0)
+    env, camera = _env(1, rotation_z=0.3), _camera()
+    turned_camera = camera.with_world_to_camera(camera.world_to_camera @ np.linalg.inv(turn))
+    turned = Scene([(asset, turn @ m) for asset, m in two_objects], env.with_settings(rotation_z=0.3 - a),
+                   turned_camera)
+    pipeline = _pipeline(networks)
+    passes = ("combined", "depth", "alpha", "base_color", "shadow", "normal")
+    before = pipeline.render(Scene(two_objects, env, camera), passes)
+    after = pipeline.render(turned, passes)
+    assert before["alpha"].max() > 0.5
+    for name in ("combined", "alpha", "base_color", "shadow"):
+        np.testing.assert_allclose(after[name], before[name], atol=1e-4, err_msg=name)
+    covered = before["alpha"][..., 0] > 0.5
+    np.testing.assert_allclose(after["depth"][covered], before["depth"][covered], rtol=1e-4)
+    # the normal pass is world-space: it turns with the world
+    np.testing.assert_allclose(after["normal"], before["normal"] @ turn[:3, :3].T, atol=1e-4)
+
+    wrong = pipeline.render(Scene(turned.objects, env.with_settings(rotation_z=0.3 + a), turned_camera))
+    assert np.abs(wrong["combined"] - before["combined"]).max() > 1e-2  # the light's sign matters
+
+
+def test_two_objects_render_together(networks, two_objects) -> None:
+    env, camera = _env(1), _camera()
+    pipeline = _pipeline(networks)
+    both = pipeline.render(Scene(two_objects, env, camera), ("alpha", "depth"))["alpha"][..., 0]
+    alone = [pipeline.render(Scene([obj], env, camera), ("alpha",))["alpha"][..., 0] for obj in two_objects]
+    assert np.all(both >= np.maximum(*alone) - 1e-5)
+    masks = [x > 0.5 for x in alone]
+    assert all(m.any() for m in masks) and not np.array_equal(masks[0], masks[1])
+    union = both > 0.5
+    for mask in masks:
+        assert np.all(union[mask]) and union.sum() > mask.sum()
+
+
+def test_transparent_film(networks, two_objects) -> None:
+    env, camera = _env(1), _camera()
+    pipeline = _pipeline(networks)
+    opaque = pipeline.render(Scene(two_objects, env, camera))["combined"]
+    clear = pipeline.render(Scene(two_objects, env, camera, transparent=True))["combined"]
+    np.testing.assert_array_equal(opaque[..., 3], 1.0)
+    background = clear[..., 3] < 1e-3
+    assert background.any() and (clear[..., 3] > 0.5).any()
+    np.testing.assert_allclose(clear[background][:, :3], 0.0, atol=1e-3)  # no object there: no lit colour
+    expected = clear[..., :3] + (1.0 - clear[..., 3:]) * env.background(camera)
+    np.testing.assert_allclose(opaque[..., :3], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_clear_errors(networks, assets) -> None:
+    pipeline = _pipeline(networks)
+    scene = Scene([(assets[0], np.eye(4))], _env(1), _camera())
+    with pytest.raises(NearError, match="unknown render pass.*'glossy'.*available: combined"):
+        pipeline.render(scene, ("combined", "glossy"))
+    with pytest.raises(NearError, match="none requested"):
+        pipeline.render(scene, ())
+    with pytest.raises(NearError, match="no NeAR objects"):
+        pipeline.render(Scene([], _env(1), _camera()))
+    with pytest.raises(NearError, match="invertible 4x4"):
+        pipeline.render(Scene([(assets[0], np.zeros((4, 4)))], _env(1), _camera()))
+    with pytest.raises(CheckpointError, match="no trained weights ship for 'near-tiny'"):
+        NearPipeline.from_pretrained("near-tiny")
+    with pytest.raises(CheckpointError, match="not a weights folder"):
+        NearPipeline.from_pretrained("/nonexistent/weights")
+
+
+def test_from_pretrained_folder_renders_like_the_networks(networks, assets, tmp_path) -> None:
+    save_networks(tmp_path, networks, "near-tiny")
+    loaded = NearPipeline.from_pretrained(tmp_path, light_size=LIGHT_SIZE)
+    assert loaded.device == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if loaded.device.type != "cpu":
+        pytest.skip("CPU-only comparison")
+    scene = Scene([(assets[0], np.eye(4))], _env(1), _camera())
+    np.testing.assert_array_equal(loaded.render(scene)["combined"], _pipeline(networks).render(scene)["combined"])
