@@ -1,4 +1,4 @@
-"""The `near` command line. Subcommands grow with the engine: demo, info, bench."""
+"""The `near` command line. Subcommands grow with the engine: demo, render, info, bench."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from .demo import DEFAULT_HDRIS
 from .errors import NearError
@@ -19,6 +21,59 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for frame in summary["frames"]:
         print(f"  {frame['hdri']:>10} azimuth {frame['azimuth']:3d}: {frame['raster_ms']:7.1f} ms")
     print(f"contact sheet: {summary['contact_sheet']}")
+    return 0
+
+
+# How each render pass is stored in a multi-pass EXR (channel names as Blender's multilayer EXR uses them).
+_EXR_LAYERS = {"combined": ("", "RGBA"), "depth": ("Depth.", "Z"), "alpha": ("Alpha.", "V"),
+               "base_color": ("BaseColor.", "RGB"), "roughness": ("Roughness.", "V"), "metallic": ("Metallic.", "V"),
+               "normal": ("Normal.", "XYZ"), "shadow": ("Shadow.", "V")}
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise NearError(f"--size must look like 512x512, got {text!r}") from None
+    if not (0 < width <= 16384 and 0 < height <= 16384):
+        raise NearError(f"--size must be between 1x1 and 16384x16384, got {text!r}")
+    return width, height
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    import math
+
+    from .asset import read_asset
+    from .camera import Camera
+    from .envmap import EnvMap
+    from .images import write_exr, write_png
+    from .pipeline import PASSES, NearPipeline, Scene
+
+    out = Path(args.output)
+    if out.suffix.lower() not in (".exr", ".png"):
+        raise NearError(f"{out}: the output must end in .exr (every pass, scene-linear) or .png (tone-mapped)")
+    passes = list(dict.fromkeys(["combined", *args.passes]))
+    unknown = [p for p in passes if p not in PASSES]
+    if unknown:
+        raise NearError(f"unknown pass(es) {', '.join(unknown)}; available: {', '.join(PASSES)}")
+    width, height = _parse_size(args.size)
+    asset = read_asset(args.asset)
+    envmap = EnvMap.read(args.hdri, rotation_z=math.radians(args.rotation), strength=args.strength)
+    camera = Camera.orbit(args.azimuth, args.elevation, args.distance, width=width, height=height,
+                          fov_x_deg=args.fov)
+    pipeline = NearPipeline.from_pretrained(args.weights)
+    images = pipeline.render(Scene([(asset, np.eye(4))], envmap, camera, args.transparent), passes)
+    if out.suffix.lower() == ".png":
+        combined = images["combined"]
+        write_png(out, combined[..., :3], combined[..., 3] if args.transparent else None)
+    else:
+        channels = {}
+        for name in passes:
+            prefix, letters = _EXR_LAYERS[name]
+            for i, letter in enumerate(letters):
+                channels[prefix + letter] = images[name][..., i]
+        write_exr(out, channels)
+    print(f"wrote {out} ({width}x{height}; passes: {', '.join(passes)})")
     return 0
 
 
@@ -64,6 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--hdri", nargs="+", default=list(DEFAULT_HDRIS),
                       help=f"names of Blender's bundled HDRIs (default: {' '.join(DEFAULT_HDRIS)})")
     demo.set_defaults(func=_cmd_demo)
+
+    render = sub.add_parser("render", help="render a .near asset relit by an HDRI, from an orbiting camera")
+    render.add_argument("asset", help="the .near asset")
+    render.add_argument("--hdri", required=True, help="equirectangular environment map (.exr or .hdr)")
+    render.add_argument("--rotation", type=float, default=0.0,
+                        help="world rotation about Z in degrees, as a Blender Mapping node's Z rotation")
+    render.add_argument("--strength", type=float, default=1.0, help="world strength (Background strength)")
+    render.add_argument("--azimuth", type=float, default=30.0, help="camera azimuth in degrees, from +X towards +Y")
+    render.add_argument("--elevation", type=float, default=20.0, help="camera elevation in degrees above XY")
+    render.add_argument("--distance", type=float, default=2.0, help="camera distance from the origin")
+    render.add_argument("--fov", type=float, default=40.0, help="horizontal field of view in degrees")
+    render.add_argument("--size", default="512x512", help="image size WxH (default 512x512)")
+    render.add_argument("--transparent", action="store_true", help="leave the background out (alpha), as "
+                        "Blender's transparent film")
+    render.add_argument("--passes", nargs="*", default=[], help="extra passes for EXR output: depth alpha "
+                        "base_color roughness metallic normal shadow")
+    render.add_argument("--weights", default="near-tiny", help="weights folder (ours or the official NeAR layout)")
+    render.add_argument("-o", "--output", required=True, help="OUT.exr (all passes, scene-linear) or OUT.png "
+                        "(combined, Standard view transform: clipped to [0, 1], sRGB)")
+    render.set_defaults(func=_cmd_render)
 
     info = sub.add_parser("info", help="describe an EXR/HDR image or a .near asset")
     info.add_argument("file")

@@ -125,3 +125,35 @@ def test_help_lists_subcommands():
                          text=True).stdout
     for name in ("demo", "info", "bench"):
         assert name in out
+
+
+def test_render_writes_every_pass_and_matches_the_pipeline(tmp_path, capsys, blender_hdri_dir):
+    """`near render` with seeded, untrained near-tiny weights saved as a folder (no trained weights exist yet)."""
+    import torch
+
+    from near_engine.camera import Camera
+    from near_engine.configs import random_weights, save_networks
+    from near_engine.pipeline import NearPipeline, Scene
+
+    save_networks(tmp_path / "w", random_weights("near-tiny", seed=0), "near-tiny")
+    grid = np.stack(np.meshgrid(*[np.arange(64)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    r = np.linalg.norm(grid + 0.5 - 32, axis=-1)
+    coords = grid[(r > 9.3) & (r < 10.3)].astype(np.int32)
+    feats = torch.randn(len(coords), 8, generator=torch.Generator().manual_seed(0)).numpy()
+    write_asset(tmp_path / "a.near", Asset(coords, feats, model="near-tiny (untrained)"))
+    hdri = str(blender_hdri_dir / "sunset.exr")
+    common = ["render", str(tmp_path / "a.near"), "--hdri", hdri, "--rotation", "30", "--azimuth", "40",
+              "--size", "40x32", "--weights", str(tmp_path / "w")]
+    assert main([*common, "--passes", "depth", "normal", "-o", str(tmp_path / "out.exr")]) == 0
+    channels = OpenEXR.File(str(tmp_path / "out.exr"), separate_channels=True).channels()
+    assert {"R", "G", "B", "A", "Depth.Z", "Normal.X", "Normal.Y", "Normal.Z"} == set(channels)
+    env = EnvMap.read(hdri, rotation_z=math.radians(30))
+    cam = Camera.orbit(40, 20, 2.0, width=40, height=32, fov_x_deg=40)
+    direct = NearPipeline.from_pretrained(tmp_path / "w").render(Scene([(Asset(coords, feats), np.eye(4))], env, cam))
+    np.testing.assert_allclose(channels["R"].pixels, direct["combined"][..., 0], rtol=1e-6, atol=1e-6)
+    assert np.all(channels["A"].pixels == 1.0)  # the world is the background
+    assert main([*common, "--transparent", "-o", str(tmp_path / "out.png")]) == 0
+    png = np.asarray(Image.open(tmp_path / "out.png"))
+    assert png.shape == (32, 40, 4) and png[0, 0, 3] == 0 and png[..., 3].max() > 200
+    assert main(["render", str(tmp_path / "a.near"), "--hdri", hdri, "-o", str(tmp_path / "x.png")]) == 2
+    assert "no trained weights ship for 'near-tiny'" in capsys.readouterr().err
