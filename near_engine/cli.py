@@ -52,7 +52,9 @@ def _cmd_render(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix.lower() not in (".exr", ".png"):
         raise NearError(f"{out}: the output must end in .exr (every pass, scene-linear) or .png (tone-mapped)")
-    passes = list(dict.fromkeys(["combined", *args.passes]))
+    if out.suffix.lower() == ".png" and args.passes:
+        raise NearError("--passes needs EXR output: a PNG holds only the tone-mapped combined image")
+    passes = list(dict.fromkeys(["combined", *(args.passes or PASSES)]))
     unknown = [p for p in passes if p not in PASSES]
     if unknown:
         raise NearError(f"unknown pass(es) {', '.join(unknown)}; available: {', '.join(PASSES)}")
@@ -133,9 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--size", default="512x512", help="image size WxH (default 512x512)")
     render.add_argument("--transparent", action="store_true", help="leave the background out (alpha), as "
                         "Blender's transparent film")
-    render.add_argument("--passes", nargs="*", default=[], help="extra passes for EXR output: depth alpha "
-                        "base_color roughness metallic normal shadow")
-    render.add_argument("--weights", default="near-tiny", help="weights folder (ours or the official NeAR layout)")
+    render.add_argument("--passes", nargs="*", default=[], help="passes for EXR output besides combined (default: "
+                        "all of depth alpha base_color roughness metallic normal shadow)")
+    render.add_argument("--weights", default="near-tiny", help="weights folder (ours or the official NeAR layout); "
+                        "the trained near-tiny weights do not ship yet, so pass a folder")
     render.add_argument("-o", "--output", required=True, help="OUT.exr (all passes, scene-linear) or OUT.png "
                         "(combined, Standard view transform: clipped to [0, 1], sRGB)")
     render.set_defaults(func=_cmd_render)

@@ -39,7 +39,7 @@ from .asset import Asset
 from .camera import Camera
 from .configs import CONFIGS, load_networks
 from .envmap import EnvMap
-from .errors import CheckpointError, NearError
+from .errors import AssetError, CheckpointError, NearError
 from .frame import PassGaussians, decode_gaussians, light_tokens, rasterize_passes
 from .sparse import SparseTensor
 
@@ -111,6 +111,11 @@ def _check_matrix(matrix: np.ndarray, index: int) -> np.ndarray:
     m = np.asarray(matrix, dtype=np.float64)
     if m.shape != (4, 4) or not np.isfinite(m).all() or abs(np.linalg.det(m[:3, :3])) < 1e-12:
         raise NearError(f"scene object {index}: matrix_world must be a finite, invertible 4x4 matrix")
+    linear = m[:3, :3]
+    det = np.linalg.det(linear)
+    if det < 0 or not np.allclose(linear.T @ linear / abs(det) ** (2 / 3), np.eye(3), atol=1e-4):
+        raise NearError(f"scene object {index}: NeAR objects can be rotated, moved and scaled uniformly, not "
+                        "mirrored, sheared or scaled unevenly (apply such a transform to the mesh before encoding)")
     return m
 
 
@@ -168,6 +173,13 @@ class NearPipeline:
         return self._image_hashes.get(id(pixels), digest)[1]
 
     def _iad(self, asset: Asset) -> tuple[SparseTensor, torch.Tensor]:
+        decoder = self.networks["decoder"]
+        if asset.channels != decoder.latent_channels or asset.resolution != decoder.resolution:
+            raise AssetError(
+                f"this asset ({asset.channels} latent channels on a {asset.resolution}^3 grid, made with "
+                f"'{asset.model or 'unknown weights'}') does not fit the loaded weights, which expect "
+                f"{decoder.latent_channels} channels on a {decoder.resolution}^3 grid: re-encode it with these weights")
+
         def compute() -> tuple[SparseTensor, torch.Tensor]:
             coords = torch.from_numpy(np.array(asset.coords)).to(self.device)
             feats = torch.from_numpy(np.array(asset.feats)).to(self.device)

@@ -147,6 +147,10 @@ def test_render_writes_every_pass_and_matches_the_pipeline(tmp_path, capsys, ble
     assert main([*common, "--passes", "depth", "normal", "-o", str(tmp_path / "out.exr")]) == 0
     channels = OpenEXR.File(str(tmp_path / "out.exr"), separate_channels=True).channels()
     assert {"R", "G", "B", "A", "Depth.Z", "Normal.X", "Normal.Y", "Normal.Z"} == set(channels)
+    assert main([*common, "-o", str(tmp_path / "all.exr")]) == 0  # EXR keeps every pass by default
+    every = OpenEXR.File(str(tmp_path / "all.exr"), separate_channels=True).channels()
+    assert {"BaseColor.R", "Roughness.V", "Metallic.V", "Shadow.V", "Alpha.V", "Depth.Z"} <= set(every)
+    assert main([*common, "--passes", "depth", "-o", str(tmp_path / "p.png")]) == 2
     env = EnvMap.read(hdri, rotation_z=math.radians(30))
     cam = Camera.orbit(40, 20, 2.0, width=40, height=32, fov_x_deg=40)
     direct = NearPipeline.from_pretrained(tmp_path / "w").render(Scene([(Asset(coords, feats), np.eye(4))], env, cam))

@@ -186,10 +186,16 @@ def test_clear_errors(networks, assets) -> None:
         pipeline.render(scene, ("combined", "glossy"))
     with pytest.raises(NearError, match="none requested"):
         pipeline.render(scene, ())
+    bad = Asset(np.array([[1, 2, 3]], np.int32), np.zeros((1, 16), np.float32))
+    with pytest.raises(NearError, match="16 latent channels.*expect 8 channels"):
+        pipeline.render(Scene([(bad, np.eye(4))], scene.envmap, scene.camera))
     with pytest.raises(NearError, match="no NeAR objects"):
         pipeline.render(Scene([], _env(1), _camera()))
     with pytest.raises(NearError, match="invertible 4x4"):
         pipeline.render(Scene([(assets[0], np.zeros((4, 4)))], _env(1), _camera()))
+    for matrix in (np.diag([1.0, 2.0, 1.0, 1.0]), np.diag([-1.0, 1.0, 1.0, 1.0])):
+        with pytest.raises(NearError, match="not mirrored, sheared or scaled unevenly"):
+            pipeline.render(Scene([(assets[0], matrix)], _env(1), _camera()))
     with pytest.raises(CheckpointError, match="no trained weights ship for 'near-tiny'"):
         NearPipeline.from_pretrained("near-tiny")
     with pytest.raises(CheckpointError, match="not a weights folder"):

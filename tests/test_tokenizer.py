@@ -230,15 +230,32 @@ def test_rotation_quarter_turn_is_a_quarter_roll() -> None:
     pixels = rng.exponential(1.0, size=(GH, GW, 3)).astype(np.float32)
     base = tokenizer_input(pixels, 0.0, size=GW)
     turned = tokenizer_input(pixels, math.pi / 2, size=GW)
-    # +90 degrees moves everything a quarter turn left: column j now shows what column j + W/4 showed
-    assert torch.allclose(turned, torch.roll(base, shifts=-GW // 4, dims=2), atol=1e-6)
-    # and at +90 degrees the layout is our own map unshifted (closed form of the official azimuth)
+    # +90 degrees (hdri_rot -90) moves everything a quarter turn right: column j now shows what column j - W/4 showed
+    assert torch.allclose(turned, torch.roll(base, shifts=GW // 4, dims=2), atol=1e-6)
+    # and at -90 degrees the layout is our own map unshifted (closed form of the official azimuth)
+    turned = tokenizer_input(pixels, -math.pi / 2, size=GW)
     assert torch.allclose(turned[3:6, ::2].permute(1, 2, 0),
                           torch.log1p(10 * torch.from_numpy(pixels)) / math.log1p(1000) - 1, atol=1e-6)
     # a full turn is the identity; a fraction of a texel interpolates (a non-integer roll stays finite and bounded)
     assert torch.allclose(tokenizer_input(pixels, 2 * math.pi, size=GW), base, atol=1e-5)
     half = tokenizer_input(pixels, math.pi / GW, size=GW)  # half a texel
     assert torch.isfinite(half).all()
+
+
+def test_layout_is_the_world_as_seen_under_the_mapping_rotation() -> None:
+    # The map under a Mapping rotation, laid out at rotation 0, equals the raw map laid out with that rotation: each
+    # texel position stands for one fixed world direction, as EnvMap.sample defines the World.
+    from near_engine.envmap import EnvMap, uv_to_direction
+
+    rng = np.random.default_rng(5)
+    pixels = rng.exponential(1.0, size=(GH, GW, 3)).astype(np.float32)
+    theta = 2 * math.pi * 16 / GW  # whole texels, so bilinear sampling lands on texel centres
+    uv = np.stack(np.meshgrid((np.arange(GW) + 0.5) / GW, 1 - (np.arange(GH) + 0.5) / GH), -1)
+    baked = EnvMap.from_array(pixels, rotation_z=theta).sample(uv_to_direction(uv))
+    rotated = tokenizer_input(pixels, theta, size=GW)
+    reference = tokenizer_input(baked, 0.0, size=GW)
+    assert torch.allclose(rotated[:6], reference[:6], atol=1e-5)  # LDR and LOG: the radiance laid out
+    assert not torch.allclose(rotated[:6], tokenizer_input(pixels, -theta, size=GW)[:6], atol=1e-3)
 
 
 def test_resize_to_official_grid_is_nearest() -> None:

@@ -90,9 +90,13 @@ def tokenizer_input(pixels_equirect: np.ndarray | torch.Tensor, rotation_z: floa
     off by less than half a texel); rows fall on texel centres, so only u is interpolated and a rotation by a multiple
     of 2 pi / 1024 is an exact roll.
 
-    `rotation_z` is passed as the official `hdri_rot` (radians). The engine feeds the World Mapping node's Z rotation:
-    the official preview `rotate_hdri_image` (hdri_processer.py:89-110) rolls the map as that node does. Strength is
-    the caller's to apply to `pixels_equirect` beforehand.
+    `rotation_z` is the World Mapping node's Z rotation (radians) as `EnvMap` uses it (the texture is read at
+    `Rz(rotation_z) d`), and the official `hdri_rot` is set to `-rotation_z`. With that sign each texel position always
+    stands for the same direction in the object's frame, whatever the rotation: the layout is the world as the object
+    sees it (tested against `EnvMap.sample`). The official code is not self-consistent here (its preview
+    `rotate_hdri_image`, hdri_processer.py:89-110, rolls the other way from its conditioning), so which sign the
+    released weights were trained with is unverified; our own weights are trained with this one. Strength is the
+    caller's to apply to `pixels_equirect` beforehand.
     """
     if isinstance(pixels_equirect, torch.Tensor):
         pixels = pixels_equirect.detach().to("cpu", torch.float32).numpy()
@@ -114,8 +118,8 @@ def tokenizer_input(pixels_equirect: np.ndarray | torch.Tensor, rotation_z: floa
     src = pixels[_nearest_indices(pixels.shape[0], grid_h)][:, _nearest_indices(pixels.shape[1], grid_w)]
     src = np.maximum(src, 0.0)  # negative radiance is not light (EnvMap clamps it too); log1p would fail below -0.1
 
-    # 2. texel j shows texture u = u_j - 1/4 + rot / 2pi: sample column position u * W - 0.5 = j - W/4 + rot W / 2pi
-    u = (np.arange(grid_w) + 0.5) / grid_w - 0.25 + rotation / (2 * math.pi)
+    # 2. texel j shows texture u = u_j - 1/4 + hdri_rot / 2pi with hdri_rot = -rotation_z (see the docstring)
+    u = (np.arange(grid_w) + 0.5) / grid_w - 0.25 - rotation / (2 * math.pi)
     position = u * grid_w - 0.5
     left = np.floor(position)
     frac = (position - left).astype(np.float32)[None, :, None]
