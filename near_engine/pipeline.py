@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,10 +80,15 @@ class LRUCache:
             return self._items[key]
         self.misses += 1
         value = compute()
+        self.put(key, value)
+        return value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        """Store `value` under `key` (replacing any), evicting the oldest entry beyond `maxsize`."""
         self._items[key] = value
+        self._items.move_to_end(key)
         if len(self._items) > self.maxsize:
             self._items.popitem(last=False)
-        return value
 
     def __len__(self) -> int:
         return len(self._items)
@@ -99,6 +105,13 @@ def object_light_rotation(world_rotation_z: float, matrix_world: np.ndarray) -> 
     m = np.asarray(matrix_world, dtype=np.float64)
     yaw = math.atan2(m[1, 0], m[0, 0])
     return math.remainder(world_rotation_z + yaw, 2 * math.pi)
+
+
+def _folder_id(folder: Path) -> str:
+    """Weights id of a folder: its path plus the size and modification time of every weights file, so weights
+    overwritten in place get a new id and cannot be served from caches filled with the old ones."""
+    stamps = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*.safetensors"))
+    return f"{folder.resolve()}:{hashlib.sha256(repr(stamps).encode()).hexdigest()[:16]}"
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -151,7 +164,7 @@ class NearPipeline:
             raise CheckpointError(f"{name_or_folder}: not a weights folder")
         resolved = _resolve_device(device)
         networks, _ = load_networks(folder, resolved)
-        return cls(networks, str(folder.resolve()), resolved, **kwargs)
+        return cls(networks, _folder_id(folder), resolved, **kwargs)
 
     def set_networks(self, networks: Mapping[str, nn.Module], weights_id: str) -> None:
         """Use other weights; cached results of the previous weights stay keyed by their own id."""
@@ -163,14 +176,19 @@ class NearPipeline:
     def _image_hash(self, pixels: np.ndarray) -> str:
         """Content hash of an environment image, computed once per array (EnvMap pixels are read-only).
 
-        Entries hold the array itself, so its id cannot be reused by another array while the entry lives.
+        Entries hold only a weak reference, so cached hashes never keep a large HDRI alive; an id reused by another
+        array fails the identity check and is hashed afresh.
         """
-        def digest() -> tuple[np.ndarray, str]:
+        def entry() -> tuple[weakref.ref, str]:
             h = hashlib.sha256(repr((pixels.shape, pixels.dtype.str)).encode())
             h.update(np.ascontiguousarray(pixels).data)
-            return pixels, h.hexdigest()
+            return weakref.ref(pixels), h.hexdigest()
 
-        return self._image_hashes.get(id(pixels), digest)[1]
+        ref, digest = self._image_hashes.get(id(pixels), entry)
+        if ref() is not pixels:  # the id belonged to an array that is gone
+            ref, digest = entry()
+            self._image_hashes.put(id(pixels), (ref, digest))
+        return digest
 
     def _iad(self, asset: Asset) -> tuple[SparseTensor, torch.Tensor]:
         decoder = self.networks["decoder"]
