@@ -6,7 +6,7 @@ The pipeline layers caching, several objects and world/object transforms on top 
     tokens  = light_tokens(networks["hdri_encoder"], envmap, rotation_z)      # per environment map (+ object yaw)
     context = networks["renderer"].project_context(registers, tokens)        # optional, per (asset, light)
     frame   = decode_gaussians(networks, h, registers, tokens_or_context, camera_position=cam_pos_in_asset_space)
-    passes  = render_passes(frame, camera_in_asset_space, background)        # one object
+    passes  = rasterize_passes(frame.pass_gaussians(), camera, background)   # one object at the origin
     # several objects: frame.pass_gaussians().transformed(matrix_world) for each, PassGaussians.concatenate(...),
     # then rasterize_passes(joined, world_camera, background).
 
@@ -89,7 +89,6 @@ __all__ = [
     "light_tokens",
     "decode_gaussians",
     "rasterize_passes",
-    "render_passes",
 ]
 
 #: Depth written where a pass has no coverage (Cycles' background depth).
@@ -339,19 +338,3 @@ def rasterize_passes(
         "depth": torch.where(alpha > 0, out_i.depth, far),
         "alpha": alpha,
     }
-
-
-def render_passes(
-    frame: FrameGaussians,
-    camera: Camera,
-    background: EnvMap | torch.Tensor | np.ndarray | Sequence[float] | None = None,
-    *,
-    normal_space: str = "world",
-    backend: str = "auto",
-) -> dict[str, torch.Tensor]:
-    """One object's passes in its asset space (`camera` in asset space): `rasterize_passes(frame.pass_gaussians())`.
-
-    An `EnvMap` background is sampled through `camera`, so with an asset-space camera it is right only when the
-    object's matrix is the identity; the pipeline passes world-camera backgrounds as tensors.
-    """
-    return rasterize_passes(frame.pass_gaussians(), camera, background, normal_space=normal_space, backend=backend)

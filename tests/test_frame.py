@@ -22,7 +22,6 @@ from near_engine.frame import (
     light_planes,
     light_tokens,
     rasterize_passes,
-    render_passes,
 )
 from near_engine.sparse import SparseTensor
 
@@ -57,7 +56,7 @@ def _render(networks, asset, env, camera, background=None, **kwargs):
     h, registers = networks["decoder"](asset)
     tokens = light_tokens(networks["hdri_encoder"], env, size=PLANES)
     frame = decode_gaussians(networks, h, registers, tokens, camera_position=camera.position)
-    return frame, render_passes(frame, camera, background, **kwargs)
+    return frame, rasterize_passes(frame.pass_gaussians(), camera, background, **kwargs)
 
 
 @pytest.fixture(scope="module")
