@@ -41,7 +41,7 @@ from .camera import Camera
 from .configs import CONFIGS, load_networks
 from .envmap import EnvMap
 from .errors import AssetError, CheckpointError, NearError
-from .frame import PassGaussians, decode_gaussians, light_tokens, rasterize_passes
+from .frame import BACKGROUND_DEPTH, PassGaussians, decode_gaussians, light_tokens, rasterize_passes
 from .sparse import SparseTensor
 
 __all__ = ["PASSES", "Scene", "LRUCache", "NearPipeline", "object_light_rotation"]
@@ -154,7 +154,8 @@ class NearPipeline:
                         **kwargs: Any) -> "NearPipeline":
         """Load a weights folder (our format or the official NeAR layout) onto `device` ("auto": CUDA if present).
 
-        A configuration name such as "near-tiny" is refused: no trained weights ship for it yet.
+        A configuration name such as "near-tiny" is refused: no trained weights ship for it yet. A `light_size` saved
+        in the folder's pipeline settings is used unless one is passed.
         """
         folder = Path(name_or_folder)
         if not folder.is_dir():
@@ -163,7 +164,9 @@ class NearPipeline:
                                       "(our format or the official NeAR layout)")
             raise CheckpointError(f"{name_or_folder}: not a weights folder")
         resolved = _resolve_device(device)
-        networks, _ = load_networks(folder, resolved)
+        networks, settings = load_networks(folder, resolved)
+        if "light_size" in settings and "light_size" not in kwargs:
+            kwargs["light_size"] = int(settings["light_size"])
         return cls(networks, _folder_id(folder), resolved, **kwargs)
 
     def set_networks(self, networks: Mapping[str, nn.Module], weights_id: str) -> None:
@@ -216,16 +219,17 @@ class NearPipeline:
         """The requested `passes` (names in `PASSES`) of `scene`, each float32 [H, W, k] on the CPU.
 
         "combined" is HDR RGBA: the objects over the World's background (alpha 1), or with `scene.transparent` the
-        premultiplied object colour and its alpha. Other passes: see `near_engine.frame.rasterize_passes`.
+        premultiplied object colour and its alpha. Other passes: see `near_engine.frame.rasterize_passes`. A scene
+        without objects renders the world alone (empty passes), as Blender does.
         """
         passes = tuple(passes)
         unknown = [p for p in passes if p not in PASSES]
         if unknown or not passes:
             raise NearError(f"unknown render pass(es) {', '.join(map(repr, unknown)) or '(none requested)'}; "
                              f"available: {', '.join(PASSES)}")
-        if not scene.objects:
-            raise NearError("the scene has no NeAR objects to render")
         camera, envmap = scene.camera, scene.envmap
+        if not scene.objects:
+            return _world_only(scene, passes)
         parts = []
         with torch.no_grad():
             for index, (asset, matrix) in enumerate(scene.objects):
@@ -238,3 +242,16 @@ class NearPipeline:
             background = None if scene.transparent else envmap.background(camera)
             out = rasterize_passes(PassGaussians.concatenate(parts), camera, background)
         return {name: out[name].detach().cpu().numpy() for name in passes}
+
+
+def _world_only(scene: Scene, passes: Sequence[str]) -> dict[str, np.ndarray]:
+    """The passes of a scene with no objects: the background (or nothing), empty depth and intrinsics."""
+    h, w = scene.camera.height, scene.camera.width
+    sizes = {"combined": 4, "base_color": 3, "normal": 3}
+    out = {name: np.zeros((h, w, sizes.get(name, 1)), np.float32) for name in passes}
+    if "combined" in out and not scene.transparent:
+        out["combined"][..., :3] = scene.envmap.background(scene.camera)
+        out["combined"][..., 3] = 1.0
+    if "depth" in out:
+        out["depth"][:] = BACKGROUND_DEPTH
+    return out

@@ -189,8 +189,6 @@ def test_clear_errors(networks, assets) -> None:
     bad = Asset(np.array([[1, 2, 3]], np.int32), np.zeros((1, 16), np.float32))
     with pytest.raises(NearError, match="16 latent channels.*expect 8 channels"):
         pipeline.render(Scene([(bad, np.eye(4))], scene.envmap, scene.camera))
-    with pytest.raises(NearError, match="no NeAR objects"):
-        pipeline.render(Scene([], _env(1), _camera()))
     with pytest.raises(NearError, match="invertible 4x4"):
         pipeline.render(Scene([(assets[0], np.zeros((4, 4)))], _env(1), _camera()))
     for matrix in (np.diag([1.0, 2.0, 1.0, 1.0]), np.diag([-1.0, 1.0, 1.0, 1.0])):
@@ -210,3 +208,13 @@ def test_from_pretrained_folder_renders_like_the_networks(networks, assets, tmp_
         pytest.skip("CPU-only comparison")
     scene = Scene([(assets[0], np.eye(4))], _env(1), _camera())
     np.testing.assert_array_equal(loaded.render(scene)["combined"], _pipeline(networks).render(scene)["combined"])
+
+
+def test_scene_without_objects_renders_the_world(networks) -> None:
+    env, camera = _env(2), _camera()
+    out = _pipeline(networks).render(Scene([], env, camera), ("combined", "depth", "alpha", "normal"))
+    np.testing.assert_array_equal(out["combined"][..., :3], env.background(camera))
+    assert (out["combined"][..., 3] == 1).all() and (out["alpha"] == 0).all() and (out["normal"] == 0).all()
+    assert (out["depth"] == 1e10).all() and out["normal"].shape == (HEIGHT, WIDTH, 3)
+    clear = _pipeline(networks).render(Scene([], env, camera, transparent=True))
+    assert (clear["combined"] == 0).all()

@@ -1,0 +1,9 @@
+"""(in progress)"""
+
+
+def register() -> None:
+    pass
+
+
+def unregister() -> None:
+    pass

@@ -1,0 +1,67 @@
+"""The loaded NeAR pipeline, shared by final renders and viewports so its caches (IAD, light) survive between renders.
+
+Weights resolve as: the scene's folder, else the add-on preferences' folder. Every problem is a `NearError` whose
+message tells the user what to set; the engine reports it instead of raising.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import bpy
+
+from near_engine.errors import CheckpointError
+
+from .preferences import preferences
+
+_lock = threading.Lock()
+_loaded: dict[tuple[str, str, int], object] = {}
+
+
+def weights_folder(scene: bpy.types.Scene) -> Path:
+    """The weights folder this scene renders with, or a `CheckpointError` saying where to set one."""
+    folder = scene.near.weights_folder.strip()
+    prefs = preferences()
+    if not folder and prefs is not None:
+        folder = prefs.weights_folder.strip()
+    if not folder:
+        raise CheckpointError("No NeAR weights are set: choose a weights folder in Render Properties > NeAR or in "
+                              "Preferences > Add-ons > NeAR (trained weights for near-tiny do not ship yet)")
+    path = Path(bpy.path.abspath(folder))
+    if not path.is_dir():
+        raise CheckpointError(f"NeAR weights folder not found: {path}")
+    return path
+
+
+def device_name(scene: bpy.types.Scene) -> str:
+    """"auto", "cpu" or "cuda" for this scene (its own choice, else the preferences', else automatic)."""
+    choice = scene.near.device
+    if choice == "DEFAULT":
+        prefs = preferences()
+        choice = prefs.device if prefs is not None else "AUTO"
+    return choice.lower()
+
+
+def pipeline(scene: bpy.types.Scene):
+    """The `NearPipeline` for this scene's weights and device, loaded once and kept (thread-safe)."""
+    from near_engine.pipeline import NearPipeline
+
+    folder = weights_folder(scene).resolve()
+    key = (str(folder), device_name(scene), int(scene.near.light_size))
+    with _lock:
+        loaded = _loaded.get(key)
+        if loaded is None:
+            print(f"NeAR: loading weights from {folder} ...", flush=True)
+            kwargs = {"light_size": key[2]} if key[2] else {}
+            loaded = NearPipeline.from_pretrained(folder, key[1], **kwargs)
+            _loaded.clear()  # one set of weights in memory at a time
+            _loaded[key] = loaded
+            print("NeAR: weights loaded", flush=True)
+        return loaded
+
+
+def release() -> None:
+    """Drop loaded weights and caches (on unregister, or when the user reloads weights)."""
+    with _lock:
+        _loaded.clear()
