@@ -1,9 +1,233 @@
-"""(in progress)"""
+"""The NeAR render engine: final renders (F12, animation, command line) and the interactive viewport.
+
+Both paths describe the scene with `scene.describe` and render it with the shared `NearPipeline` (`runtime`). Every
+user-facing problem is a `NearError`, reported through the engine instead of raised, so the user sees a message and
+the .blend is left as it was. The viewport never blocks Blender's UI thread: `viewport.ViewportRenderer` renders on
+its own thread and `view_draw` only draws the latest finished image.
+"""
+
+from __future__ import annotations
+
+import bpy
+import numpy as np
+
+from near_engine.camera import Camera
+from near_engine.errors import NearError
+from near_engine.pipeline import Scene
+
+from . import runtime
+from .scene import AssetCache, WorldLight, border_rect, describe, near_instances, render_camera, world_light
+from .world import BakeCache
+
+#: NeAR passes beyond Combined: engine pass name -> (Blender pass name, channel ids, type, view-layer switch).
+#: Switches on `ViewLayer` are Blender's own; those on `ViewLayer.near` are ours.
+PASS_TABLE: dict[str, tuple[str, str, str, str]] = {
+    "depth": ("Depth", "Z", "VALUE", "use_pass_z"),
+    "normal": ("Normal", "XYZ", "VECTOR", "use_pass_normal"),
+    "base_color": ("Base Color", "RGB", "COLOR", "near.use_pass_base_color"),
+    "roughness": ("Roughness", "X", "VALUE", "near.use_pass_roughness"),
+    "metallic": ("Metallic", "X", "VALUE", "near.use_pass_metallic"),
+    "shadow": ("Shadow", "X", "VALUE", "near.use_pass_shadow"),
+}
+
+#: One bake cache for procedural worlds, shared by renders and viewports (bakes take seconds).
+_bake_cache = BakeCache()
+
+
+class RenderCancelled(Exception):
+    """The user pressed Esc during a final render."""
+
+
+def enabled_passes(view_layer: bpy.types.ViewLayer) -> list[str]:
+    """The NeAR passes this view layer asks for, in `PASS_TABLE` order."""
+    enabled = []
+    for name, (_, _, _, switch) in PASS_TABLE.items():
+        owner, _, attr = switch.rpartition(".")
+        if getattr(view_layer.near if owner else view_layer, attr):
+            enabled.append(name)
+    return enabled
+
+
+def result_rows(pixels: np.ndarray) -> np.ndarray:
+    """[H, W, k] top row first -> Blender's pass layout: [H*W, k], bottom row first."""
+    return np.ascontiguousarray(pixels[::-1]).reshape(-1, pixels.shape[-1])
+
+
+class NearRenderEngine(bpy.types.RenderEngine):
+    bl_idname = "NEAR"
+    bl_label = "NeAR"
+    bl_use_preview = False
+    bl_use_shading_nodes_custom = False  # keep the World's nodes: users light NeAR objects with an Environment Texture
+    bl_use_postprocess = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._viewport = None  # ViewportRenderer, made on the first view_update
+        self._view = None  # what view_update read: ViewState
+        self._submitted = None  # view_key of the last submitted view
+
+    def __del__(self) -> None:
+        viewport = getattr(self, "_viewport", None)
+        if viewport is not None:
+            viewport.stop()
+            from .drawing import TEXTURES
+
+            TEXTURES.clear()
+
+    # ---- final render --------------------------------------------------------------------------------------------
+
+    def update_render_passes(self, scene: bpy.types.Scene | None = None,
+                             renderlayer: bpy.types.ViewLayer | None = None) -> None:
+        self.register_pass(scene, renderlayer, "Combined", 4, "RGBA", "COLOR")
+        for name in enabled_passes(renderlayer):
+            blender_name, chan_id, kind, _ = PASS_TABLE[name]
+            self.register_pass(scene, renderlayer, blender_name, len(chan_id), chan_id, kind)
+
+    def render(self, depsgraph: bpy.types.Depsgraph) -> None:
+        scene, view_layer = depsgraph.scene, depsgraph.view_layer
+        passes = enabled_passes(view_layer)
+        try:
+            self.update_stats("", "NeAR | Loading weights")
+            pipeline = runtime.pipeline(scene)
+            self.update_stats("", "NeAR | Reading the scene")
+            world = world_light(depsgraph, _bake_cache)
+            for message in world.warnings:
+                self.report({"WARNING"}, message)
+            engine_scene, _ = describe(depsgraph, render_camera(depsgraph), world=world)
+            self.update_stats("", f"NeAR | Rendering {len(engine_scene.objects)} object(s)")
+            images = pipeline.render(engine_scene, ("combined", *passes), progress=self._progress)
+        except RenderCancelled:
+            return
+        except NearError as error:
+            self.report({"ERROR"}, f"NeAR: {error}")
+            return
+        if self.test_break():
+            return
+
+        rect = border_rect(scene.render)
+        for name in passes:
+            blender_name, chan_id, _, _ = PASS_TABLE[name]
+            if name not in ("depth", "normal"):  # Blender adds its own built-in passes from the view layer
+                self.add_pass(blender_name, len(chan_id), chan_id, layer=view_layer.name)
+        # begin_result counts from the render border's corner, not the frame's
+        result = self.begin_result(0, 0, rect.width, rect.height, layer=view_layer.name)
+        if (result.resolution_x, result.resolution_y) != (rect.width, rect.height):  # never write a wrong-sized rect
+            self.end_result(result, cancel=True)
+            self.report({"ERROR"}, f"NeAR: Blender expected a {result.resolution_x}x{result.resolution_y} result, "
+                                   f"NeAR rendered {rect.width}x{rect.height}")
+            return
+        layer = result.layers[0]
+        layer.passes["Combined"].rect = result_rows(images["combined"])
+        for name in passes:
+            layer.passes[PASS_TABLE[name][0]].rect = result_rows(images[name])
+        self.end_result(result)
+        self.update_progress(1.0)
+
+    def _progress(self, fraction: float) -> None:
+        self.update_progress(fraction)
+        if self.test_break():
+            raise RenderCancelled
+
+
+    # ---- viewport ------------------------------------------------------------------------------------------------
+
+    def view_update(self, context: bpy.types.Context, depsgraph: bpy.types.Depsgraph) -> None:
+        """On Blender's UI thread: read what changed (objects, world, weights) into plain data; no model work."""
+        from .viewport import ViewportRenderer
+
+        scene = depsgraph.scene
+        if self._viewport is None:
+            self._viewport = ViewportRenderer(self._render_viewport, self.tag_redraw,
+                                              preview_scale=scene.near.viewport_scale)
+        self._view = ViewState.read(depsgraph, self._view)
+        self._viewport.preview_scale = scene.near.viewport_scale
+        self._submitted = None  # the scene changed: render again even if the view did not
+
+    def view_draw(self, context: bpy.types.Context, depsgraph: bpy.types.Depsgraph) -> None:
+        """Submit the current view if it changed, then draw the latest finished image through the display transform."""
+        from .drawing import draw_rgba
+        from .viewport import view_key
+
+        if self._view is None or self._viewport is None:
+            return
+        region, region_3d = context.region, context.region_data
+        camera = Camera.from_projection(np.array(region_3d.window_matrix), np.array(region_3d.view_matrix),
+                                        region.width, region.height)
+        key = view_key(camera)
+        if key != self._submitted:
+            self._viewport.submit(Scene(self._view.objects, self._view.world.envmap, camera, self._view.transparent))
+            self._submitted = key
+        image = self._viewport.result()
+        if image is not None:
+            self.bind_display_space_shader(depsgraph.scene)
+            draw_rgba(image.rgba, region.width, region.height)
+            self.unbind_display_space_shader()
+        message = self._view.error or self._viewport.error or "; ".join(self._view.world.warnings)
+        self.update_stats("", f"NeAR: {message}" if message else "")
+
+    def _render_viewport(self, scene: Scene) -> np.ndarray:
+        """Runs on the viewport thread: only plain data from `ViewState` is used here, never bpy data."""
+        view = self._view
+        if view.weights_error is not None:
+            raise view.weights_error
+        return runtime.pipeline(view.weights).render(scene, ("combined",))["combined"]
+
+
+class ViewState:
+    """What the viewport renders, read on the UI thread in `view_update`: objects, world light, weights, settings."""
+
+    def __init__(self) -> None:
+        self.assets = AssetCache()
+        self.objects: list = []
+        self.world: WorldLight | None = None
+        self.transparent = False
+        self.weights: runtime.WeightsKey | None = None
+        self.weights_error: NearError | None = None
+        self.error: str | None = None  # reading the scene failed (a bad NeAR object, a missing world image)
+
+    @classmethod
+    def read(cls, depsgraph: bpy.types.Depsgraph, previous: "ViewState | None") -> "ViewState":
+        """Update `previous` (or a new state) from the depsgraph, re-reading only what the updates touched."""
+        state = previous if previous is not None else cls()
+        world_changed = state.world is None
+        for update in depsgraph.updates:
+            data = update.id
+            if isinstance(data, (bpy.types.World, bpy.types.Image, bpy.types.ShaderNodeTree)):
+                world_changed = True
+            elif isinstance(data, bpy.types.Mesh):
+                state.assets.invalidate({data.original.name_full})
+            elif isinstance(data, bpy.types.Object) and update.is_updated_geometry and data.type == "MESH":
+                state.assets.invalidate({data.data.original.name_full})
+        scene = depsgraph.scene
+        state.transparent = bool(scene.render.film_transparent)
+        state.error = None
+        try:
+            state.weights, state.weights_error = runtime.weights_key(scene), None
+        except NearError as error:
+            state.weights, state.weights_error = None, error
+        try:
+            if world_changed:
+                state.world = world_light(depsgraph, _bake_cache)
+            state.objects = near_instances(depsgraph, state.assets)
+        except NearError as error:
+            state.error = str(error)
+            state.objects = []
+            if state.world is None:
+                from near_engine.envmap import EnvMap
+
+                state.world = WorldLight(EnvMap.uniform(0.0), [])
+        return state
+
+
+_classes = (NearRenderEngine,)
 
 
 def register() -> None:
-    pass
+    for cls in _classes:
+        bpy.utils.register_class(cls)
 
 
 def unregister() -> None:
-    pass
+    for cls in reversed(_classes):
+        bpy.utils.unregister_class(cls)
+    _bake_cache.clear()

@@ -49,7 +49,24 @@ class NearObjectSettings(bpy.types.PropertyGroup):
     source: StringProperty(name="Source", default="", description="Where the asset came from (e.g. an image hash)")
 
 
-_classes = (NearSceneSettings, NearObjectSettings)
+class NearViewLayerSettings(bpy.types.PropertyGroup):
+    """Which NeAR passes a view layer writes (Depth and Normal use Blender's own switches).
+
+    No `update` callbacks here: a Python update callback on a registered property makes the bpy module hang at exit
+    (a deadlock in Blender's static destructors, seen with bpy 4.5.15), which would stall render farms.
+    """
+
+    use_pass_base_color: BoolProperty(name="Base Color", default=False,
+                                      description="Albedo of the NeAR objects (scene-linear)")
+    use_pass_roughness: BoolProperty(name="Roughness", default=False,
+                                     description="Roughness of the NeAR objects")
+    use_pass_metallic: BoolProperty(name="Metallic", default=False,
+                                    description="Metallic of the NeAR objects")
+    use_pass_shadow: BoolProperty(name="Shadow", default=False,
+                                  description="Shadow the world light casts on the NeAR objects (1: unshadowed)")
+
+
+_classes = (NearSceneSettings, NearObjectSettings, NearViewLayerSettings)
 
 
 def register() -> None:
@@ -57,9 +74,11 @@ def register() -> None:
         bpy.utils.register_class(cls)
     bpy.types.Scene.near = PointerProperty(type=NearSceneSettings)
     bpy.types.Object.near = PointerProperty(type=NearObjectSettings)
+    bpy.types.ViewLayer.near = PointerProperty(type=NearViewLayerSettings)
 
 
 def unregister() -> None:
+    del bpy.types.ViewLayer.near
     del bpy.types.Object.near
     del bpy.types.Scene.near
     for cls in reversed(_classes):

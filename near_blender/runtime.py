@@ -7,6 +7,7 @@ message tells the user what to set; the engine reports it instead of raising.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import bpy
@@ -16,7 +17,16 @@ from near_engine.errors import CheckpointError
 from .preferences import preferences
 
 _lock = threading.Lock()
-_loaded: dict[tuple[str, str, int], object] = {}
+_loaded: dict["WeightsKey", object] = {}
+
+
+@dataclass(frozen=True)
+class WeightsKey:
+    """Which pipeline a scene needs: read from Blender data on the UI thread, usable on any thread."""
+
+    folder: str
+    device: str
+    light_size: int
 
 
 def weights_folder(scene: bpy.types.Scene) -> Path:
@@ -43,18 +53,22 @@ def device_name(scene: bpy.types.Scene) -> str:
     return choice.lower()
 
 
-def pipeline(scene: bpy.types.Scene):
-    """The `NearPipeline` for this scene's weights and device, loaded once and kept (thread-safe)."""
+def weights_key(scene: bpy.types.Scene) -> WeightsKey:
+    return WeightsKey(str(weights_folder(scene).resolve()), device_name(scene), int(scene.near.light_size))
+
+
+def pipeline(scene_or_key: bpy.types.Scene | WeightsKey):
+    """The `NearPipeline` for these weights and device, loaded once and kept (thread-safe; pass a `WeightsKey` off
+    Blender's main thread, where bpy data must not be read)."""
     from near_engine.pipeline import NearPipeline
 
-    folder = weights_folder(scene).resolve()
-    key = (str(folder), device_name(scene), int(scene.near.light_size))
+    key = scene_or_key if isinstance(scene_or_key, WeightsKey) else weights_key(scene_or_key)
     with _lock:
         loaded = _loaded.get(key)
         if loaded is None:
-            print(f"NeAR: loading weights from {folder} ...", flush=True)
-            kwargs = {"light_size": key[2]} if key[2] else {}
-            loaded = NearPipeline.from_pretrained(folder, key[1], **kwargs)
+            print(f"NeAR: loading weights from {key.folder} ...", flush=True)
+            kwargs = {"light_size": key.light_size} if key.light_size else {}
+            loaded = NearPipeline.from_pretrained(Path(key.folder), key.device, **kwargs)
             _loaded.clear()  # one set of weights in memory at a time
             _loaded[key] = loaded
             print("NeAR: weights loaded", flush=True)

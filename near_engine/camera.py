@@ -19,6 +19,9 @@ from .errors import CameraError
 # Blender camera axes (x right, y up, looking down -z) to OpenCV axes (x right, y down, looking down +z).
 BLENDER_TO_OPENCV = np.diag([1.0, -1.0, -1.0, 1.0])
 
+#: Far clip distance used when a projection's far plane is lost to float32 rounding (a huge viewport clip end).
+UNBOUNDED_FAR = 1e10
+
 
 @dataclass(frozen=True, eq=False)
 class Camera:
@@ -167,6 +170,54 @@ class Camera:
         offset = distance * np.array([math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)])
         target = np.asarray(target, dtype=np.float64)
         return cls.look_at(target + offset, target, width=width, height=height, fov_x_deg=fov_x_deg, near=near, far=far)
+
+    @classmethod
+    def from_projection(cls, projection: np.ndarray, view_matrix: np.ndarray, width: int, height: int) -> "Camera":
+        """The camera a 3D viewport (or `calc_matrix_camera`) draws with, from its OpenGL-style matrices.
+
+        `projection` is Blender's `region_3d.window_matrix` (or `camera.calc_matrix_camera(...)`) for a `width` x
+        `height` image, `view_matrix` maps world to Blender view axes (`region_3d.view_matrix`); a scaled view matrix
+        is normalised, as Blender ignores a camera's scale. Blender's orthographic *viewport* puts its near plane
+        behind the view point (negative clip start): the camera then moves back along its axis until near is 0,
+        which frames exactly the same pixels (only depth is measured from further back).
+        """
+        p = np.array(projection, dtype=np.float64)
+        view = np.array(view_matrix, dtype=np.float64)
+        if p.shape != (4, 4) or view.shape != (4, 4) or not (np.isfinite(p).all() and np.isfinite(view).all()):
+            raise CameraError("projection and view matrices must be finite 4x4 matrices")
+        if width < 1 or height < 1:
+            raise CameraError(f"viewport size must be positive, got {width}x{height}")
+        orthographic = p[3, 3] == 1.0
+        fx, fy = p[0, 0] * width / 2, p[1, 1] * height / 2
+        if orthographic:
+            cx, cy = (1 + p[0, 3]) * width / 2, (1 - p[1, 3]) * height / 2
+            near, far = (p[2, 3] + 1) / p[2, 2], (p[2, 3] - 1) / p[2, 2]
+        else:
+            cx, cy = (1 - p[0, 2]) * width / 2, (1 + p[1, 2]) * height / 2
+            near = p[2, 3] / (p[2, 2] - 1)
+            # float32 matrices of huge clip ranges round P22 to -1: the far plane is then practically unbounded
+            far = p[2, 3] / (p[2, 2] + 1) if p[2, 2] < -1 else UNBOUNDED_FAR
+        rows = np.linalg.norm(view[:3, :3], axis=1)
+        if np.any(rows < 1e-12):
+            raise CameraError("the view matrix is not invertible")
+        view[:3] /= rows[:, None]  # inverse of (rotation * scale) has the scale on its rows, translation included
+        w2c = BLENDER_TO_OPENCV @ view
+        if orthographic and near < 0:
+            w2c[2, 3] -= near
+            near, far = 0.0, far - near
+        return cls(width, height, fx, fy, cx, cy, w2c, near, far, orthographic)
+
+    def scaled(self, factor: float) -> "Camera":
+        """The same view at `factor` times the resolution (at least 1x1): a cheaper preview of the same framing.
+
+        Each axis is scaled by the ratio of the rounded sizes, so the image covers exactly the same field of view.
+        """
+        if not (math.isfinite(factor) and factor > 0):
+            raise CameraError(f"a camera can only be scaled by a positive factor, got {factor}")
+        width, height = max(1, round(self.width * factor)), max(1, round(self.height * factor))
+        sx, sy = width / self.width, height / self.height
+        return Camera(width, height, self.fx * sx, self.fy * sy, self.cx * sx, self.cy * sy, self.world_to_camera,
+                      self.near, self.far, self.orthographic)
 
     # ----------------------------------------------------------------------------------------------------------------
     # derived quantities

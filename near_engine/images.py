@@ -27,6 +27,12 @@ def linear_to_srgb(linear: np.ndarray, exposure: float = 0.0) -> np.ndarray:
     return np.where(x <= 0.0031308, 12.92 * x, 1.055 * np.power(x, 1 / 2.4) - 0.055)
 
 
+def srgb_to_linear(encoded: np.ndarray) -> np.ndarray:
+    """The sRGB EOTF (piecewise; what Blender's "sRGB" colour space decodes with), float32."""
+    x = np.asarray(encoded, dtype=np.float32)
+    return np.where(x <= 0.04045, x / np.float32(12.92), ((x + np.float32(0.055)) / np.float32(1.055)) ** 2.4)
+
+
 def write_png(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | None = None, exposure: float = 0.0) -> None:
     """Tone-map scene-linear `rgb` [H,W,3] (premultiplied by `alpha` [H,W] or [H,W,1] if given) to an 8-bit PNG."""
     from PIL import Image

@@ -14,9 +14,13 @@ XY plane); a tilt of the object is ignored for the light (its camera position is
 **Caches** (bounded LRU, `LRUCache` with hit/miss counters), keyed so that they invalidate exactly:
 
 * `iad_cache`: the IAD output `(h, registers)` per `(asset.fingerprint(), weights_id)`;
-* `light_cache`: light tokens per `(image content hash, object-frame rotation, strength, weights_id)`. The tokenizer's
+* `light_cache`: light tokens per `(image content hash, object-frame rotation, weights_id)`. The tokenizer's
   backbone cannot be shared across rotations: the rotation rolls its input planes (with bilinear resampling) before
   the convolutions, so the whole tokenizer runs per key.
+
+**Strength is exact.** Light transport is linear in the light, so the networks see the World image at strength 1
+and the lit radiance is multiplied by the Background strength afterwards: doubling the strength doubles the object's
+colour exactly (as it doubles the background), and changing it costs no tokenizer run.
 
 Renders never return a random network as a model: `from_pretrained` needs a weights folder; a bare configuration name
 whose trained weights are not shipped raises `CheckpointError`.
@@ -24,8 +28,10 @@ whose trained weights are not shipped raises `CheckpointError`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -147,6 +153,7 @@ class NearPipeline:
         self.iad_cache = LRUCache(cache_size)
         self.light_cache = LRUCache(cache_size)
         self._image_hashes = LRUCache(cache_size)
+        self._lock = threading.RLock()  # a viewport thread and a final render may share one pipeline
         self.set_networks(networks, weights_id)
 
     @classmethod
@@ -209,39 +216,64 @@ class NearPipeline:
         return self.iad_cache.get((asset.fingerprint(), self.weights_id), compute)
 
     def _light(self, envmap: EnvMap, rotation: float) -> torch.Tensor:
-        key = (self._image_hash(envmap.pixels), rotation, envmap.strength, self.weights_id)
-        return self.light_cache.get(key, lambda: light_tokens(self.networks["hdri_encoder"], envmap, rotation,
+        key = (self._image_hash(envmap.pixels), rotation, self.weights_id)
+        return self.light_cache.get(key, lambda: light_tokens(self.networks["hdri_encoder"],
+                                                              envmap.with_settings(strength=1.0), rotation,
                                                               self.light_size))
 
     # ---- rendering -----------------------------------------------------------------------------------------------
 
-    def render(self, scene: Scene, passes: Sequence[str] = ("combined",)) -> dict[str, np.ndarray]:
-        """The requested `passes` (names in `PASSES`) of `scene`, each float32 [H, W, k] on the CPU.
+    def gaussians(self, scene: Scene, *, progress: Callable[[float], None] | None = None) -> PassGaussians:
+        """The scene's objects as world-space Gaussians, decoded for its camera and light (what `render` rasterizes).
 
-        "combined" is HDR RGBA: the objects over the World's background (alpha 1), or with `scene.transparent` the
-        premultiplied object colour and its alpha. Other passes: see `near_engine.frame.rasterize_passes`. A scene
-        without objects renders the world alone (empty passes), as Blender does.
+        `progress(fraction)` is called after each object; an exception it raises stops the work and propagates.
         """
-        passes = tuple(passes)
-        unknown = [p for p in passes if p not in PASSES]
-        if unknown or not passes:
-            raise NearError(f"unknown render pass(es) {', '.join(map(repr, unknown)) or '(none requested)'}; "
-                             f"available: {', '.join(PASSES)}")
-        camera, envmap = scene.camera, scene.envmap
         if not scene.objects:
-            return _world_only(scene, passes)
+            raise NearError("the scene has no NeAR objects")
+        camera, envmap = scene.camera, scene.envmap
         parts = []
-        with torch.no_grad():
+        with self._lock, torch.no_grad():
             for index, (asset, matrix) in enumerate(scene.objects):
                 m = _check_matrix(matrix, index)
                 h, registers = self._iad(asset)
                 tokens = self._light(envmap, object_light_rotation(envmap.rotation_z, m))
                 camera_in_asset = (np.linalg.inv(m) @ np.append(camera.position, 1.0))[:3]
                 frame = decode_gaussians(self.networks, h, registers, tokens, camera_position=camera_in_asset)
-                parts.append(frame.pass_gaussians().transformed(m))
-            background = None if scene.transparent else envmap.background(camera)
-            out = rasterize_passes(PassGaussians.concatenate(parts), camera, background)
+                parts.append(_scale_radiance(frame.pass_gaussians(), envmap.strength).transformed(m))
+                if progress is not None:
+                    progress((index + 1) / (len(scene.objects) + 1))
+        return PassGaussians.concatenate(parts)
+
+    def render(self, scene: Scene, passes: Sequence[str] = ("combined",), *,
+               progress: Callable[[float], None] | None = None) -> dict[str, np.ndarray]:
+        """The requested `passes` (names in `PASSES`) of `scene`, each float32 [H, W, k] on the CPU.
+
+        "combined" is HDR RGBA: the objects over the World's background (alpha 1), or with `scene.transparent` the
+        premultiplied object colour and its alpha. Other passes: see `near_engine.frame.rasterize_passes`. A scene
+        without objects renders the world alone (empty passes), as Blender does. `progress(fraction)` is called as
+        objects are decoded; an exception it raises (a user's cancel) stops the render and propagates.
+        """
+        passes = tuple(passes)
+        unknown = [p for p in passes if p not in PASSES]
+        if unknown or not passes:
+            raise NearError(f"unknown render pass(es) {', '.join(map(repr, unknown)) or '(none requested)'}; "
+                             f"available: {', '.join(PASSES)}")
+        if not scene.objects:
+            return _world_only(scene, passes)
+        with self._lock, torch.no_grad():
+            gaussians = self.gaussians(scene, progress=progress)
+            background = None if scene.transparent else scene.envmap.background(scene.camera)
+            out = rasterize_passes(gaussians, scene.camera, background)
         return {name: out[name].detach().cpu().numpy() for name in passes}
+
+
+def _scale_radiance(gaussians: PassGaussians, strength: float) -> PassGaussians:
+    """The lit colour under a World `strength` times brighter (light transport is linear in the light)."""
+    if strength == 1.0:
+        return gaussians
+    lit = gaussians.lit
+    channels = {**lit.channels, "color": lit.channels["color"] * float(strength)}
+    return PassGaussians(gaussians.intrinsic, dataclasses.replace(lit, channels=channels))
 
 
 def _world_only(scene: Scene, passes: Sequence[str]) -> dict[str, np.ndarray]:

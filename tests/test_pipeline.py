@@ -106,18 +106,18 @@ def test_caches_invalidate_exactly(networks, assets) -> None:
     assert _counts(pipeline) == (0, 1, 0, 1)
     pipeline.render(Scene([(a, np.eye(4))], _env(2), camera))  # another image: light only
     assert _counts(pipeline) == (1, 1, 0, 2)
-    pipeline.render(Scene([(a, np.eye(4))], env.with_settings(strength=2.0), camera))  # strength: light only
-    assert _counts(pipeline) == (2, 1, 0, 3)
+    pipeline.render(Scene([(a, np.eye(4))], env.with_settings(strength=2.0), camera))  # strength: a hit (scaled after)
+    assert _counts(pipeline) == (2, 1, 1, 2)
     pipeline.render(Scene([(a, _matrix(40.0))], env, camera))  # object turned: light seen at another rotation
-    assert _counts(pipeline) == (3, 1, 0, 4)
+    assert _counts(pipeline) == (3, 1, 1, 3)
     pipeline.render(Scene([(b, np.eye(4))], env, camera))  # another asset: IAD only
-    assert _counts(pipeline) == (3, 2, 1, 4)
+    assert _counts(pipeline) == (3, 2, 2, 3)
     pipeline.render(Scene([(a, np.eye(4))], EnvMap.from_array(env.pixels.copy()), camera))  # same content: hit
-    assert _counts(pipeline) == (4, 2, 2, 4)
+    assert _counts(pipeline) == (4, 2, 3, 3)
     pipeline.set_networks(random_weights("near-tiny", seed=4), "w1")  # other weights: both
     scene = Scene([(a, np.eye(4))], env, camera)
     cached = pipeline.render(scene)
-    assert _counts(pipeline) == (4, 3, 2, 5)
+    assert _counts(pipeline) == (4, 3, 3, 4)
     fresh = _pipeline(random_weights("near-tiny", seed=4), "w1").render(scene)
     np.testing.assert_array_equal(cached["combined"], fresh["combined"])
 
@@ -218,3 +218,36 @@ def test_scene_without_objects_renders_the_world(networks) -> None:
     assert (out["depth"] == 1e10).all() and out["normal"].shape == (HEIGHT, WIDTH, 3)
     clear = _pipeline(networks).render(Scene([], env, camera, transparent=True))
     assert (clear["combined"] == 0).all()
+
+
+def test_progress_reports_and_can_cancel(networks, assets) -> None:
+    scene = Scene([(assets[0], np.eye(4)), (assets[1], _matrix(30.0, (0.3, 0.0, 0.0)))], _env(1), _camera())
+    seen = []
+    _pipeline(networks).render(scene, progress=seen.append)
+    assert seen == pytest.approx([1 / 3, 2 / 3])
+
+    class Stop(Exception):
+        pass
+
+    def cancel(fraction: float) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):
+        _pipeline(networks).render(scene, progress=cancel)
+
+
+def test_world_strength_scales_the_radiance_exactly(networks, assets) -> None:
+    """Light transport is linear: strength x2 doubles the object's colour and the background, without a new tokenizer
+    run; the intrinsic passes do not change."""
+    pipeline = _pipeline(networks)
+    env = _env(1)
+    scene = Scene([(assets[0], np.eye(4))], env, _camera())
+    passes = ("combined", "base_color", "shadow")
+    once = pipeline.render(scene, passes)
+    misses = pipeline.light_cache.misses
+    twice = pipeline.render(Scene(scene.objects, env.with_settings(strength=2.0), scene.camera), passes)
+    assert pipeline.light_cache.misses == misses
+    np.testing.assert_allclose(twice["combined"][..., :3], 2 * once["combined"][..., :3], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(twice["base_color"], once["base_color"])
+    np.testing.assert_array_equal(twice["shadow"], once["shadow"])
+    assert np.abs(once["combined"][..., :3]).max() > 0

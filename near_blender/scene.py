@@ -1,0 +1,134 @@
+"""Depsgraph -> the engine's scene description (`near_engine.pipeline.Scene`): NeAR objects, world light, camera.
+
+Only plain data crosses into near_engine: assets, 4x4 matrices, an EnvMap and a Camera. Object instances come from
+the depsgraph, so parenting, collection instances, hiding and animation work as Blender evaluates them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import bpy
+import numpy as np
+
+from near_engine.asset import Asset
+from near_engine.camera import Camera
+from near_engine.envmap import EnvMap
+from near_engine.errors import CameraError
+from near_engine.pipeline import Scene
+
+from .objects import is_near_object, object_to_asset
+from .world import BakeCache, world_envmap
+
+
+@dataclass
+class BorderRect:
+    """The part of the frame a render covers, in pixels from the bottom-left corner (Blender's convention)."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+class AssetCache:
+    """Assets read from NeAR meshes, reused while a mesh is unchanged (keyed by the mesh and its depsgraph updates)."""
+
+    def __init__(self) -> None:
+        self._assets: dict[str, tuple[int, Asset]] = {}
+        self._versions: dict[str, int] = {}
+
+    def invalidate(self, mesh_names: set[str] | None = None) -> None:
+        """Forget the given meshes (all when None), e.g. after a depsgraph update that touched them."""
+        for name in list(self._assets) if mesh_names is None else mesh_names:
+            self._versions[name] = self._versions.get(name, 0) + 1
+
+    def asset(self, obj: bpy.types.Object) -> Asset:
+        key = obj.data.original.name_full
+        version = self._versions.get(key, 0)
+        cached = self._assets.get(key)
+        if cached is None or cached[0] != version:
+            cached = (version, object_to_asset(obj))
+            self._assets[key] = cached
+        return cached[1]
+
+
+def near_instances(depsgraph: bpy.types.Depsgraph, assets: AssetCache | None = None) -> list[tuple[Asset, np.ndarray]]:
+    """Every visible NeAR object instance (duplis included) as (asset, matrix_world) in the depsgraph's evaluation."""
+    found = []
+    for instance in depsgraph.object_instances:
+        obj = instance.object
+        if not is_near_object(obj):
+            continue
+        asset = assets.asset(obj) if assets is not None else object_to_asset(obj)
+        found.append((asset, np.array(instance.matrix_world, dtype=np.float64)))
+    return found
+
+
+def _render_size(render: bpy.types.RenderSettings) -> tuple[int, int]:
+    scale = render.resolution_percentage / 100.0
+    return int(render.resolution_x * scale), int(render.resolution_y * scale)
+
+
+def border_rect(render: bpy.types.RenderSettings) -> BorderRect:
+    """The pixels a final render covers: the whole frame, or the render border as Blender rounds it."""
+    width, height = _render_size(render)
+    if not render.use_border:
+        return BorderRect(0, 0, width, height)
+    x0, x1 = int(render.border_min_x * width), int(render.border_max_x * width)
+    y0, y1 = int(render.border_min_y * height), int(render.border_max_y * height)
+    return BorderRect(x0, y0, max(x1 - x0, 1), max(y1 - y0, 1))
+
+
+def render_camera(depsgraph: bpy.types.Depsgraph) -> Camera:
+    """The scene camera as Cycles frames it (lens, sensor fit, shift, clip, orthographic, pixel aspect, border)."""
+    scene = depsgraph.scene
+    camera_object = scene.camera
+    if camera_object is None:
+        raise CameraError("The scene has no active camera: add one, or set it in Scene Properties > Camera")
+    camera_object = camera_object.evaluated_get(depsgraph)
+    if camera_object.type != "CAMERA":
+        raise CameraError(f"The active camera '{camera_object.name}' is not a camera object")
+    data, render = camera_object.data, scene.render
+    if data.type not in ("PERSP", "ORTHO"):
+        raise CameraError(f"Camera '{camera_object.name}' is {data.type.lower()}: NeAR renders perspective and "
+                          "orthographic cameras only")
+    camera = Camera.from_blender(
+        np.array(camera_object.matrix_world), type=data.type, lens=data.lens, sensor_width=data.sensor_width,
+        sensor_height=data.sensor_height, sensor_fit=data.sensor_fit, shift_x=data.shift_x, shift_y=data.shift_y,
+        ortho_scale=data.ortho_scale, clip_start=data.clip_start, clip_end=data.clip_end,
+        resolution_x=render.resolution_x, resolution_y=render.resolution_y,
+        resolution_percentage=render.resolution_percentage, pixel_aspect_x=render.pixel_aspect_x,
+        pixel_aspect_y=render.pixel_aspect_y)
+    rect = border_rect(render)
+    if (rect.width, rect.height) == (camera.width, camera.height):
+        return camera
+    top = camera.height - (rect.y + rect.height)  # the border's top row, counted from the top as Camera does
+    return dataclasses.replace(camera, width=rect.width, height=rect.height, cx=camera.cx - rect.x,
+                               cy=camera.cy - top)
+
+
+@dataclass
+class WorldLight:
+    """The World as NeAR sees it, with the warnings to show the user."""
+
+    envmap: EnvMap
+    warnings: list[str]
+
+
+def world_light(depsgraph: bpy.types.Depsgraph, bake_cache: BakeCache | None = None) -> WorldLight:
+    envmap, warnings = world_envmap(depsgraph.scene.world, bake_cache=bake_cache)
+    return WorldLight(envmap, warnings)
+
+
+def describe(depsgraph: bpy.types.Depsgraph, camera: Camera, *, world: WorldLight | None = None,
+             assets: AssetCache | None = None, bake_cache: BakeCache | None = None) -> tuple[Scene, list[str]]:
+    """The engine scene for this depsgraph and camera, plus warnings for the user."""
+    world = world if world is not None else world_light(depsgraph, bake_cache)
+    transparent = bool(depsgraph.scene.render.film_transparent)
+    return Scene(near_instances(depsgraph, assets), world.envmap, camera, transparent), list(world.warnings)
+
+
+__all__ = ["AssetCache", "BorderRect", "WorldLight", "border_rect", "describe", "near_instances", "render_camera",
+           "world_light"]
