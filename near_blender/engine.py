@@ -13,11 +13,10 @@ import numpy as np
 
 from near_engine.camera import Camera
 from near_engine.errors import NearError
-from near_engine.pipeline import Scene
+from near_engine.pipeline import LRUCache, Scene
 
 from . import runtime
 from .scene import AssetCache, WorldLight, border_rect, describe, near_instances, render_camera, world_light
-from .world import BakeCache
 
 #: NeAR passes beyond Combined: engine pass name -> (Blender pass name, channel ids, type, view-layer switch).
 #: Switches on `ViewLayer` are Blender's own; those on `ViewLayer.near` are ours.
@@ -31,7 +30,7 @@ PASS_TABLE: dict[str, tuple[str, str, str, str]] = {
 }
 
 #: One bake cache for procedural worlds, shared by renders and viewports (bakes take seconds).
-_bake_cache = BakeCache()
+_bake_cache = LRUCache(4)
 
 
 class RenderCancelled(Exception):

@@ -16,10 +16,10 @@ from near_engine.asset import Asset
 from near_engine.camera import Camera
 from near_engine.envmap import EnvMap
 from near_engine.errors import CameraError
-from near_engine.pipeline import Scene
+from near_engine.pipeline import LRUCache, Scene
 
 from .objects import is_near_object, object_to_asset
-from .world import BakeCache, world_envmap
+from .world import world_envmap
 
 
 @dataclass
@@ -117,13 +117,13 @@ class WorldLight:
     warnings: list[str]
 
 
-def world_light(depsgraph: bpy.types.Depsgraph, bake_cache: BakeCache | None = None) -> WorldLight:
+def world_light(depsgraph: bpy.types.Depsgraph, bake_cache: LRUCache | None = None) -> WorldLight:
     envmap, warnings = world_envmap(depsgraph.scene.world, bake_cache=bake_cache)
     return WorldLight(envmap, warnings)
 
 
 def describe(depsgraph: bpy.types.Depsgraph, camera: Camera, *, world: WorldLight | None = None,
-             assets: AssetCache | None = None, bake_cache: BakeCache | None = None) -> tuple[Scene, list[str]]:
+             assets: AssetCache | None = None, bake_cache: LRUCache | None = None) -> tuple[Scene, list[str]]:
     """The engine scene for this depsgraph and camera, plus warnings for the user."""
     world = world if world is not None else world_light(depsgraph, bake_cache)
     transparent = bool(depsgraph.scene.render.film_transparent)

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import numpy as np
 from near_engine.envmap import EnvMap, EnvMapWarning
 from near_engine.errors import EnvMapError
 from near_engine.images import srgb_to_linear
+from near_engine.pipeline import LRUCache
 
 #: Bake resolution (height; the width is twice that), Cycles samples per pixel and subprocess time limit.
 BAKE_HEIGHT = 256
@@ -53,33 +53,7 @@ class _NeedsBake(Exception):
     """Raised while reading the node tree when the world is not one of the shapes we can read directly."""
 
 
-class BakeCache:
-    """The last few baked worlds, keyed by their signature: a bake takes seconds, a frame must not repeat it."""
-
-    def __init__(self, max_entries: int = 4):
-        self.max_entries = max_entries
-        self._entries: OrderedDict[str, EnvMap] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: str) -> EnvMap | None:
-        env = self._entries.get(key)
-        if env is not None:
-            self._entries.move_to_end(key)
-        return env
-
-    def put(self, key: str, env: EnvMap) -> None:
-        self._entries[key] = env
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-
-def world_envmap(world: "bpy.types.World | None", *, bake_cache: BakeCache | None = None,
+def world_envmap(world: "bpy.types.World | None", *, bake_cache: LRUCache | None = None,
                  bake_height: int = BAKE_HEIGHT, bake_samples: int = BAKE_SAMPLES,
                  bake_timeout: float = BAKE_TIMEOUT_S) -> tuple[EnvMap, list[str]]:
     """The environment map Cycles would light with for `world` (original or evaluated), and warnings for the user.
@@ -231,7 +205,7 @@ def _image_rgb(image: "bpy.types.Image") -> np.ndarray:
 # baking everything else with Cycles, in a subprocess
 
 
-def _baked(world: "bpy.types.World", messages: list[str], cache: BakeCache | None, height: int, samples: int,
+def _baked(world: "bpy.types.World", messages: list[str], cache: LRUCache | None, height: int, samples: int,
            timeout: float) -> EnvMap:
     images: dict[str, "bpy.types.Image"] = {}
     key = hashlib.sha256(repr((_tree_key(world.node_tree, images, set()), tuple(world.color), height,
@@ -242,13 +216,8 @@ def _baked(world: "bpy.types.World", messages: list[str], cache: BakeCache | Non
         if image.is_dirty:
             messages.append(f"World image '{image.name}' has unsaved edits, which the World bake does not see: "
                             f"save the image")
-    cached = cache.get(key) if cache is not None else None
-    if cached is not None:
-        return cached
-    env = _run_bake(world, height, samples, timeout)
-    if cache is not None:
-        cache.put(key, env)
-    return env
+    bake = lambda: _run_bake(world, height, samples, timeout)  # noqa: E731
+    return bake() if cache is None else cache.get(key, bake)
 
 
 def _tree_key(tree: "bpy.types.NodeTree", images: dict, seen: set) -> tuple:

@@ -17,18 +17,17 @@ import bpy
 import numpy as np
 import OpenEXR
 import pytest
+from conftest import make_asset
 from plyfile import PlyData
 
 import near_blender
-from near_engine.asset import write_asset
-from near_engine.camera import Camera
-from near_engine.blender_data import blender_hdri
-from near_engine.envmap import EnvMap
-from near_engine.pipeline import NearPipeline, Scene
 from near_blender.engine import ViewState
 from near_blender.objects import asset_to_object, object_to_asset
-
-from conftest import make_asset
+from near_engine.asset import write_asset
+from near_engine.blender_data import blender_hdri
+from near_engine.camera import Camera
+from near_engine.envmap import EnvMap
+from near_engine.pipeline import NearPipeline, Scene
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -164,7 +163,7 @@ def _engine_available() -> bool:
 
 def test_register_unregister_register_cleanly() -> None:
     bpy.ops.wm.read_factory_settings(use_empty=True)
-    from bpy.types import EEVEE_WORLD_PT_surface, DATA_PT_lens
+    from bpy.types import DATA_PT_lens, EEVEE_WORLD_PT_surface
 
     for _ in range(2):
         near_blender.register()

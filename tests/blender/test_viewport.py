@@ -16,16 +16,15 @@ import bpy
 import gpu
 import numpy as np
 import pytest
-from mathutils import Matrix
-
 import torch
+from mathutils import Matrix
 
 from near_blender import drawing
 from near_blender.viewport import ViewportImage, ViewportRenderer, view_key
+from near_engine.asset import Asset
 from near_engine.camera import Camera
 from near_engine.configs import random_weights
 from near_engine.envmap import EnvMap
-from near_engine.asset import Asset
 from near_engine.pipeline import NearPipeline, Scene
 
 WAIT_S = 60.0

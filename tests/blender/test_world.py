@@ -18,12 +18,13 @@ import OpenEXR
 import pytest
 
 import near_blender.world as world_module
-from near_blender.world import BakeCache, world_envmap
+from near_blender.world import world_envmap
 from near_engine.blender_data import blender_hdri
 from near_engine.camera import Camera
 from near_engine.envmap import EnvMap
 from near_engine.errors import EnvMapError
 from near_engine.images import linear_to_srgb
+from near_engine.pipeline import LRUCache
 
 pytestmark = [pytest.mark.cycles, pytest.mark.timeout(120)]
 
@@ -323,7 +324,7 @@ def test_bake_orientation_matches_the_direct_read(count_bakes):
 def test_bake_cache_bakes_each_signature_once(count_bakes):
     scene = new_scene()
     world, noise = procedural_world(scene)
-    cache = BakeCache(max_entries=4)
+    cache = LRUCache(4)
     first, _ = world_envmap(world, bake_cache=cache, bake_height=16)
     again, _ = world_envmap(world, bake_cache=cache, bake_height=16)
     assert len(count_bakes) == 1 and again is first
