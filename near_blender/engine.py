@@ -8,6 +8,9 @@ its own thread and `view_draw` only draws the latest finished image.
 
 from __future__ import annotations
 
+import functools
+import weakref
+
 import bpy
 import numpy as np
 
@@ -31,6 +34,19 @@ PASS_TABLE: dict[str, tuple[str, str, str, str]] = {
 
 #: One bake cache for procedural worlds, shared by renders and viewports (bakes take seconds).
 _bake_cache = LRUCache(4)
+#: Each viewport engine's render thread, by id(engine): kept outside the engine so `__del__` and `unregister` can stop
+#: it even after Blender has freed the engine's own data.
+_viewports: dict = {}
+
+
+def _stop_viewport(engine_id: int) -> None:
+    viewport = _viewports.pop(engine_id, None)
+    if viewport is not None:
+        viewport.stop()
+        if not _viewports:
+            from .drawing import TEXTURES
+
+            TEXTURES.clear()
 
 
 class RenderCancelled(Exception):
@@ -61,17 +77,16 @@ class NearRenderEngine(bpy.types.RenderEngine):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._viewport = None  # ViewportRenderer, made on the first view_update
         self._view = None  # what view_update read: ViewState
         self._submitted = None  # view_key of the last submitted view
 
     def __del__(self) -> None:
-        viewport = getattr(self, "_viewport", None)
-        if viewport is not None:
-            viewport.stop()
-            from .drawing import TEXTURES
+        # Blender may free the engine's RNA data before Python collects it, so no attribute of `self` is touched here.
+        _stop_viewport(id(self))
 
-            TEXTURES.clear()
+    @property
+    def _viewport(self):
+        return _viewports.get(id(self))
 
     # ---- final render --------------------------------------------------------------------------------------------
 
@@ -136,8 +151,13 @@ class NearRenderEngine(bpy.types.RenderEngine):
 
         scene = depsgraph.scene
         if self._viewport is None:
-            self._viewport = ViewportRenderer(self._render_viewport, self.tag_redraw,
-                                              preview_scale=scene.near.viewport_scale)
+            # The thread holds no reference to the engine (so Blender can free it, and __del__ stop the thread): it
+            # renders from the ViewState object and redraws through a weak reference.
+            self._view = ViewState()
+            engine = weakref.ref(self)
+            _viewports[id(self)] = ViewportRenderer(functools.partial(_render_view, self._view),
+                                                    functools.partial(_redraw, engine),
+                                                    preview_scale=scene.near.viewport_scale)
         self._view = ViewState.read(depsgraph, self._view)
         self._viewport.preview_scale = scene.near.viewport_scale
         self._submitted = None  # the scene changed: render again even if the view did not
@@ -164,12 +184,22 @@ class NearRenderEngine(bpy.types.RenderEngine):
         message = self._view.error or self._viewport.error or "; ".join(self._view.world.warnings)
         self.update_stats("", f"NeAR: {message}" if message else "")
 
-    def _render_viewport(self, scene: Scene) -> np.ndarray:
-        """Runs on the viewport thread: only plain data from `ViewState` is used here, never bpy data."""
-        view = self._view
-        if view.weights_error is not None:
-            raise view.weights_error
-        return runtime.pipeline(view.weights).render(scene, ("combined",))["combined"]
+
+def _render_view(view: "ViewState", scene: Scene) -> np.ndarray:
+    """Runs on the viewport thread: only plain data from `ViewState` is used here, never bpy data."""
+    if view.weights_error is not None:
+        raise view.weights_error
+    return runtime.pipeline(view.weights).render(scene, ("combined",))["combined"]
+
+
+def _redraw(engine: "weakref.ref[NearRenderEngine]") -> None:
+    """Ask Blender to call view_draw (tag_redraw only sets a flag), unless the engine is gone."""
+    alive = engine()
+    if alive is not None:
+        try:
+            alive.tag_redraw()
+        except ReferenceError:  # Blender freed the engine's data first
+            pass
 
 
 class ViewState:
@@ -227,6 +257,8 @@ def register() -> None:
 
 
 def unregister() -> None:
+    for engine_id in list(_viewports):
+        _stop_viewport(engine_id)
     for cls in reversed(_classes):
         bpy.utils.unregister_class(cls)
     _bake_cache.clear()

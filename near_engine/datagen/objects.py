@@ -160,7 +160,7 @@ def mesh_arrays(obj) -> tuple[np.ndarray, np.ndarray]:
         mesh.vertices.foreach_get("co", v)
         t = np.empty(len(mesh.loop_triangles) * 3, dtype=np.int32)
         mesh.loop_triangles.foreach_get("vertices", t)
-        m = np.array(obj.matrix_world, dtype=np.float64)
+        m = np.array(evaluated.matrix_world, dtype=np.float64)  # current even after edits
         v = (v.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3]).astype(np.float32)
         return v, t.reshape(-1, 3)
     finally:
@@ -177,8 +177,9 @@ def _part_mesh(part: Part) -> tuple[np.ndarray, np.ndarray]:
               "monkey": bpy.ops.mesh.primitive_monkey_add}
     if part.kind not in adders:
         raise NearError(f"unknown primitive {part.kind!r}; known: {', '.join(PRIMITIVES)}")
-    adders[part.kind](location=part.location, rotation=part.rotation, scale=part.scale)
+    adders[part.kind](location=part.location, rotation=part.rotation)  # the torus operator takes no scale
     obj = bpy.context.active_object
+    obj.scale = part.scale
     if part.bevel > 0:
         bevel = obj.modifiers.new("bevel", "BEVEL")
         bevel.width, bevel.segments, bevel.limit_method = part.bevel, 3, "ANGLE"

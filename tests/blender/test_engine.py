@@ -21,7 +21,7 @@ from conftest import make_asset
 from plyfile import PlyData
 
 import near_blender
-from near_blender.engine import ViewState
+from near_blender.engine import ViewState, _render_view
 from near_blender.objects import asset_to_object, object_to_asset
 from near_engine.asset import write_asset
 from near_engine.blender_data import blender_hdri
@@ -396,6 +396,11 @@ def test_viewport_state_follows_depsgraph_updates(clean_blender, weights_folder,
         assert make_asset(1).fingerprint() not in assets and make_asset(2).fingerprint() in assets
     finally:
         bpy.app.handlers.depsgraph_update_post.remove(handler)
+    # What the viewport thread renders from that state is the pipeline's image of the same scene.
+    camera = _scene_camera(scene)
+    view_scene = Scene(state.objects, state.world.envmap, camera, False)
+    want = NearPipeline.from_pretrained(weights_folder, "cpu").render(view_scene)["combined"]
+    np.testing.assert_array_equal(_render_view(state, view_scene), want)
 
 
 # ------------------------------------------------------------------------------------------------- command line

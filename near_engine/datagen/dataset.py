@@ -1,0 +1,165 @@
+"""A sharded, resumable data set on disk with a manifest, and its reader.
+
+Layout of OUT: `config.json` (the run's settings; a resumed run must match it, except that it may change the object count), `manifest.json` (config, splits, every
+finished object; rebuilt from the markers after each run), `errors.log`, and `objects/<id>/` per object (see
+`render.render_object` for its images) with `meta.json` (recipe, cameras, lights, split) written first and `done.json`
+last. An object folder without `done.json` is unfinished: a new run deletes and re-renders it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import OpenEXR
+
+from ..errors import NearError
+from ..files import write_bytes_atomically
+from .cameras import FOV_DEG, RADIUS, camera_record, spread_subset, view_cameras
+from .lights import HELD_OUT_HDRIS, TRAIN_HDRIS, UNIFORM, Light, is_validation_object, object_lights
+from .objects import make_recipe
+from .render import RenderSettings, render_object
+
+
+@dataclass(frozen=True)
+class DatagenConfig:
+    """What a data set is: how many objects, views and lights, and how they are rendered.
+
+    The defaults render in about an hour on 2 CPU cores (measured: see the README / `near datagen --help`).
+    """
+
+    objects: int = 60
+    views: int = 12  # uniform-lit views (with G-buffers) per object
+    hdri_views: int = 4  # of those, how many are also rendered under each relighting
+    hdris_per_object: int = 2  # training HDRIs per object (plus one area light; plus the held-out HDRIs if validation)
+    seed: int = 0
+    render: RenderSettings = field(default_factory=RenderSettings)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "DatagenConfig":
+        return cls(**{**data, "render": RenderSettings(**data["render"])})
+
+
+def object_id(index: int) -> str:
+    return f"{index:05d}"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    write_bytes_atomically(path, json.dumps(data, indent=1).encode())
+
+
+def run_datagen(out: str | Path, config: DatagenConfig, shard: tuple[int, int] = (0, 1), log=print) -> dict:
+    """Render this shard's objects (index % n == i) that are not finished yet; returns the ids rendered/skipped/failed.
+
+    A failing object is logged to `errors.log` with its traceback and left without a marker; the run goes on.
+    """
+    out = Path(out)
+    i, n = shard
+    if not 0 <= i < n:
+        raise NearError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
+    (out / "objects").mkdir(parents=True, exist_ok=True)
+    config_path = out / "config.json"
+    if config_path.is_file():  # objects are independent of each other: only the object count may change
+        stored = json.loads(config_path.read_text())
+        if {**stored, "objects": config.objects} != config.to_json():
+            raise NearError(f"{out} holds a data set made with other settings ({stored}); use another folder")
+    _write_json(config_path, config.to_json())
+    result: dict[str, list[str]] = {"rendered": [], "skipped": [], "failed": []}
+    for index in range(i, config.objects, n):
+        folder = out / "objects" / object_id(index)
+        if (folder / "done.json").is_file():
+            result["skipped"].append(folder.name)
+            continue
+        shutil.rmtree(folder, ignore_errors=True)  # half-finished: start it over
+        folder.mkdir(parents=True)
+        try:
+            _render_one(folder, config, index, log)
+            result["rendered"].append(folder.name)
+        except Exception:  # one bad object must not stop the run: log it, leave no marker
+            result["failed"].append(folder.name)
+            with open(out / "errors.log", "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} object {folder.name}:\n{traceback.format_exc()}\n")
+            log(f"  {folder.name}: FAILED (see {out / 'errors.log'})")
+    write_manifest(out)
+    return result
+
+
+def _render_one(folder: Path, config: DatagenConfig, index: int, log) -> None:
+    """Render object `index` into `folder`: meta.json first, then images, then the done.json marker."""
+    start = time.perf_counter()
+    recipe = make_recipe(config.seed, index)
+    offset = tuple(float(x) for x in np.random.default_rng([config.seed, index, 2]).random(2))
+    cameras = view_cameras(config.views, offset, config.render.size)
+    lights = object_lights(config.seed, index, config.hdris_per_object)
+    lit_views = spread_subset(config.views, config.hdri_views)
+    meta = {"id": folder.name, "index": index, "split": "val" if is_validation_object(index) else "train",
+            "recipe": recipe.to_json(), "cameras": [camera_record(c) for c in cameras], "camera_radius": RADIUS,
+            "fov_deg": FOV_DEG, "uniform_light": UNIFORM.to_json(), "lights": [l.to_json() for l in lights],
+            "lit_views": lit_views}
+    _write_json(folder / "meta.json", meta)
+    stats = render_object(recipe, cameras, lights, lit_views, folder, config.render, log)
+    _write_json(folder / "done.json", {**stats, "seconds_total": time.perf_counter() - start})
+
+
+def write_manifest(out: str | Path) -> dict:
+    """Rebuild `manifest.json` from the finished objects' markers (atomically; any shard may call it any time)."""
+    out = Path(out)
+    config = json.loads((out / "config.json").read_text())
+    objects = []
+    for done in sorted((out / "objects").glob("*/done.json")):
+        meta = json.loads((done.parent / "meta.json").read_text())
+        objects.append({"id": meta["id"], "split": meta["split"], "lights": [Light.from_json(l).name
+                                                                             for l in meta["lights"]],
+                        **json.loads(done.read_text())})
+    manifest = {"format": "near-datagen", "config": config,
+                "splits": {"held_out_hdris": list(HELD_OUT_HDRIS), "train_hdris": list(TRAIN_HDRIS),
+                           "validation_objects": "index % 10 == 9"},
+                "objects": objects}
+    _write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _read_exr(path: Path) -> dict[str, np.ndarray]:
+    return {name: c.pixels.astype(np.float32) for name, c in
+            OpenEXR.File(str(path), separate_channels=True).channels().items()}
+
+
+def _stack(channels: dict[str, np.ndarray], prefix: str, letters: str) -> np.ndarray:
+    return np.stack([channels[prefix + letter] for letter in letters], axis=-1)
+
+
+def load_object(path: str | Path) -> dict:
+    """One finished object for training: float32 arrays plus its metadata.
+
+    Keys: `meta` (meta.json), `vertices` [N,3], `triangles` [M,3], `world_to_camera` [V,4,4], `intrinsics` [V,4]
+    (fx, fy, cx, cy), uniform-lit `rgba` [V,H,W,4] (premultiplied), `depth` [V,H,W] (Cycles' Depth pass),
+    `normal` [V,H,W,3] (world), `base_color` [V,H,W,3], `roughness`/`metallic` [V,H,W]; `lit_views` [K] and
+    `lit_rgba` [L,K,H,W,4] for `meta["lights"]` in order.
+    """
+    folder = Path(path)
+    if not (folder / "done.json").is_file():
+        raise NearError(f"{folder}: not a finished data-set object (no done.json)")
+    meta = json.loads((folder / "meta.json").read_text())
+    mesh = np.load(folder / "mesh.npz")
+    views = [_read_exr(folder / "uniform" / f"view_{v:03d}.exr") for v in range(len(meta["cameras"]))]
+    data = {"meta": meta, "vertices": mesh["vertices"], "triangles": mesh["triangles"],
+            "world_to_camera": np.array([c["world_to_camera"] for c in meta["cameras"]], dtype=np.float32),
+            "intrinsics": np.array([[c[k] for k in ("fx", "fy", "cx", "cy")] for c in meta["cameras"]],
+                                   dtype=np.float32),
+            "lit_views": np.array(meta["lit_views"], dtype=np.int64)}
+    for key, prefix, letters in (("rgba", "", "RGBA"), ("normal", "normal.", "XYZ"), ("base_color", "base_color.", "RGB")):
+        data[key] = np.stack([_stack(v, prefix, letters) for v in views])
+    for key, channel in (("depth", "depth.Z"), ("roughness", "roughness.V"), ("metallic", "metallic.V")):
+        data[key] = np.stack([v[channel] for v in views])
+    data["lit_rgba"] = np.stack([np.stack([_stack(_read_exr(folder / Light.from_json(l).name / f"view_{v:03d}.exr"),
+                                                  "", "RGBA") for v in meta["lit_views"]])
+                                 for l in meta["lights"]])
+    return data
