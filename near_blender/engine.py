@@ -18,7 +18,7 @@ from near_engine.camera import Camera
 from near_engine.errors import NearError
 from near_engine.pipeline import LRUCache, Scene
 
-from . import runtime
+from . import runtime, world
 from .scene import AssetCache, WorldLight, border_rect, describe, near_instances, render_camera, world_light
 
 #: NeAR passes beyond Combined: engine pass name -> (Blender pass name, channel ids, type, view-layer switch).
@@ -104,10 +104,10 @@ class NearRenderEngine(bpy.types.RenderEngine):
             self.update_stats("", "NeAR | Loading weights")
             pipeline = runtime.pipeline(scene)
             self.update_stats("", "NeAR | Reading the scene")
-            world = world_light(depsgraph, _bake_cache)
-            for message in world.warnings:
+            light = world_light(depsgraph, _bake_cache)
+            for message in light.warnings:
                 self.report({"WARNING"}, message)
-            engine_scene, _ = describe(depsgraph, render_camera(depsgraph), world=world)
+            engine_scene, _ = describe(depsgraph, render_camera(depsgraph), world=light)
             self.update_stats("", f"NeAR | Rendering {len(engine_scene.objects)} object(s)")
             images = pipeline.render(engine_scene, ("combined", *passes), progress=self._progress)
         except RenderCancelled:
@@ -262,3 +262,4 @@ def unregister() -> None:
     for cls in reversed(_classes):
         bpy.utils.unregister_class(cls)
     _bake_cache.clear()
+    world.clear_caches()

@@ -125,8 +125,24 @@ def _read_node_tree(world: "bpy.types.World", messages: list[str]) -> EnvMap:
                         f"open an image in it")
         return EnvMap.uniform((1.0, 0.0, 1.0), strength=strength)  # Cycles' missing-texture colour
     rotation_z = _texture_rotation(texture.inputs["Vector"])
-    return EnvMap.from_array(_image_rgb(texture.image), rotation_z=rotation_z, strength=strength,
-                             name=f"World '{world.name}' image '{texture.image.name}'")
+    return _image_envmap(texture.image).with_settings(rotation_z=rotation_z, strength=strength)
+
+
+#: Direct reads of World images, by what decides their pixels. Frames of an animation (and viewport updates) then
+#: share one pixel array, so neither the read nor the pipeline's content hash of it is repeated.
+_image_reads = LRUCache(2)
+
+
+def clear_caches() -> None:
+    """Forget cached image reads (on unregister)."""
+    _image_reads.clear()
+
+
+def _image_envmap(image: "bpy.types.Image") -> EnvMap:
+    """The image as an EnvMap (rotation 0, strength 1); cached unless it has unsaved edits (painting changes it)."""
+    image = _original(image)
+    read = lambda: EnvMap.from_array(_image_rgb(image), name=f"World image '{image.name}'")  # noqa: E731
+    return read() if image.is_dirty else _image_reads.get(_image_key(image), read)
 
 
 def _texture_rotation(vector: "bpy.types.NodeSocket") -> float:

@@ -1,9 +1,10 @@
 """A sharded, resumable data set on disk with a manifest, and its reader.
 
-Layout of OUT: `config.json` (the run's settings; a resumed run must match it, except that it may change the object count), `manifest.json` (config, splits, every
-finished object; rebuilt from the markers after each run), `errors.log`, and `objects/<id>/` per object (see
-`render.render_object` for its images) with `meta.json` (recipe, cameras, lights, split) written first and `done.json`
-last. An object folder without `done.json` is unfinished: a new run deletes and re-renders it.
+Layout of OUT: `config.json` (the run's settings; a resumed run must match it, except that it may change the object
+count), `manifest.json` (config, splits, every finished object; rebuilt from the markers after each run),
+`errors.log`, and `objects/<id>/` per object (see `render.render_object` for its images) with `meta.json` (recipe,
+cameras, lights, split) written first and `done.json` last. An object folder without `done.json` is unfinished: a new
+run deletes and re-renders it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import OpenEXR
@@ -56,7 +58,8 @@ def _write_json(path: Path, data: dict) -> None:
     write_bytes_atomically(path, json.dumps(data, indent=1).encode())
 
 
-def run_datagen(out: str | Path, config: DatagenConfig, shard: tuple[int, int] = (0, 1), log=print) -> dict:
+def run_datagen(out: str | Path, config: DatagenConfig, shard: tuple[int, int] = (0, 1),
+                log: Callable[[str], object] = print) -> dict:
     """Render this shard's objects (index % n == i) that are not finished yet; returns the ids rendered/skipped/failed.
 
     A failing object is logged to `errors.log` with its traceback and left without a marker; the run goes on.
@@ -92,7 +95,7 @@ def run_datagen(out: str | Path, config: DatagenConfig, shard: tuple[int, int] =
     return result
 
 
-def _render_one(folder: Path, config: DatagenConfig, index: int, log) -> None:
+def _render_one(folder: Path, config: DatagenConfig, index: int, log: Callable[[str], object]) -> None:
     """Render object `index` into `folder`: meta.json first, then images, then the done.json marker."""
     start = time.perf_counter()
     recipe = make_recipe(config.seed, index)
@@ -155,7 +158,8 @@ def load_object(path: str | Path) -> dict:
             "intrinsics": np.array([[c[k] for k in ("fx", "fy", "cx", "cy")] for c in meta["cameras"]],
                                    dtype=np.float32),
             "lit_views": np.array(meta["lit_views"], dtype=np.int64)}
-    for key, prefix, letters in (("rgba", "", "RGBA"), ("normal", "normal.", "XYZ"), ("base_color", "base_color.", "RGB")):
+    for key, prefix, letters in (("rgba", "", "RGBA"), ("normal", "normal.", "XYZ"),
+                                 ("base_color", "base_color.", "RGB")):
         data[key] = np.stack([_stack(v, prefix, letters) for v in views])
     for key, channel in (("depth", "depth.Z"), ("roughness", "roughness.V"), ("metallic", "metallic.V")):
         data[key] = np.stack([v[channel] for v in views])

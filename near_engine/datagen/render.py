@@ -13,6 +13,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import OpenEXR
@@ -22,11 +23,11 @@ from ..images import write_exr
 from .lights import UNIFORM, Light, apply_light
 from .objects import AOVS, ObjectRecipe, build_object, mesh_arrays
 
-# Our channel name -> (Blender multilayer pass, its channel letters), for the uniform-lit G-buffer file.
-GBUFFER_CHANNELS = {"": ("Combined", "RGBA"), "depth.": ("Depth", "Z"), "normal.": ("Normal", "XYZ"),
-                    "base_color.": ("base_color", "RGB"), "roughness.": ("roughness", "X"),
-                    "metallic.": ("metallic", "X")}
-LIT_CHANNELS = {"": ("Combined", "RGBA")}
+# Our channel prefix -> (Blender's multilayer pass, its channel letters, ours), for the uniform-lit G-buffer file.
+GBUFFER_CHANNELS = {"": ("Combined", "RGBA", "RGBA"), "depth.": ("Depth", "Z", "Z"),
+                    "normal.": ("Normal", "XYZ", "XYZ"), "base_color.": ("base_color", "RGB", "RGB"),
+                    "roughness.": ("roughness", "X", "V"), "metallic.": ("metallic", "X", "V")}
+LIT_CHANNELS = {"": ("Combined", "RGBA", "RGBA")}
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def add_camera(scene, fov_deg: float):
 
 
 def render_object(recipe: ObjectRecipe, cameras: list[Camera], lights: list[Light], lit_views: list[int],
-                  out_dir: Path, settings: RenderSettings, log=print) -> dict:
+                  out_dir: Path, settings: RenderSettings, log: Callable[[str], object] = print) -> dict:
     """Build the object in a fresh scene and write its mesh and images into `out_dir`; returns timings.
 
     Files: `mesh.npz`; `uniform/view_XXX.exr` (RGBA, depth, normal, base_color, roughness, metallic) for every camera;
@@ -132,14 +133,11 @@ def _blender_matrix(camera: Camera):
     return Matrix((camera.camera_to_world @ BLENDER_TO_OPENCV).tolist())
 
 
-def _rewrite_exr(source: Path, target: Path, channels: dict[str, tuple[str, str]]) -> None:
+def _rewrite_exr(source: Path, target: Path, channels: dict[str, tuple[str, str, str]]) -> None:
     """Copy the wanted passes of Blender's multilayer EXR into a plain EXR: half colour, float depth."""
     exr = OpenEXR.File(str(source), separate_channels=True)
     found = {name.split(".", 1)[1]: c.pixels for name, c in exr.channels().items()}  # drop the view layer's name
-    out = {}
-    for prefix, (blender_pass, letters) in channels.items():
-        for letter in letters:
-            ours = prefix + ("V" if letter == "X" and len(letters) == 1 else letter)
-            pixels = found[f"{blender_pass}.{letter}"]
-            out[ours] = pixels.astype(np.float32 if blender_pass == "Depth" else np.float16)
-    write_exr(target, out)
+    write_exr(target, {prefix + ours: found[f"{blender_pass}.{theirs}"].astype(
+                           np.float32 if blender_pass == "Depth" else np.float16)
+                       for prefix, (blender_pass, letters, our_letters) in channels.items()
+                       for theirs, ours in zip(letters, our_letters)})
