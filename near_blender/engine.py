@@ -15,6 +15,7 @@ import bpy
 import numpy as np
 
 from near_engine.camera import Camera
+from near_engine.envmap import EnvMap
 from near_engine.errors import NearError
 from near_engine.pipeline import LRUCache, Scene
 
@@ -242,8 +243,6 @@ class ViewState:
             state.error = str(error)
             state.objects = []
             if state.world is None:
-                from near_engine.envmap import EnvMap
-
                 state.world = WorldLight(EnvMap.uniform(0.0), [])
         return state
 
