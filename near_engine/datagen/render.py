@@ -99,11 +99,22 @@ def render_object(recipe: ObjectRecipe, cameras: list[Camera], lights: list[Ligh
     import bpy
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
-    scene = bpy.context.scene
-    configure_cycles(scene, settings)
     obj = build_object(recipe)
     vertices, triangles = mesh_arrays(obj)
     np.savez(out_dir / "mesh.npz", vertices=vertices, triangles=triangles)
+    times = render_views(cameras, lights, lit_views, out_dir, settings)
+    log(f"  {recipe.index}: {len(times)} images, {np.mean(times):.2f} s per image")
+    return {"images": len(times), "seconds_per_image": float(np.mean(times)), "seconds_rendering": float(sum(times))}
+
+
+def render_views(cameras: list[Camera], lights: list[Light], lit_views: list[int], out_dir: Path,
+                 settings: RenderSettings) -> list[float]:
+    """Render what is in the current scene (objects in asset space) into `out_dir`, as `render_object` describes;
+    returns the seconds each image took. Uniform-lit views always; `lit_views` under each of `lights`."""
+    import bpy
+
+    scene = bpy.context.scene
+    configure_cycles(scene, settings)
     camera_obj = add_camera(scene, fov_deg=math.degrees(2 * math.atan(0.5 * cameras[0].width / cameras[0].fx)))
     times = []
     jobs = [(UNIFORM, i, GBUFFER_CHANNELS) for i in range(len(cameras))]
@@ -122,8 +133,7 @@ def render_object(recipe: ObjectRecipe, cameras: list[Camera], lights: list[Ligh
             folder = out_dir / light.name
             folder.mkdir(exist_ok=True)
             _rewrite_exr(Path(scene.render.filepath), folder / f"view_{view:03d}.exr", channels)
-    log(f"  {recipe.index}: {len(times)} images, {np.mean(times):.2f} s per image")
-    return {"images": len(times), "seconds_per_image": float(np.mean(times)), "seconds_rendering": float(sum(times))}
+    return times
 
 
 def _blender_matrix(camera: Camera):
