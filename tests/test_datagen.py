@@ -142,9 +142,9 @@ def _sphere(material: MaterialRecipe) -> ObjectRecipe:
 def _render_sphere(tmp_path: Path, material: MaterialRecipe, settings: RenderSettings = TINY) -> dict:
     cameras = view_cameras(1, (0.2, 0.4), settings.size)
     render_object(_sphere(material), cameras, [], [], tmp_path, settings, log=lambda *_: None)
-    from near_engine.datagen.dataset import _read_exr
+    from near_engine.datagen.dataset import read_exr_channels
 
-    return _read_exr(tmp_path / "uniform" / "view_000.exr")
+    return read_exr_channels(tmp_path / "uniform" / "view_000.exr")
 
 
 def test_gbuffers_hold_the_material_values(tmp_path):

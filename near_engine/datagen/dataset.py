@@ -130,12 +130,14 @@ def write_manifest(out: str | Path) -> dict:
     return manifest
 
 
-def _read_exr(path: Path) -> dict[str, np.ndarray]:
+def read_exr_channels(path: Path) -> dict[str, np.ndarray]:
+    """Every channel of a data-set EXR by its plain name ("R", "depth.Z", "normal.X", ...), float32 [H, W]."""
     return {name: c.pixels.astype(np.float32) for name, c in
             OpenEXR.File(str(path), separate_channels=True).channels().items()}
 
 
-def _stack(channels: dict[str, np.ndarray], prefix: str, letters: str) -> np.ndarray:
+def stack_channels(channels: dict[str, np.ndarray], prefix: str, letters: str) -> np.ndarray:
+    """The channels `prefix + letter` of one layer stacked last: [H, W, len(letters)]."""
     return np.stack([channels[prefix + letter] for letter in letters], axis=-1)
 
 
@@ -152,7 +154,7 @@ def load_object(path: str | Path) -> dict:
         raise NearError(f"{folder}: not a finished data-set object (no done.json)")
     meta = json.loads((folder / "meta.json").read_text())
     mesh = np.load(folder / "mesh.npz")
-    views = [_read_exr(folder / "uniform" / f"view_{v:03d}.exr") for v in range(len(meta["cameras"]))]
+    views = [read_exr_channels(folder / "uniform" / f"view_{v:03d}.exr") for v in range(len(meta["cameras"]))]
     data = {"meta": meta, "vertices": mesh["vertices"], "triangles": mesh["triangles"],
             "world_to_camera": np.array([c["world_to_camera"] for c in meta["cameras"]], dtype=np.float32),
             "intrinsics": np.array([[c[k] for k in ("fx", "fy", "cx", "cy")] for c in meta["cameras"]],
@@ -160,10 +162,10 @@ def load_object(path: str | Path) -> dict:
             "lit_views": np.array(meta["lit_views"], dtype=np.int64)}
     for key, prefix, letters in (("rgba", "", "RGBA"), ("normal", "normal.", "XYZ"),
                                  ("base_color", "base_color.", "RGB")):
-        data[key] = np.stack([_stack(v, prefix, letters) for v in views])
+        data[key] = np.stack([stack_channels(v, prefix, letters) for v in views])
     for key, channel in (("depth", "depth.Z"), ("roughness", "roughness.V"), ("metallic", "metallic.V")):
         data[key] = np.stack([v[channel] for v in views])
-    data["lit_rgba"] = np.stack([np.stack([_stack(_read_exr(folder / Light.from_json(l).name / f"view_{v:03d}.exr"),
+    data["lit_rgba"] = np.stack([np.stack([stack_channels(read_exr_channels(folder / Light.from_json(l).name / f"view_{v:03d}.exr"),
                                                   "", "RGBA") for v in meta["lit_views"]])
                                  for l in meta["lights"]])
     return data

@@ -1,0 +1,71 @@
+"""Mesh -> `.near` asset: import and normalize, voxelize, render views with Cycles, lift and encode the latent.
+
+The LH latent is encoded from views under uniform white light (world colour 1, strength 0.6), as NeAR's
+illumination-homogenized latent is; the *shaded* latent (the paper's ablation) from the same views under an HDRI.
+Both use near-tiny's trained image-feature network and encoder from the weights folder (`configs.ENCODER_KEYS`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .asset import Asset
+from .configs import ENCODER_KEYS, load_networks
+from .errors import NearError
+
+#: Views of the object on a Hammersley sphere (radius 2, 40 degrees), as in the training data.
+DEFAULT_VIEWS = 24
+
+
+@dataclass(frozen=True)
+class ShadedLight:
+    """The HDRI that lights the views of a shaded latent (a bundled Blender HDRI name, Mapping rotation, strength)."""
+
+    hdri: str
+    rotation_z: float = 0.0
+    strength: float = 1.0
+
+
+def encode_mesh(mesh: str | Path, weights: str | Path, *, views: int = DEFAULT_VIEWS, size: int = 256,
+                samples: int = 32, shaded: ShadedLight | None = None, device: str = "cpu",
+                log: Callable[[str], object] = print) -> Asset:
+    """The asset of the mesh file `mesh` (OBJ, glTF/GLB, PLY, .blend) encoded with the encoder in `weights`."""
+    from .datagen.cameras import view_cameras
+    from .datagen.dataset import read_exr_channels, stack_channels
+    from .datagen.lights import Light
+    from .datagen.meshes import import_mesh
+    from .datagen.render import RenderSettings, render_views
+    from .train.encode import encode_views
+    from .voxelize import voxelize_mesh
+
+    if views < 1 or size < 8 or samples < 1:
+        raise NearError(f"encode-mesh needs at least 1 view, 8 px and 1 sample (got {views}, {size}, {samples})")
+    networks, _ = load_networks(weights, device, keys=ENCODER_KEYS)
+    resolution = int(networks["encoder"].resolution)
+    mesh = Path(mesh)
+    vertices, triangles = import_mesh(mesh)
+    coords = voxelize_mesh(vertices, triangles, resolution)
+    log(f"{mesh.name}: {len(vertices)} vertices -> {len(coords)} voxels on a {resolution}^3 grid")
+    cameras = view_cameras(views, (0.5, 0.5), size)
+    lights = [] if shaded is None else [Light("hdri", shaded.hdri, shaded.rotation_z, shaded.strength)]
+    with tempfile.TemporaryDirectory() as tmp:
+        times = render_views(cameras, lights, list(range(views)) if lights else [], Path(tmp), RenderSettings(size,
+                                                                                                              samples))
+        log(f"rendered {len(times)} views with Cycles in {sum(times):.1f} s")
+        folder = Path(tmp) / (lights[0].name if lights else "uniform")
+        images = [read_exr_channels(folder / f"view_{v:03d}.exr") for v in range(views)]
+        depths = [read_exr_channels(Path(tmp) / "uniform" / f"view_{v:03d}.exr")["depth.Z"] for v in range(views)]
+    rgba = torch.from_numpy(np.stack([stack_channels(image, "", "RGBA") for image in images]))
+    with torch.no_grad():
+        latent = encode_views(networks, coords, rgba, cameras, torch.from_numpy(np.stack(depths)), resolution)
+    digest = hashlib.sha256(mesh.read_bytes()).hexdigest()[:16]
+    return Asset(coords, latent.cpu().numpy(), resolution=resolution,
+                 latent="lh-slat" if shaded is None else f"shaded-slat:{shaded.hdri}",
+                 model=Path(weights).name, source=f"mesh:{mesh.name}:sha256:{digest}")
