@@ -9,8 +9,9 @@ from pathlib import Path
 
 import bpy
 import numpy as np
-from bpy.props import BoolProperty, CollectionProperty, StringProperty
+from bpy.props import BoolProperty, CollectionProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ExportHelper, ImportHelper
+from mathutils import Matrix
 
 from near_engine.asset import read_asset
 from near_engine.errors import NearError
@@ -103,6 +104,84 @@ class NEAR_OT_export_ply(bpy.types.Operator, ExportHelper):
         return {"FINISHED"}
 
 
+#: Runs in a fresh Blender (see `background.blender_command`): encode the one mesh object of a .blend to a .near.
+_ENCODE_SCRIPT = r"""
+import json, sys
+job = json.loads(sys.argv[-1])
+sys.path[:0] = job["path"]
+from near_engine.asset import write_asset
+from near_engine.encode_mesh import encode_mesh
+asset = encode_mesh(job["blend"], job["weights"], views=job["views"], size=job["size"], samples=job["samples"])
+write_asset(job["output"], asset)
+"""
+
+
+class NEAR_OT_convert_mesh(bpy.types.Operator):
+    """Encode the active mesh object into a NeAR object (renders its views with Cycles in a separate Blender)"""
+
+    bl_idname = "object.near_convert_mesh"
+    bl_label = "Convert to NeAR Object"
+    bl_options = {"REGISTER", "UNDO"}
+
+    views: IntProperty(name="Views", default=24, min=1, max=150, description="Views rendered for the encoder")
+    size: IntProperty(name="Resolution", default=256, min=16, max=1024, description="Side of each view, pixels")
+    samples: IntProperty(name="Samples", default=32, min=1, max=4096, description="Cycles samples per view")
+    timeout: IntProperty(name="Time Limit", default=1800, min=10, description="Seconds before encoding is stopped")
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        obj = context.active_object
+        return obj is not None and obj.type == "MESH" and not is_near_object(obj)
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        import subprocess
+        import tempfile
+
+        import near_engine
+        from near_engine.datagen.meshes import normalizing_transform
+        from near_engine.datagen.objects import mesh_arrays
+
+        from .background import blender_command
+
+        source = context.active_object
+        try:
+            weights = runtime.weights_folder(context.scene)
+            vertices, _ = mesh_arrays(source)
+            if len(vertices) == 0:
+                raise NearError(f"'{source.name}' has no vertices to encode")
+            placement = np.linalg.inv(normalizing_transform(vertices))  # asset space -> where the mesh is
+            with tempfile.TemporaryDirectory(prefix="near_encode_") as folder:
+                blend, output = Path(folder) / "mesh.blend", Path(folder) / "mesh.near"
+                bpy.data.libraries.write(str(blend), {source.original}, path_remap="ABSOLUTE")
+                job = {"blend": str(blend), "weights": str(weights), "output": str(output), "views": self.views,
+                       "size": self.size, "samples": self.samples,
+                       "path": [str(Path(near_engine.__file__).parents[1])]}
+                try:
+                    done = subprocess.run(blender_command(_ENCODE_SCRIPT, job), capture_output=True, text=True,
+                                          timeout=self.timeout, stdin=subprocess.DEVNULL)
+                except subprocess.TimeoutExpired:
+                    raise NearError(f"encoding '{source.name}' took longer than {self.timeout} s") from None
+                if done.returncode != 0 or not output.is_file():
+                    tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+                    raise NearError(f"encoding '{source.name}' failed: {tail}")
+                asset = read_asset(output)
+        except NearError as error:
+            self.report({"ERROR"}, str(error))
+            return {"CANCELLED"}
+        collection = source.users_collection[0] if source.users_collection else context.scene.collection
+        obj = asset_to_object(asset, f"{source.name} NeAR", collection)
+        obj.matrix_world = Matrix(placement.tolist())
+        source.select_set(False)
+        obj.select_set(True)
+        context.view_layer.objects.active = obj
+        self.report({"INFO"}, f"'{obj.name}': {asset.num_voxels} voxels")
+        return {"FINISHED"}
+
+
+def _menu_convert(self: bpy.types.Menu, context: bpy.types.Context) -> None:
+    self.layout.operator(NEAR_OT_convert_mesh.bl_idname, text="NeAR Object")
+
+
 def _menu_import(self: bpy.types.Menu, context: bpy.types.Context) -> None:
     self.layout.operator(NEAR_OT_import_asset.bl_idname, text="NeAR Asset (.near)")
 
@@ -111,7 +190,7 @@ def _menu_export(self: bpy.types.Menu, context: bpy.types.Context) -> None:
     self.layout.operator(NEAR_OT_export_ply.bl_idname, text="NeAR Relit Gaussians (.ply)")
 
 
-_classes = (NEAR_OT_import_asset, NEAR_FH_asset, NEAR_OT_export_ply)
+_classes = (NEAR_OT_import_asset, NEAR_FH_asset, NEAR_OT_export_ply, NEAR_OT_convert_mesh)
 
 
 def register() -> None:
@@ -119,9 +198,11 @@ def register() -> None:
         bpy.utils.register_class(cls)
     bpy.types.TOPBAR_MT_file_import.append(_menu_import)
     bpy.types.TOPBAR_MT_file_export.append(_menu_export)
+    bpy.types.VIEW3D_MT_object_convert.append(_menu_convert)
 
 
 def unregister() -> None:
+    bpy.types.VIEW3D_MT_object_convert.remove(_menu_convert)
     bpy.types.TOPBAR_MT_file_export.remove(_menu_export)
     bpy.types.TOPBAR_MT_file_import.remove(_menu_import)
     for cls in reversed(_classes):

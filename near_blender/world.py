@@ -13,10 +13,8 @@ Nothing here changes the user's data: no data-block is created, modified or remo
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -29,6 +27,8 @@ from near_engine.envmap import EnvMap, EnvMapWarning
 from near_engine.errors import EnvMapError
 from near_engine.images import srgb_to_linear
 from near_engine.pipeline import LRUCache
+
+from .background import blender_command
 
 #: Bake resolution (height; the width is twice that), Cycles samples per pixel and subprocess time limit.
 BAKE_HEIGHT = 256
@@ -351,17 +351,6 @@ bpy.ops.render.render(write_still=True)
 """
 
 
-def _blender_command(job: dict) -> list[str]:
-    """A real Blender runs the script with its own binary; the bpy module (no binary) with this Python."""
-    binary = bpy.app.binary_path
-    payload = json.dumps(job)
-    if binary and os.path.isfile(binary) and os.access(binary, os.X_OK) and \
-            os.path.realpath(binary) != os.path.realpath(sys.executable):
-        return [binary, "-b", "--factory-startup", "-noaudio", "--python-exit-code", "1",
-                "--python-expr", _BAKE_SCRIPT, "--", payload]
-    return [sys.executable, "-c", _BAKE_SCRIPT, payload]
-
-
 def _evaluated_inputs(world: "bpy.types.World") -> list:
     """Every unlinked input value of the world's own tree as evaluated now (so animated values bake as shown)."""
     values = []
@@ -384,7 +373,7 @@ def _run_bake(world: "bpy.types.World", height: int, samples: int, timeout: floa
         job = {"blend": str(blend), "world": original.name, "output": str(output), "height": int(height),
                "samples": int(samples), "color": list(world.color), "inputs": _evaluated_inputs(world)}
         try:
-            done = subprocess.run(_blender_command(job), capture_output=True, text=True, timeout=timeout,
+            done = subprocess.run(blender_command(_BAKE_SCRIPT, job), capture_output=True, text=True, timeout=timeout,
                                   stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise EnvMapError(f"Baking World '{world.name}' took longer than {timeout:g} s and was stopped; "
