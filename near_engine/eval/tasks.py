@@ -1,0 +1,256 @@
+"""The evaluation: NeAR against Cycles ground truth on held-out objects under held-out HDRIs, with the ablation and
+two baselines measured in the same run, written as one table like the paper's (markdown) plus JSON.
+
+For every evaluation object (validation split of the data set), every light of it that is a chosen HDRI (by default
+the held-out ones, which never lit a training image) and every view rendered under that light, each method predicts
+the Cycles image:
+
+* **NeAR, LH latent**: the latent encoded from the object's uniform-lit views (`encode_views`), relit by `NearPipeline`.
+* **Ablation, LH latent (relit views only)** and **Ablation, shaded latent**: both encoded from the same few views, one
+  from their uniform-lit images, the other from their images under one of the object's *training* HDRIs (the paper's
+  shaded-SLAT input). The data set renders only a few views per relighting, so this pair, not the row above, is the
+  fair comparison of the two inputs.
+* **Baseline, baked light**: the uniform-lit Cycles image itself, not relit.
+* **Baseline, Lambertian**: the base colour and normal passes NeAR predicts from the LH latent, shaded as a
+  Lambertian surface: albedo * E(n) / pi, with E the HDRI's diffuse irradiance (no shadows, no specular).
+
+**Compositing.** The data set's images have a transparent film. Every prediction and the ground truth are composited
+(premultiplied) over the same background, the HDRI as the camera sees it (what Blender shows without a transparent
+film). "Full image" metrics use the whole composite; "object" metrics the same composite within the object region,
+the union of ground-truth alpha > 0.5 and predicted alpha > 0.5 (so a missing *or* a spurious silhouette counts).
+PSNR and SSIM are on the Standard view transform (clip + sRGB), FLIP (if installed) on the linear HDR composites
+(see `near_engine.eval.metrics`). Table values are means over all (object, HDRI, view) samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..asset import Asset
+from ..blender_data import blender_hdri
+from ..camera import Camera
+from ..configs import ENCODER_KEYS, load_networks
+from ..demo import diffuse_irradiance
+from ..envmap import EnvMap
+from ..errors import NearError
+from ..files import write_bytes_atomically
+from ..images import linear_to_srgb
+from ..pipeline import NearPipeline, Scene
+from . import metrics
+
+#: Table rows: key -> label.
+METHODS: dict[str, str] = {
+    "near_lh": "NeAR, LH latent",
+    "ablation_lh_relit_views": "Ablation: LH latent, relit views only",
+    "ablation_shaded": "Ablation: shaded latent, relit views only",
+    "baked_light": "Baseline: baked light (not relit)",
+    "lambertian": "Baseline: Lambertian (base colour x irradiance)",
+}
+#: Table columns: key -> header. FLIP columns are present only where `flip_evaluator` is installed.
+COLUMNS: dict[str, str] = {"psnr_object": "PSNR object ↑", "ssim_object": "SSIM object ↑",
+                           "psnr_full": "PSNR full ↑", "ssim_full": "SSIM full ↑",
+                           "flip_object": "HDR-FLIP object ↓", "flip_full": "HDR-FLIP full ↓"}
+HELD_OUT = "held-out"
+VALIDATION = "val"
+
+@dataclass(frozen=True)
+class Model:
+    """What the evaluation runs: the relighting pipeline and the mesh encoder's networks of one weights folder."""
+
+    pipeline: NearPipeline
+    encoders: Mapping[str, nn.Module]
+
+    @classmethod
+    def load(cls, weights: str | Path, device: str = "auto") -> "Model":
+        """The model of a weights folder holding the relighting networks and the encoder (`ENCODER_KEYS`)."""
+        pipeline = NearPipeline.from_pretrained(weights, device)
+        return cls(pipeline, load_networks(weights, pipeline.device, keys=ENCODER_KEYS)[0])
+
+    @property
+    def resolution(self) -> int:
+        return int(self.pipeline.networks["decoder"].resolution)
+
+    def voxels(self, vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+        """The voxels [N, 3] the mesh's surface touches on the decoder's grid."""
+        from ..voxelize import voxelize_mesh
+
+        return voxelize_mesh(vertices, triangles, resolution=self.resolution)
+
+    def latent(self, coords: np.ndarray, rgba: np.ndarray, cameras: Sequence[Camera], depth: np.ndarray) -> Asset:
+        """The asset encoded from premultiplied views `rgba` [V, H, W, 4] with their cameras and depth [V, H, W]."""
+        from ..train.encode import encode_views
+
+        with torch.no_grad():
+            feats = encode_views(self.encoders, coords, torch.from_numpy(np.ascontiguousarray(rgba)), list(cameras),
+                                 depth=torch.from_numpy(np.ascontiguousarray(depth)), resolution=self.resolution)
+        return Asset(coords, feats.detach().cpu().numpy(), resolution=self.resolution, latent="eval")
+
+
+def lambertian_radiance(envmap: EnvMap, base_color: np.ndarray, normals: np.ndarray,
+                        chunk: int = 4096) -> np.ndarray:
+    """Radiance [..., 3] of a Lambertian surface: base_color * E(normal) / pi, E the map's diffuse irradiance.
+
+    Zero normals (pixels no surface covers) get no light. Pixels go through in chunks: the cosine table of a chunk
+    against the downsampled map is chunk x 2048 values.
+    """
+    n = np.asarray(normals, dtype=np.float64).reshape(-1, 3)
+    irradiance = np.concatenate([diffuse_irradiance(envmap, n[i:i + chunk]) for i in range(0, len(n), chunk)])
+    return (np.asarray(base_color, dtype=np.float64).reshape(-1, 3) * irradiance / math.pi).reshape(
+        np.shape(base_color)).astype(np.float32)
+
+
+def _over(rgba: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Premultiplied RGBA [H, W, 4] over an RGB background [H, W, 3]."""
+    return rgba[..., :3] + (1.0 - rgba[..., 3:4]) * background
+
+
+def _downscale(image: np.ndarray, factor: int) -> np.ndarray:
+    """Box-average [H, W, ...] by an integer factor (exact area averaging of premultiplied pixels)."""
+    if factor == 1:
+        return image
+    h, w = image.shape[:2]
+    return image.reshape(h // factor, factor, w // factor, factor, *image.shape[2:]).mean(axis=(1, 3))
+
+
+def score(truth: np.ndarray, prediction: np.ndarray, background: np.ndarray, with_flip: bool) -> dict[str, float]:
+    """The table's columns for one sample: premultiplied linear RGBA truth and prediction over `background`."""
+    gt, pred = _over(truth, background), _over(prediction, background)
+    region = (truth[..., 3] > 0.5) | (prediction[..., 3] > 0.5)
+    gt_ldr, pred_ldr = linear_to_srgb(gt), linear_to_srgb(pred)
+    ssim_map = metrics.ssim_map(gt_ldr, pred_ldr)
+    out = {"psnr_object": metrics.psnr(gt_ldr, pred_ldr, region), "ssim_object": float(ssim_map[region].mean()),
+           "psnr_full": metrics.psnr(gt_ldr, pred_ldr), "ssim_full": float(ssim_map.mean())}
+    if with_flip:
+        out.update(flip_object=metrics.flip(gt, pred, region), flip_full=metrics.flip(gt, pred))
+    return out
+
+
+def _camera(record: Mapping) -> Camera:
+    return Camera(record["width"], record["height"], record["fx"], record["fy"], record["cx"], record["cy"],
+                  np.array(record["world_to_camera"], dtype=np.float64))
+
+
+def _object_folders(data: Path, objects: str) -> list[Path]:
+    """The finished objects of the manifest: the validation split (`objects` = "val") or comma-separated ids."""
+    manifest = data / "manifest.json"
+    if not manifest.is_file():
+        raise NearError(f"{data} is not a data set (no manifest.json): make one with `near datagen`")
+    listed = json.loads(manifest.read_text())["objects"]
+    wanted = {o["id"] for o in listed if o["split"] == VALIDATION} if objects == VALIDATION else set(objects.split(","))
+    unknown = wanted - {o["id"] for o in listed}
+    if unknown:
+        raise NearError(f"{data}: no finished object(s) {', '.join(sorted(unknown))}")
+    if not wanted:
+        raise NearError(f"{data}: no finished validation objects yet (every tenth object, index % 10 == 9)")
+    return [data / "objects" / i for i in sorted(wanted)]
+
+
+def evaluate_object(model: Model, folder: Path, hdris: Sequence[str], size: int | None = None,
+                    with_flip: bool = False) -> list[dict]:
+    """Score every method on one data-set object under its lights that are HDRIs in `hdris`; one record per
+    (HDRI, view): {"object", "hdri", "view", "scores": {method: {column: value}}}.
+
+    `size`: evaluate at this many pixels per side (a divisor of the data set's size; default: the data set's size).
+    """
+    from ..datagen.dataset import load_object
+    from ..datagen.lights import TRAIN_HDRIS
+
+    data = load_object(folder)
+    meta = data["meta"]
+    lights = meta["lights"]
+    evaluated = [i for i, l in enumerate(lights) if l["kind"] == "hdri" and l["hdri"] in hdris]
+    shading = next((i for i, l in enumerate(lights) if l["kind"] == "hdri" and l["hdri"] in TRAIN_HDRIS), None)
+    if not evaluated or shading is None:
+        raise NearError(f"{folder}: the object needs a light among the HDRIs {', '.join(hdris)} and one under a "
+                        f"training HDRI (it has {', '.join(l['hdri'] or l['kind'] for l in lights)})")
+    cameras = [_camera(c) for c in meta["cameras"]]
+    full = cameras[0].height
+    factor = 1 if size is None else full // size
+    if size is not None and (size < 1 or full % size):
+        raise NearError(f"--size must divide the data set's image size {full}, got {size}")
+    views = data["lit_views"]
+    coords = model.voxels(data["vertices"], data["triangles"])
+    few = [cameras[v] for v in views]
+    assets = {"near_lh": model.latent(coords, data["rgba"], cameras, data["depth"]),
+              "ablation_lh_relit_views": model.latent(coords, data["rgba"][views], few, data["depth"][views]),
+              "ablation_shaded": model.latent(coords, data["lit_rgba"][shading], few, data["depth"][views])}
+    records = []
+    for light_index in evaluated:
+        light = lights[light_index]
+        envmap = EnvMap.read(blender_hdri(light["hdri"]), rotation_z=light["rotation_z"], strength=light["strength"])
+        for k, view in enumerate(views):
+            camera = cameras[view].scaled(1 / factor)
+            truth = _downscale(data["lit_rgba"][light_index, k], factor)
+            background = envmap.background(camera)
+            predictions = {"baked_light": _downscale(data["rgba"][view], factor)}
+            for method, asset in assets.items():
+                passes = ("combined", "base_color", "normal", "alpha") if method == "near_lh" else ("combined",)
+                out = model.pipeline.render(Scene([(asset, np.eye(4))], envmap, camera, transparent=True), passes)
+                predictions[method] = out["combined"]
+                if method == "near_lh":
+                    predictions["lambertian"] = np.concatenate(
+                        [lambertian_radiance(envmap, out["base_color"], out["normal"]), out["alpha"]], axis=-1)
+            records.append({"object": meta["id"], "hdri": light["hdri"], "view": int(view),
+                            "scores": {m: score(truth, predictions[m], background, with_flip) for m in METHODS}})
+    return records
+
+
+def summarize(records: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """{method: {column: mean over the samples}} in table order."""
+    columns = [c for c in COLUMNS if c in records[0]["scores"]["near_lh"]]
+    return {m: {c: float(np.mean([r["scores"][m][c] for r in records])) for c in columns} for m in METHODS}
+
+
+def markdown_table(table: Mapping[str, Mapping[str, float]]) -> str:
+    """The paper-style table: one row per method, one column per metric (PSNR in dB to 2 decimals, others to 4)."""
+    columns = list(next(iter(table.values())))
+    lines = ["| method | " + " | ".join(COLUMNS[c] for c in columns) + " |",
+             "| --- |" + " ---: |" * len(columns)]
+    for method, values in table.items():
+        cells = [f"{values[c]:.2f}" if c.startswith("psnr") else f"{values[c]:.4f}" for c in columns]
+        lines.append(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_eval(data: str | Path, weights: str | Path, output: str | Path, *, objects: str = VALIDATION,
+             hdris: str | Sequence[str] = HELD_OUT, size: int | None = None, device: str = "auto",
+             log: Callable[[str], object] = print) -> dict:
+    """Evaluate the weights on the data set; write `output` (markdown) and the same stem with `.json` (every number).
+
+    `hdris`: "held-out" (the data set's held-out HDRIs) or names. Returns the JSON report.
+    """
+    data, output = Path(data), Path(output)
+    manifest = data / "manifest.json"
+    folders = _object_folders(data, objects)
+    if hdris == HELD_OUT:
+        hdris = json.loads(manifest.read_text())["splits"]["held_out_hdris"]
+    model = Model.load(weights, device)
+    with_flip = metrics.flip_available()
+    records = []
+    for folder in folders:
+        log(f"  evaluating {folder.name} ...")
+        records += evaluate_object(model, folder, list(hdris), size, with_flip)
+    table = summarize(records)
+    report = {"data": str(data), "weights": str(weights), "objects": [f.name for f in folders],
+              "hdris": list(hdris), "size": size, "samples": len(records),
+              "flip": "HDR-FLIP (flip_evaluator)" if with_flip else "not installed",
+              "table": table, "records": records}
+    flip_note = "" if with_flip else " HDR-FLIP: not installed (pip install flip-evaluator to add it)."
+    text = (f"# NeAR evaluation\n\nWeights `{weights}` on `{data}`: {len(folders)} object(s) "
+            f"({', '.join(report['objects'])}), HDRIs {', '.join(hdris)}, {len(records)} images"
+            f"{f', evaluated at {size} px' if size else ''}.\n\n{markdown_table(table)}\n\n"
+            "Cycles ground truth. Predictions and ground truth composited over the HDRI background; object = union of "
+            "ground-truth and predicted alpha > 0.5. PSNR/SSIM on Blender's Standard view transform (clip + sRGB)."
+            f"{flip_note}\n")
+    write_bytes_atomically(output, text.encode())
+    write_bytes_atomically(output.with_suffix(".json"), json.dumps(report, indent=1).encode())
+    log(text)
+    return report
