@@ -111,6 +111,17 @@ def _cmd_bench_raster(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train.loop import TrainConfig, train
+
+    config = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, size=args.size, light_size=args.light_size,
+                         seed=args.seed)
+    result = train(args.data, args.out, config, resume=args.resume, log_every=args.log_every,
+                   checkpoint_every=args.checkpoint_every, log=lambda line: print(line, flush=True))
+    print(f"step {result['step']}: mean step {result['step_seconds']:.2f} s; weights in {Path(args.out) / 'weights'}")
+    return 0
+
+
 def _cmd_datagen(args: argparse.Namespace) -> int:
     import time
 
@@ -133,6 +144,16 @@ def _cmd_datagen(args: argparse.Namespace) -> int:
     print(f"rendered {done}, skipped {len(result['skipped'])} (finished before), failed {len(result['failed'])}"
           f"{per_object}; manifest: {Path(args.output) / 'manifest.json'}")
     return 1 if result["failed"] else 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.tasks import run_eval
+
+    if args.size is not None and args.size < 1:
+        raise NearError("--size must be at least 1")
+    run_eval(args.data, args.weights, args.output, objects=args.objects,
+             hdris="held-out" if args.hdris == ["held-out"] else args.hdris, size=args.size)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,6 +209,36 @@ def build_parser() -> argparse.ArgumentParser:
     datagen.add_argument("--seed", type=int, default=0, help="data set seed: object i of a seed is always the same")
     datagen.add_argument("--shard", default="0/1", help="render objects with index %% n == i (default 0/1)")
     datagen.set_defaults(func=_cmd_datagen)
+
+    evaluate = sub.add_parser("eval", help="score weights against Cycles ground truth on held-out objects and HDRIs",
+                              description="NeAR (LH latent), the shaded-latent ablation and two baselines (baked "
+                              "light, Lambertian) against the data set's Cycles images: PSNR and SSIM (Standard view "
+                              "transform) on the object region and the full image, HDR-FLIP if flip-evaluator is "
+                              "installed. Writes a markdown table and, next to it, a JSON file with every number.")
+    evaluate.add_argument("--data", required=True, help="data set folder made by `near datagen`")
+    evaluate.add_argument("--weights", required=True, help="weights folder with the relighting networks and encoder")
+    evaluate.add_argument("--objects", default="val", help="'val' (the validation split, default) or "
+                          "comma-separated object ids")
+    evaluate.add_argument("--hdris", nargs="+", default=["held-out"], help="'held-out' (default: the data set's "
+                          "held-out HDRIs) or HDRI names")
+    evaluate.add_argument("--size", type=int, default=None, help="evaluate at this many pixels per side (a divisor "
+                          "of the data set's image size; default: full size)")
+    evaluate.add_argument("-o", "--output", required=True, help="REPORT.md (REPORT.json is written next to it)")
+    evaluate.set_defaults(func=_cmd_eval)
+
+    tr = sub.add_parser("train", help="train near-tiny on a `near datagen` folder (torchrun-compatible, resumable)")
+    tr.add_argument("--data", required=True, help="data set folder written by `near datagen`")
+    tr.add_argument("--out", required=True, help="output folder: checkpoint.pt and weights/")
+    tr.add_argument("--steps", type=int, default=2000, help="total optimizer steps (default 2000)")
+    tr.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (default 5e-4)")
+    tr.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay")
+    tr.add_argument("--size", type=int, default=128, help="training image side; must divide the render size")
+    tr.add_argument("--light-size", type=int, default=128, help="side of the tokenizer's input planes")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    tr.add_argument("--log-every", type=int, default=10)
+    tr.add_argument("--checkpoint-every", type=int, default=200)
+    tr.set_defaults(func=_cmd_train)
 
     bench = sub.add_parser("bench", help="speed measurements (print JSON)")
     bench_sub = bench.add_subparsers(dest="target", required=True)

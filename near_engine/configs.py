@@ -33,6 +33,7 @@ from torch import nn
 from .checkpoints import load_weights, read_safetensors, read_weights_folder, save_model
 from .errors import CheckpointError
 from .files import write_atomically
+from .models.encoder import ImageFeatures, LatentEncoder
 from .models.iad import IntrinsicAwareDecoder
 from .models.lad import LightingAwareDecoder
 from .models.shading import ShadingMLP
@@ -60,7 +61,12 @@ CLASS_REGISTRY: dict[str, type[nn.Module]] = {
     "LightingAwareDecoder": LightingAwareDecoder,
     "NeuralBasis": ShadingMLP,
     "ShadingMLP": ShadingMLP,
+    "ImageFeatures": ImageFeatures,
+    "LatentEncoder": LatentEncoder,
 }
+
+#: The training-only networks of near-tiny (mesh views -> LH latent); rendering never loads them.
+ENCODER_KEYS: tuple[str, ...] = ("image_features", "encoder")
 
 #: Stage-1 class names (recognised, never built).
 UNBUILT_CLASSES: frozenset[str] = frozenset({"ElasticSLatFlowModel", "SLatFlowModel"})
@@ -71,6 +77,8 @@ KEY_CLASSES: dict[str, type[nn.Module]] = {
     "hdri_encoder": IlluminationTokenizer,
     "renderer": LightingAwareDecoder,
     "neural_basis": ShadingMLP,
+    "image_features": ImageFeatures,
+    "encoder": LatentEncoder,
 }
 
 # Official constructor arguments that have no effect on the network and that some of our classes do not accept.
@@ -171,7 +179,24 @@ def tiny_config(*, width: int = 64, heads: int = 2, iad_blocks: int = 2, lad_blo
     }
 
 
-CONFIGS = {"near-official": official_config, "near-tiny": tiny_config}
+def tiny_encoder_config(*, width: int = 64, heads: int = 2, blocks: int = 2, feature_channels: int = 16,
+                        resolution: int = 64) -> dict[str, dict[str, Any]]:
+    """near-tiny's mesh encoder (`models.encoder`): image features and the sparse encoder to the 8-channel latent."""
+    return {
+        "image_features": {"name": "ImageFeatures", "args": {"out_channels": feature_channels,
+                                                             "hidden_channels": 32}},
+        "encoder": {"name": "LatentEncoder", "args": {
+            "resolution": resolution, "in_channels": feature_channels, "model_channels": width, "latent_channels": 8,
+            "num_blocks": blocks, "num_heads": heads, "mlp_ratio": 4, "window_size": 8, "num_register_tokens": 4}},
+    }
+
+
+def tiny_train_config() -> dict[str, dict[str, Any]]:
+    """near-tiny with its encoder: the six networks `near train` optimizes together."""
+    return {**tiny_config(), **tiny_encoder_config()}
+
+
+CONFIGS = {"near-official": official_config, "near-tiny": tiny_config, "near-tiny-train": tiny_train_config}
 
 
 def get_config(name_or_dict: str | Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,231 @@
+"""The training loop: one object per rank per step, AdamW + warm-up + cosine, resumable checkpoints, DDP.
+
+A step, per sample (object, HDRI light, lit view), compares with Cycles:
+    uniform views --encode_views--> LH latent --IAD--> h, registers
+    HDRI (strength 1, the light's Z rotation) --`frame.light_planes`, tokenizer--> light tokens
+    LAD + heads + shading (`frame.decode_gaussians`) for the lit view's camera --`frame.rasterize_passes`--> passes
+    lit colour vs the Cycles render under that HDRI divided by its strength (the pipeline renders at strength 1 and
+    scales the radiance afterwards: `pipeline._scale_radiance`), intrinsic passes vs the G-buffers of the same camera
+    (uniform render), both alphas vs Cycles' alpha; see `losses.py`.
+The six networks (near-tiny's four renderer networks, the image features and the encoder) train together.
+
+Distributed: `torchrun --nproc-per-node N -m near_engine.cli train ...` (or any launcher that sets RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Each rank trains on its own shard of the objects (`ids[rank::world]`), DDP
+averages the gradients (gloo on CPU, NCCL on CUDA). Sampling is a pure function of (seed, step, rank), and the torch
+RNG state is checkpointed, so a resumed run repeats an uninterrupted one exactly (on the same device and world size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..configs import build_networks, get_config, save_networks
+from ..errors import NearError
+from ..files import write_atomically
+from ..frame import decode_gaussians, rasterize_passes
+from ..sparse import SparseTensor
+from .data import Sample, TrainObject, hdri_planes, list_objects, load_training_object
+from .encode import encode_views
+from .losses import LossWeights, stage2_losses
+
+__all__ = ["TrainConfig", "Trainer", "StepModel", "train", "warmup_cosine"]
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """A training run. `network_config`: a configuration name or dict with the six networks."""
+
+    steps: int = 2000
+    lr: float = 5e-4
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    size: int = 128  # training image side (the renders are box-filtered down to it)
+    light_size: int = 128  # side of the tokenizer's input planes
+    seed: int = 0
+    network_config: str | dict = "near-tiny-train"
+    weights: LossWeights = field(default_factory=LossWeights)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def resolution(self) -> int:
+        return int(get_config(self.network_config)["decoder"]["args"]["resolution"])
+
+
+def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    """Learning-rate factor at step s: linear from 1/warmup to 1 over `warmup` steps, then cosine down to 0."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+class StepModel(nn.Module):
+    """The six networks; `forward(samples)` renders each sample's lit view and returns the mean loss terms."""
+
+    def __init__(self, networks: Mapping[str, nn.Module], config: TrainConfig) -> None:
+        super().__init__()
+        self.networks = nn.ModuleDict(dict(networks))
+        self.config = config
+
+    def forward(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        totals: dict[str, torch.Tensor] = {}
+        for sample in samples:
+            for name, value in self.sample_losses(sample).items():
+                totals[name] = totals.get(name, 0.0) + value / len(samples)
+        return totals
+
+    def sample_losses(self, sample: Sample) -> dict[str, torch.Tensor]:
+        nets, obj, res = self.networks, sample.object, self.config.resolution
+        latent = encode_views(nets, obj.coords, obj.rgba, obj.cameras, obj.depth, res)
+        coords = torch.as_tensor(obj.coords, dtype=torch.int32, device=latent.device)
+        h, registers = nets["decoder"](SparseTensor.from_list([(coords, latent)], res))
+        light = obj.lights[sample.light]
+        tokens = nets["hdri_encoder"](hdri_planes(light.hdri, light.rotation_z, self.config.light_size).to(latent))
+        view = obj.lit_views[sample.view]
+        camera = obj.cameras[view]
+        frame = decode_gaussians(nets, h, registers, tokens, camera_position=camera.position)
+        passes = rasterize_passes(frame.pass_gaussians(), camera)
+        target = obj.lit_rgba[sample.light, sample.view].to(latent)
+        gbuffers = {name: g[view].to(latent) for name, g in obj.gbuffers.items()}
+        return stage2_losses(passes, frame, target[..., :3] / light.strength, obj.rgba[view, ..., 3:].to(latent),
+                             gbuffers, self.config.weights)
+
+
+class Trainer:
+    """Networks, optimizer and schedule of one rank; `train_step` runs one step, checkpoints resume it exactly."""
+
+    def __init__(self, config: TrainConfig, objects: Sequence[TrainObject], rank: int = 0, world_size: int = 1,
+                 device: str | torch.device = "cpu") -> None:
+        if not objects:
+            raise NearError(f"rank {rank} has no training objects")
+        self.config, self.objects, self.rank, self.world_size = config, list(objects), rank, world_size
+        torch.manual_seed(config.seed)
+        networks = build_networks(config.network_config, device)
+        self.model = StepModel(networks, config).train()
+        self.ddp: nn.Module = (DistributedDataParallel(self.model) if world_size > 1 else self.model)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(config.warmup, config.steps))
+        self.step = 0
+
+    @property
+    def networks(self) -> nn.ModuleDict:
+        return self.model.networks
+
+    def samples(self, step: int) -> list[Sample]:
+        """This rank's sample for `step`: a pure function of (seed, step, rank), so resuming needs no sampler state."""
+        rng = np.random.default_rng([self.config.seed, step, self.rank])
+        obj = self.objects[int(rng.integers(len(self.objects)))]
+        return [Sample(obj, int(rng.integers(len(obj.lights))), int(rng.integers(len(obj.lit_views))))]
+
+    def train_step(self, samples: Sequence[Sample] | None = None) -> dict[str, float]:
+        """One optimizer step on `samples` (default: `self.samples(self.step)`); returns the loss terms and lr.
+
+        The gradients of the step stay in the parameters' `.grad` (after clipping) until the next step.
+        """
+        samples = self.samples(self.step) if samples is None else samples
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = self.ddp(samples)
+        terms["loss"].backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return {**{k: float(v.detach()) for k, v in terms.items()}, "grad_norm": float(grad_norm), "lr": lr}
+
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step, "networks": self.model.networks.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(), "config": json.dumps(self.config.to_json())}
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Write the full training state atomically (a crash leaves the previous checkpoint)."""
+        state = self.state()
+        write_atomically(path, lambda tmp: torch.save(state, tmp))
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore a `save_checkpoint` file; its run settings must match this run's (the step count may grow)."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved, ours = json.loads(state["config"]), self.config.to_json()
+        if {**saved, "steps": ours["steps"]} != ours:
+            raise NearError(f"{path} was written by a run with other settings: {saved}")
+        self.model.networks.load_state_dict(state["networks"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+
+    def export(self, folder: str | Path, note: Mapping[str, Any] | None = None) -> None:
+        """Save the six networks in our weights folder format, loadable by `NearPipeline.from_pretrained`."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        save_networks(folder, dict(self.model.networks), self.config.network_config,
+                      {"light_size": self.config.light_size, "training": {"steps": self.step, **(note or {})}})
+
+
+def _distributed() -> tuple[int, int, bool]:
+    """(rank, world size, whether this call started the process group) from torchrun's environment."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, False
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), started
+
+
+def train(data: str | Path, out: str | Path, config: TrainConfig, *, resume: bool = False, log_every: int = 10,
+          checkpoint_every: int = 200, log: Callable[[str], object] = print) -> dict[str, Any]:
+    """Train on the finished training objects of `data`, writing `out/checkpoint.pt` and the weights `out/weights/`.
+
+    Returns the last logged terms and the mean step time. Under torchrun each rank takes its shard of the objects.
+    """
+    rank, world_size, started = _distributed()
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        folders = list_objects(data, "train")[rank::world_size]
+        objects = [o for o in (load_training_object(f, config.size, config.resolution) for f in folders) if o.lights]
+        log(f"rank {rank}/{world_size}: {len(objects)} objects, {sum(len(o.coords) for o in objects)} voxels")
+        trainer = Trainer(config, objects, rank, world_size, device)
+        if resume and (out / CHECKPOINT).is_file():
+            trainer.load_checkpoint(out / CHECKPOINT)
+            log(f"resumed at step {trainer.step}")
+        last: dict[str, float] = {}
+        start, first_step, times = time.perf_counter(), trainer.step, []
+        while trainer.step < config.steps:
+            t0 = time.perf_counter()
+            last = trainer.train_step()
+            times.append(time.perf_counter() - t0)
+            if rank == 0 and (trainer.step % log_every == 0 or trainer.step == config.steps):
+                images = (trainer.step - first_step) * world_size / (time.perf_counter() - start)
+                log(f"step {trainer.step:6d}  " + "  ".join(f"{k} {v:.4g}" for k, v in last.items())
+                    + f"  {images:.2f} images/s")
+            if rank == 0 and (trainer.step % checkpoint_every == 0 or trainer.step == config.steps):
+                trainer.save_checkpoint(out / CHECKPOINT)
+        if rank == 0:
+            trainer.export(out / "weights", {"objects": [o.id for o in objects], "world_size": world_size})
+        return {"last": last, "step_seconds": float(np.mean(times)) if times else 0.0, "step": trainer.step}
+    finally:
+        if started:
+            dist.destroy_process_group()

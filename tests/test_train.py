@@ -1,0 +1,137 @@
+"""Training near-tiny on a real (tiny) Cycles data set: overfitting, exact resume, DDP on 2 CPU processes, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("bpy")
+
+from near_engine.asset import Asset  # noqa: E402
+from near_engine.camera import Camera  # noqa: E402
+from near_engine.configs import ENCODER_KEYS, NETWORK_KEYS, tiny_config, tiny_encoder_config  # noqa: E402
+from near_engine.datagen.dataset import DatagenConfig, run_datagen  # noqa: E402
+from near_engine.datagen.render import RenderSettings  # noqa: E402
+from near_engine.envmap import EnvMap  # noqa: E402
+from near_engine.pipeline import NearPipeline, Scene  # noqa: E402
+from near_engine.train.data import Sample, TrainObject, list_objects, load_training_object  # noqa: E402
+from near_engine.train.encode import encode_views  # noqa: E402
+from near_engine.train.loop import TrainConfig, Trainer  # noqa: E402
+from train_ddp_worker import ddp_worker, free_port, params  # noqa: E402
+
+pytestmark = [pytest.mark.cycles, pytest.mark.timeout(300)]
+
+RES, SIZE = 16, 16
+# One object, 3 uniform views (2 of them also lit by one training HDRI), 32 px renders trained at 16 px.
+DATA = DatagenConfig(objects=1, views=3, hdri_views=2, hdris_per_object=1, seed=7,
+                     render=RenderSettings(size=32, samples=2, denoise=False))
+
+
+def _network_config() -> dict:
+    config = {**tiny_config(width=16, iad_blocks=1, lad_blocks=1, num_gaussians=2, num_tokens=16),
+              **tiny_encoder_config(width=16, blocks=1, feature_channels=8, resolution=RES)}
+    for key in ("decoder", "renderer"):
+        config[key]["args"]["resolution"] = RES
+    return config
+
+
+CONFIG = TrainConfig(steps=8, lr=3e-3, warmup=2, size=SIZE, light_size=32, seed=3, network_config=_network_config())
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train_data")
+    assert run_datagen(out, DATA, log=lambda *_: None)["rendered"] == ["00000"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def obj(data_dir) -> TrainObject:
+    (folder,) = list_objects(data_dir, "train")
+    o = load_training_object(folder, SIZE, RES)
+    assert o.rgba.shape == (3, SIZE, SIZE, 4) and len(o.lights) == 1 and o.lit_views == [0, 2]
+    assert o.lit_rgba.shape == (1, 2, SIZE, SIZE, 4) and o.cameras[0].width == SIZE
+    return o
+
+
+def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return params(trainer)
+
+
+def test_a_few_steps_overfit_one_view(obj):
+    trainer = Trainer(CONFIG, [obj])
+    sample = [Sample(obj, 0, 0)]
+    losses = [trainer.train_step(sample)["loss"] for _ in range(5)]
+    assert all(np.isfinite(losses))
+    assert min(losses[3:]) < 0.9 * losses[0], losses
+
+
+def test_resume_repeats_an_uninterrupted_run_exactly(obj, tmp_path):
+    whole = Trainer(CONFIG, [obj])
+    expected = [whole.train_step()["loss"] for _ in range(3)]
+    first = Trainer(CONFIG, [obj])
+    first.train_step(), first.train_step()
+    first.save_checkpoint(tmp_path / "checkpoint.pt")
+    resumed = Trainer(CONFIG, [obj])
+    resumed.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert resumed.step == 2 and resumed.scheduler.last_epoch == 2
+    assert resumed.train_step()["loss"] == expected[2]
+    a, b = _params(whole), _params(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], _params(Trainer(CONFIG, [obj]))[k]) for k in a)  # training moved them
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process_on_both_samples(obj, data_dir, tmp_path, blender_hdri_dir):
+    folder = str(list_objects(data_dir, "train")[0])
+    args = (free_port(), folder, str(tmp_path), CONFIG, SIZE, RES, str(blender_hdri_dir))
+    torch.multiprocessing.spawn(ddp_worker, args=args, nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(r0["params"][k], r1["params"][k]) for k in r0["params"])
+    single = Trainer(CONFIG, [obj])
+    start = _params(single)
+    single.train_step([Sample(obj, 0, 0), Sample(obj, 0, 1)])  # the two ranks' samples in one batch
+    grads = {n: p.grad for n, p in single.model.named_parameters() if p.grad is not None}
+    assert grads.keys() == r0["grads"].keys()
+    # DDP averages the two ranks' gradients: one process on both samples, up to float32 rounding. Compared as one
+    # vector: single tensors whose gradients nearly cancel (the tokenizer's q/k projections) differ by more, because
+    # the workers run 1 thread and the parent several, and rounding differences grow layer by layer.
+    flat = torch.cat([g.flatten() for g in grads.values()])
+    assert float((torch.cat([r0["grads"][n].flatten() for n in grads]) - flat).norm() / flat.norm()) < 2e-2
+    assert float(flat.norm()) > 0
+    assert any(not torch.equal(r0["params"][k], start[k]) for k in start)
+
+
+def test_exported_weights_load_and_render(obj, tmp_path):
+    trainer = Trainer(CONFIG, [obj])
+    trainer.train_step()
+    trainer.export(tmp_path / "weights")
+    pipeline = NearPipeline.from_pretrained(tmp_path / "weights", "cpu")
+    assert set(pipeline.networks) == set(NETWORK_KEYS) and pipeline.light_size == CONFIG.light_size
+    with torch.no_grad():
+        latent = encode_views(trainer.networks, obj.coords, obj.rgba, obj.cameras, obj.depth, RES)
+    asset = Asset(obj.coords, latent.numpy(), resolution=RES)
+    camera = Camera.orbit(30.0, 20.0, 2.0, width=16, height=16, fov_x_deg=40.0)
+    images = pipeline.render(Scene([(asset, np.eye(4))], EnvMap.uniform(1.0), camera, transparent=True),
+                             ("combined", "alpha"))
+    assert images["combined"].shape == (16, 16, 4) and np.isfinite(images["combined"]).all()
+    assert images["alpha"].max() > 0.1  # the object shows up
+    saved = set(trainer.networks)
+    assert saved == set(NETWORK_KEYS) | set(ENCODER_KEYS)
+
+
+def test_encode_views_is_differentiable_and_follows_voxel_order(obj):
+    networks = Trainer(CONFIG, [obj]).networks
+    latent = encode_views(networks, obj.coords, obj.rgba, obj.cameras, obj.depth, RES)
+    assert latent.shape == (len(obj.coords), 8)
+    latent.square().mean().backward()
+    for key in ENCODER_KEYS:
+        grads = [p.grad for p in networks[key].parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), key
+        assert sum(float(g.abs().sum()) for g in grads) > 0, key
+    perm = np.random.default_rng(0).permutation(len(obj.coords))
+    with torch.no_grad():
+        shuffled = encode_views(networks, obj.coords[perm], obj.rgba, obj.cameras, obj.depth, RES)
+    torch.testing.assert_close(shuffled, latent.detach()[perm], rtol=1e-4, atol=1e-5)
