@@ -156,6 +156,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_encode_mesh(args: argparse.Namespace) -> int:
+    from .asset import write_asset
+    from .encode_mesh import ShadedLight, encode_mesh
+
+    shaded = None if args.shaded is None else ShadedLight(args.shaded, args.rotation, args.strength)
+    asset = encode_mesh(args.mesh, args.weights, views=args.views, size=args.size, samples=args.samples,
+                        shaded=shaded)
+    write_asset(args.output, asset)
+    print(f"{args.output}: {asset.num_voxels} voxels, {asset.channels}-channel {asset.latent} latent")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="near", description="NeAR engine: relightable 3D Gaussian objects.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -225,6 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
                           "of the data set's image size; default: full size)")
     evaluate.add_argument("-o", "--output", required=True, help="REPORT.md (REPORT.json is written next to it)")
     evaluate.set_defaults(func=_cmd_eval)
+
+    encode = sub.add_parser("encode-mesh", help="encode a mesh (OBJ, glTF/GLB, PLY, .blend) into a .near asset",
+                            description="Imports the mesh with Blender, normalizes it (bounding-box centre to the "
+                            "origin, largest side 1, Z up), voxelizes it, renders views with Cycles under uniform "
+                            "white light (or an HDRI with --shaded), and encodes them with the weights' encoder.")
+    encode.add_argument("mesh", help="mesh file Blender can import")
+    encode.add_argument("-o", "--output", required=True, help="ASSET.near to write")
+    encode.add_argument("--weights", required=True, help="weights folder with the image_features and encoder networks")
+    encode.add_argument("--views", type=int, default=24, help="views on a Hammersley sphere (default 24)")
+    encode.add_argument("--size", type=int, default=256, help="view width and height in pixels (default 256)")
+    encode.add_argument("--samples", type=int, default=32, help="Cycles samples per view (default 32)")
+    encode.add_argument("--shaded", metavar="HDRI", help="encode the shaded latent (ablation) from views lit by this "
+                        "bundled Blender HDRI (forest, sunset, studio, city, courtyard, interior, night, sunrise)")
+    encode.add_argument("--rotation", type=float, default=0.0, help="with --shaded: the HDRI's Mapping Z rotation")
+    encode.add_argument("--strength", type=float, default=1.0, help="with --shaded: the HDRI's strength")
+    encode.set_defaults(func=_cmd_encode_mesh)
 
     tr = sub.add_parser("train", help="train near-tiny on a `near datagen` folder (torchrun-compatible, resumable)")
     tr.add_argument("--data", required=True, help="data set folder written by `near datagen`")

@@ -61,3 +61,14 @@ def test_weights_without_an_encoder_are_a_clear_error(tmp_path, mesh) -> None:
     save_networks(folder, random_weights("near-tiny", seed=1), "near-tiny")
     with pytest.raises(NearError, match="image_features|encoder"):
         encode_mesh(mesh, folder, views=2, size=16, samples=1, log=lambda _: None)
+
+
+def test_encode_mesh_command_writes_an_asset(weights, mesh, tmp_path) -> None:
+    from near_engine.asset import read_asset
+    from near_engine.cli import main
+
+    assert main(["encode-mesh", str(mesh), "-o", str(tmp_path / "box.near"), "--weights", str(weights),
+                 "--views", "2", "--size", "16", "--samples", "1"]) == 0
+    asset = read_asset(tmp_path / "box.near")
+    vertices, triangles = import_mesh(mesh)
+    np.testing.assert_array_equal(asset.coords, voxelize_mesh(vertices, triangles, 64))
