@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import bpy
+
+from near_engine.errors import NearError
 
 
 def blender_command(script: str, job: dict) -> list[str]:
@@ -23,3 +26,20 @@ def blender_command(script: str, job: dict) -> list[str]:
         return [binary, "-b", "--factory-startup", "-noaudio", "--python-exit-code", "1",
                 "--python-expr", script, "--", payload]
     return [sys.executable, "-c", script, payload]
+
+
+def run_in_blender(script: str, job: dict, *, timeout: float, what: str,
+                   error: type[NearError] = NearError) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh Blender and wait; a timeout, a failed start or a non-zero exit is an `error` that
+    says what failed (`what`, e.g. "Baking World 'X'") with the last lines Blender printed."""
+    try:
+        done = subprocess.run(blender_command(script, job), capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise error(f"{what} took longer than {timeout:g} s and was stopped") from None
+    except OSError as exc:
+        raise error(f"{what} could not start Blender: {exc}") from None
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout or "").strip().splitlines()[-8:])
+        raise error(f"{what} failed (exit code {done.returncode}):\n{tail}")
+    return done

@@ -2,13 +2,15 @@
 
 Both paths describe the scene with `scene.describe` and render it with the shared `NearPipeline` (`runtime`). Every
 user-facing problem is a `NearError`, reported through the engine instead of raised, so the user sees a message and
-the .blend is left as it was. The viewport never blocks Blender's UI thread: `viewport.ViewportRenderer` renders on
-its own thread and `view_draw` only draws the latest finished image.
+the .blend is left as it was. The viewport never blocks Blender's UI thread on model work: `viewport.ViewportRenderer`
+renders on its own thread and `view_draw` only draws the latest finished image. (Known limit: a procedural World is
+baked with Cycles in `view_update`, a second or two once per change of its nodes, on the UI thread.)
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 
 import bpy
@@ -44,7 +46,7 @@ def _stop_viewport(engine_id: int) -> None:
     viewport = _viewports.pop(engine_id, None)
     if viewport is not None:
         viewport.stop()
-        if not _viewports:
+        if not _viewports and threading.current_thread() is threading.main_thread():  # GPU work: main thread only
             from .drawing import TEXTURES
 
             TEXTURES.clear()
@@ -189,7 +191,7 @@ class NearRenderEngine(bpy.types.RenderEngine):
 def _render_view(view: "ViewState", scene: Scene) -> np.ndarray:
     """Runs on the viewport thread: only plain data from `ViewState` is used here, never bpy data."""
     if view.weights_error is not None:
-        raise view.weights_error
+        raise NearError(view.weights_error)  # a new exception each time: re-raising one would grow its traceback
     return runtime.pipeline(view.weights).render(scene, ("combined",))["combined"]
 
 
@@ -212,17 +214,18 @@ class ViewState:
         self.world: WorldLight | None = None
         self.transparent = False
         self.weights: runtime.WeightsKey | None = None
-        self.weights_error: NearError | None = None
-        self.error: str | None = None  # reading the scene failed (a bad NeAR object, a missing world image)
+        self.weights_error: str | None = None
+        self.world_error: str | None = None  # the World could not be read (a missing image, a failed bake)
+        self.error: str | None = None  # what to show: a bad NeAR object, else the World's problem
 
     @classmethod
     def read(cls, depsgraph: bpy.types.Depsgraph, previous: "ViewState | None") -> "ViewState":
         """Update `previous` (or a new state) from the depsgraph, re-reading only what the updates touched."""
         state = previous if previous is not None else cls()
-        world_changed = state.world is None
+        world_changed = state.world is None or state.world_error is not None  # retry a World that failed
         for update in depsgraph.updates:
             data = update.id
-            if isinstance(data, (bpy.types.World, bpy.types.Image, bpy.types.ShaderNodeTree)):
+            if isinstance(data, (bpy.types.World, bpy.types.Image, bpy.types.ShaderNodeTree, bpy.types.Scene)):
                 world_changed = True
             elif isinstance(data, bpy.types.Mesh):
                 state.assets.invalidate({data.original.name_full})
@@ -234,16 +237,18 @@ class ViewState:
         try:
             state.weights, state.weights_error = runtime.weights_key(scene), None
         except NearError as error:
-            state.weights, state.weights_error = None, error
+            state.weights, state.weights_error = None, str(error)
+        if world_changed:
+            try:
+                state.world, state.world_error = world_light(depsgraph, _bake_cache), None
+            except NearError as error:  # keep the last good World (black at first) and say why
+                state.world_error = str(error)
+                state.world = state.world or WorldLight(EnvMap.uniform(0.0), [])
         try:
-            if world_changed:
-                state.world = world_light(depsgraph, _bake_cache)
             state.objects = near_instances(depsgraph, state.assets)
         except NearError as error:
-            state.error = str(error)
-            state.objects = []
-            if state.world is None:
-                state.world = WorldLight(EnvMap.uniform(0.0), [])
+            state.error, state.objects = str(error), []
+        state.error = state.error or state.world_error
         return state
 
 

@@ -46,10 +46,20 @@ class NEAR_OT_import_asset(bpy.types.Operator, ImportHelper):
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
         collection = context.collection or context.scene.collection
+        created = []
+        try:
+            for path, asset in assets:
+                created.append(asset_to_object(asset, path.stem, collection))
+        except NearError as error:  # e.g. an extra latent whose name cannot be an attribute: undo what was made
+            for obj in created:
+                mesh = obj.data
+                bpy.data.objects.remove(obj)
+                bpy.data.meshes.remove(mesh)
+            self.report({"ERROR"}, str(error))
+            return {"CANCELLED"}
         for obj in context.selected_objects:
             obj.select_set(False)
-        for path, asset in assets:
-            obj = asset_to_object(asset, path.stem, collection)
+        for obj in created:
             obj.location = context.scene.cursor.location
             obj.select_set(True)
             context.view_layer.objects.active = obj
@@ -97,7 +107,7 @@ class NEAR_OT_export_ply(bpy.types.Operator, ExportHelper):
             scene = Scene(objects, world.envmap, render_camera(depsgraph))
             gaussians = runtime.pipeline(context.scene).gaussians(scene).lit
             gaussians.write_ply(self.filepath, color_channel="color")
-        except NearError as error:
+        except (NearError, OSError) as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
         self.report({"INFO"}, f"Exported {len(gaussians)} Gaussians to {self.filepath}")
@@ -134,14 +144,13 @@ class NEAR_OT_convert_mesh(bpy.types.Operator):
         return obj is not None and obj.type == "MESH" and not is_near_object(obj)
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        import subprocess
         import tempfile
 
         import near_engine
         from near_engine.datagen.meshes import normalizing_transform
         from near_engine.datagen.objects import mesh_arrays
 
-        from .background import blender_command
+        from .background import run_in_blender
 
         source = context.active_object
         try:
@@ -151,19 +160,12 @@ class NEAR_OT_convert_mesh(bpy.types.Operator):
                 raise NearError(f"'{source.name}' has no vertices to encode")
             placement = np.linalg.inv(normalizing_transform(vertices))  # asset space -> where the mesh is
             with tempfile.TemporaryDirectory(prefix="near_encode_") as folder:
-                blend, output = Path(folder) / "mesh.blend", Path(folder) / "mesh.near"
-                bpy.data.libraries.write(str(blend), {source.original}, path_remap="ABSOLUTE")
+                blend, output = Path(folder) / f"{bpy.path.clean_name(source.name)}.blend", Path(folder) / "out.near"
+                _write_mesh_alone(source, blend)
                 job = {"blend": str(blend), "weights": str(weights), "output": str(output), "views": self.views,
                        "size": self.size, "samples": self.samples,
                        "path": [str(Path(near_engine.__file__).parents[1])]}
-                try:
-                    done = subprocess.run(blender_command(_ENCODE_SCRIPT, job), capture_output=True, text=True,
-                                          timeout=self.timeout, stdin=subprocess.DEVNULL)
-                except subprocess.TimeoutExpired:
-                    raise NearError(f"encoding '{source.name}' took longer than {self.timeout} s") from None
-                if done.returncode != 0 or not output.is_file():
-                    tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-                    raise NearError(f"encoding '{source.name}' failed: {tail}")
+                run_in_blender(_ENCODE_SCRIPT, job, timeout=self.timeout, what=f"Encoding '{source.name}'")
                 asset = read_asset(output)
         except NearError as error:
             self.report({"ERROR"}, str(error))
@@ -176,6 +178,20 @@ class NEAR_OT_convert_mesh(bpy.types.Operator):
         context.view_layer.objects.active = obj
         self.report({"INFO"}, f"'{obj.name}': {asset.num_voxels} voxels")
         return {"FINISHED"}
+
+
+def _write_mesh_alone(source: bpy.types.Object, path: Path) -> None:
+    """Save `source` as it is evaluated (modifiers applied, materials kept) as the only object of a .blend, with no
+    parent and no modifier inputs, so the encoder sees this mesh and nothing else."""
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    mesh = bpy.data.meshes.new_from_object(source.evaluated_get(depsgraph))
+    alone = bpy.data.objects.new(source.name, mesh)
+    alone.matrix_world = source.matrix_world
+    try:
+        bpy.data.libraries.write(str(path), {alone}, path_remap="ABSOLUTE")
+    finally:
+        bpy.data.objects.remove(alone)
+        bpy.data.meshes.remove(mesh)
 
 
 def _menu_convert(self: bpy.types.Menu, context: bpy.types.Context) -> None:

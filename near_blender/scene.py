@@ -67,8 +67,9 @@ def near_instances(depsgraph: bpy.types.Depsgraph, assets: AssetCache | None = N
 
 
 def _render_size(render: bpy.types.RenderSettings) -> tuple[int, int]:
-    scale = render.resolution_percentage / 100.0
-    return int(render.resolution_x * scale), int(render.resolution_y * scale)
+    """Blender's integer arithmetic (as `Camera.from_blender`): a float product can come out a pixel short."""
+    percent = render.resolution_percentage
+    return render.resolution_x * percent // 100, render.resolution_y * percent // 100
 
 
 def border_rect(render: bpy.types.RenderSettings) -> BorderRect:

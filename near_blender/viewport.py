@@ -98,7 +98,7 @@ class ViewportRenderer:
             self._pending = None
             self._stopping = True
             self._wake.notify()
-        if thread is not None:
+        if thread is not None and thread is not threading.current_thread():  # the worker itself just exits
             thread.join()
 
     # ---- worker thread -------------------------------------------------------------------------------------------

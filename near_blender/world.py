@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import tempfile
 import warnings
 from pathlib import Path
@@ -28,7 +27,7 @@ from near_engine.errors import EnvMapError
 from near_engine.images import srgb_to_linear
 from near_engine.pipeline import LRUCache
 
-from .background import blender_command
+from .background import run_in_blender
 
 #: Bake resolution (height; the width is twice that), Cycles samples per pixel and subprocess time limit.
 BAKE_HEIGHT = 256
@@ -372,16 +371,9 @@ def _run_bake(world: "bpy.types.World", height: int, samples: int, timeout: floa
         bpy.data.libraries.write(str(blend), {original}, fake_user=True, path_remap="ABSOLUTE")
         job = {"blend": str(blend), "world": original.name, "output": str(output), "height": int(height),
                "samples": int(samples), "color": list(world.color), "inputs": _evaluated_inputs(world)}
-        try:
-            done = subprocess.run(blender_command(_BAKE_SCRIPT, job), capture_output=True, text=True, timeout=timeout,
-                                  stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            raise EnvMapError(f"Baking World '{world.name}' took longer than {timeout:g} s and was stopped; "
-                              f"simplify the World or use an Environment Texture") from None
-        except OSError as exc:
-            raise EnvMapError(f"Baking World '{world.name}' could not start Blender: {exc}") from None
-        if done.returncode != 0 or not output.is_file():
-            tail = "\n".join((done.stderr or done.stdout or "").strip().splitlines()[-8:])
-            raise EnvMapError(f"Baking World '{world.name}' with Cycles failed (exit code {done.returncode}):\n{tail}")
+        run_in_blender(_BAKE_SCRIPT, job, timeout=timeout, what=f"Baking World '{world.name}' with Cycles",
+                       error=EnvMapError)
+        if not output.is_file():
+            raise EnvMapError(f"Baking World '{world.name}' with Cycles wrote no image")
         baked = EnvMap.read(output)
     return EnvMap.from_array(baked.pixels, name=f"World '{world.name}' (baked)")

@@ -18,9 +18,11 @@ XY plane); a tilt of the object is ignored for the light (its camera position is
   backbone cannot be shared across rotations: the rotation rolls its input planes (with bilinear resampling) before
   the convolutions, so the whole tokenizer runs per key.
 
-**Strength is exact.** Light transport is linear in the light, so the networks see the World image at strength 1
-and the lit radiance is multiplied by the Background strength afterwards: doubling the strength doubles the object's
-colour exactly (as it doubles the background), and changing it costs no tokenizer run.
+**Linear in strength by construction.** Light transport is linear in the light, so the tokenizer always sees the
+World image at strength 1 and the lit radiance is multiplied by the Background strength afterwards: doubling the
+strength doubles the object's colour exactly (as it doubles the background), and changing it costs no tokenizer
+run. (A network fed the scaled image, f(s I), would only approximate s f(I); training targets are divided by the
+strength to match.)
 
 Renders never return a random network as a model: `from_pretrained` needs a weights folder; a bare configuration name
 whose trained weights are not shipped raises `CheckpointError`.

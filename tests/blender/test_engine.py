@@ -455,3 +455,12 @@ def test_convert_mesh_to_a_near_object_in_place(clean_blender, tmp_path) -> None
     with pytest.raises(RuntimeError, match="weights folder not found"):
         bpy.ops.object.near_convert_mesh(views=2, size=24, samples=1)
     assert _datablock_counts() == counts
+
+
+def test_resolution_percentage_rounds_as_blender_does(clean_blender, weights_folder, tmp_path) -> None:
+    """100 px at 29 % is 29 px in Blender's integer arithmetic (a float product gives 28): the render must fit."""
+    scene = clean_blender
+    _setup(scene, weights_folder, tmp_path)
+    scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = 100, 57, 29
+    got = _render(scene, tmp_path / "percent.exr")["Combined"]
+    assert got.shape == (57 * 29 // 100, 29, 4) and np.isfinite(got).all()

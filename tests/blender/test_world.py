@@ -453,7 +453,7 @@ def test_a_failed_bake_is_a_clear_error_and_leaves_no_files(count_bakes):
     world, _ = procedural_world(scene)
     leftovers = set(Path(tempfile.gettempdir()).glob("near_world_bake_*"))
     before = data_state()
-    with pytest.raises(EnvMapError, match="Baking World 'World' took longer than 0.01 s"):
+    with pytest.raises(EnvMapError, match="Baking World 'World' with Cycles took longer than 0.01 s"):
         world_envmap(world, bake_height=16, bake_timeout=0.01)
     assert data_state() == before and len(count_bakes) == 1
     assert set(Path(tempfile.gettempdir()).glob("near_world_bake_*")) == leftovers
