@@ -33,25 +33,21 @@ class BorderRect:
 
 
 class AssetCache:
-    """Assets read from NeAR meshes, reused while a mesh is unchanged (keyed by the mesh and its depsgraph updates)."""
+    """Assets read from NeAR meshes, reused until a depsgraph update says the mesh changed (`invalidate`)."""
 
     def __init__(self) -> None:
-        self._assets: dict[str, tuple[int, Asset]] = {}
-        self._versions: dict[str, int] = {}
+        self._assets: dict[str, Asset] = {}
 
     def invalidate(self, mesh_names: set[str] | None = None) -> None:
         """Forget the given meshes (all when None), e.g. after a depsgraph update that touched them."""
         for name in list(self._assets) if mesh_names is None else mesh_names:
-            self._versions[name] = self._versions.get(name, 0) + 1
+            self._assets.pop(name, None)
 
     def asset(self, obj: bpy.types.Object) -> Asset:
         key = obj.data.original.name_full
-        version = self._versions.get(key, 0)
-        cached = self._assets.get(key)
-        if cached is None or cached[0] != version:
-            cached = (version, object_to_asset(obj))
-            self._assets[key] = cached
-        return cached[1]
+        if key not in self._assets:
+            self._assets[key] = object_to_asset(obj)
+        return self._assets[key]
 
 
 def near_instances(depsgraph: bpy.types.Depsgraph, assets: AssetCache | None = None) -> list[tuple[Asset, np.ndarray]]:
