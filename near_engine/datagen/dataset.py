@@ -62,7 +62,8 @@ def run_datagen(out: str | Path, config: DatagenConfig, shard: tuple[int, int] =
                 log: Callable[[str], object] = print) -> dict:
     """Render this shard's objects (index % n == i) that are not finished yet; returns the ids rendered/skipped/failed.
 
-    A failing object is logged to `errors.log` with its traceback and left without a marker; the run goes on.
+    A failing object is logged to `errors.log` with its traceback and left without a marker; the run goes on. The
+    manifest is rewritten after every finished object.
     """
     out = Path(out)
     i, n = shard
@@ -86,6 +87,7 @@ def run_datagen(out: str | Path, config: DatagenConfig, shard: tuple[int, int] =
         try:
             _render_one(folder, config, index, log)
             result["rendered"].append(folder.name)
+            write_manifest(out)  # always current: training and evaluation can start on a run still going
         except Exception:  # one bad object must not stop the run: log it, leave no marker
             result["failed"].append(folder.name)
             with open(out / "errors.log", "a") as f:

@@ -222,9 +222,8 @@ def train(data: str | Path, out: str | Path, config: TrainConfig, *, resume: boo
                 log(f"step {trainer.step:6d}  " + "  ".join(f"{k} {v:.4g}" for k, v in last.items())
                     + f"  {images:.2f} images/s")
             if rank == 0 and (trainer.step % checkpoint_every == 0 or trainer.step == config.steps):
-                trainer.save_checkpoint(out / CHECKPOINT)
-        if rank == 0:
-            trainer.export(out / "weights", {"objects": [o.id for o in objects], "world_size": world_size})
+                trainer.save_checkpoint(out / CHECKPOINT)  # and usable weights, should the run stop here
+                trainer.export(out / "weights", {"objects": [o.id for o in objects], "world_size": world_size})
         return {"last": last, "step_seconds": float(np.mean(times)) if times else 0.0, "step": trainer.step}
     finally:
         if started:
