@@ -3,8 +3,8 @@
 Both paths describe the scene with `scene.describe` and render it with the shared `NearPipeline` (`runtime`). Every
 user-facing problem is a `NearError`, reported through the engine instead of raised, so the user sees a message and
 the .blend is left as it was. The viewport never blocks Blender's UI thread on model work: `viewport.ViewportRenderer`
-renders on its own thread and `view_draw` only draws the latest finished image. (Known limit: a procedural World is
-baked with Cycles in `view_update`, a second or two once per change of its nodes, on the UI thread.)
+renders on its own thread and `view_draw` only draws the latest finished image; a World that needs a Cycles bake is
+baked on a thread of its own while the previous light stays (`ViewState`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
+from typing import Callable
 
 import bpy
 import numpy as np
@@ -23,6 +24,7 @@ from near_engine.pipeline import LRUCache, Scene
 
 from . import runtime, world
 from .scene import AssetCache, WorldLight, border_rect, describe, near_instances, render_camera, world_light
+from .world import BakeStarted, PreparedBake
 
 #: NeAR passes beyond Combined: engine pass name -> (Blender pass name, channel ids, type, view-layer switch).
 #: Switches on `ViewLayer` are Blender's own; those on `ViewLayer.near` are ours.
@@ -156,10 +158,9 @@ class NearRenderEngine(bpy.types.RenderEngine):
         if self._viewport is None:
             # The thread holds no reference to the engine (so Blender can free it, and __del__ stop the thread): it
             # renders from the ViewState object and redraws through a weak reference.
-            self._view = ViewState()
-            engine = weakref.ref(self)
-            _viewports[id(self)] = ViewportRenderer(functools.partial(_render_view, self._view),
-                                                    functools.partial(_redraw, engine),
+            redraw = functools.partial(_redraw, weakref.ref(self))
+            self._view = ViewState(redraw)
+            _viewports[id(self)] = ViewportRenderer(functools.partial(_render_view, self._view), redraw,
                                                     preview_scale=scene.near.viewport_scale)
         self._view = ViewState.read(depsgraph, self._view)
         self._viewport.preview_scale = scene.near.viewport_scale
@@ -172,6 +173,8 @@ class NearRenderEngine(bpy.types.RenderEngine):
 
         if self._view is None or self._viewport is None:
             return
+        if self._view.apply_bakes(depsgraph):  # a World bake finished on its thread: light with it now
+            self._submitted = None
         region, region_3d = context.region, context.region_data
         camera = Camera.from_projection(np.array(region_3d.window_matrix), np.array(region_3d.view_matrix),
                                         region.width, region.height)
@@ -184,7 +187,8 @@ class NearRenderEngine(bpy.types.RenderEngine):
             self.bind_display_space_shader(depsgraph.scene)
             draw_rgba(image.rgba, region.width, region.height)
             self.unbind_display_space_shader()
-        message = self._view.error or self._viewport.error or "; ".join(self._view.world.warnings)
+        baking = "Baking the World with Cycles..." if self._view.baking else ""
+        message = self._view.error or self._viewport.error or baking or "; ".join(self._view.world.warnings)
         self.update_stats("", f"NeAR: {message}" if message else "")
 
 
@@ -206,9 +210,13 @@ def _redraw(engine: "weakref.ref[NearRenderEngine]") -> None:
 
 
 class ViewState:
-    """What the viewport renders, read on the UI thread in `view_update`: objects, world light, weights, settings."""
+    """What the viewport renders, read on the UI thread in `view_update`: objects, world light, weights, settings.
 
-    def __init__(self) -> None:
+    A World that needs a Cycles bake is baked on a thread of its own (one at a time; the newest request wins) while
+    the previous light stays; `apply_bakes`, called from view_draw on the main thread, takes the result.
+    """
+
+    def __init__(self, redraw: Callable[[], None] = lambda: None) -> None:
         self.assets = AssetCache()
         self.objects: list = []
         self.world: WorldLight | None = None
@@ -217,6 +225,11 @@ class ViewState:
         self.weights_error: str | None = None
         self.world_error: str | None = None  # the World could not be read (a missing image, a failed bake)
         self.error: str | None = None  # what to show: a bad NeAR object, else the World's problem
+        self._redraw = redraw
+        self._bakes = threading.Condition()
+        self._bake_request: tuple[str, PreparedBake] | None = None
+        self._bake_results: list[tuple[str, EnvMap | str]] = []
+        self._bake_thread: threading.Thread | None = None
 
     @classmethod
     def read(cls, depsgraph: bpy.types.Depsgraph, previous: "ViewState | None") -> "ViewState":
@@ -239,17 +252,70 @@ class ViewState:
         except NearError as error:
             state.weights, state.weights_error = None, str(error)
         if world_changed:
-            try:
-                state.world, state.world_error = world_light(depsgraph, _bake_cache), None
-            except NearError as error:  # keep the last good World (black at first) and say why
-                state.world_error = str(error)
-                state.world = state.world or WorldLight(EnvMap.uniform(0.0), [])
+            state.refresh_world(depsgraph)
         try:
             state.objects = near_instances(depsgraph, state.assets)
         except NearError as error:
             state.error, state.objects = str(error), []
         state.error = state.error or state.world_error
         return state
+
+    @property
+    def baking(self) -> bool:
+        return self._bake_thread is not None
+
+    def refresh_world(self, depsgraph: bpy.types.Depsgraph) -> None:
+        """Read the World (main thread). Until a bake it needs is done, the previous light stays (black at first)."""
+        try:
+            self.world, self.world_error = world_light(depsgraph, _bake_cache, self._bake_in_background), None
+        except BakeStarted:
+            self.world_error = None
+        except NearError as error:
+            self.world_error = str(error)
+        self.world = self.world or WorldLight(EnvMap.uniform(0.0), [])
+
+    def apply_bakes(self, depsgraph: bpy.types.Depsgraph) -> bool:
+        """Main thread: store finished bakes in the bake cache and re-read the World; True if anything finished."""
+        with self._bakes:
+            results, self._bake_results = self._bake_results, []
+        for key, result in results:
+            if isinstance(result, str):
+                self.world_error = result
+            else:
+                _bake_cache.put(key, result)
+        if results and not any(isinstance(result, str) for _, result in results):
+            self.refresh_world(depsgraph)  # a cache hit now, unless the World changed again meanwhile
+        return bool(results)
+
+    def _bake_in_background(self, key: str, bake: PreparedBake) -> None:
+        with self._bakes:
+            if self._bake_request is not None:
+                self._bake_request[1].discard()  # superseded before it started
+            self._bake_request = (key, bake)
+            if self._bake_thread is None:
+                self._bake_thread = threading.Thread(target=self._run_bakes, name="near-world-bake", daemon=True)
+                self._bake_thread.start()
+
+    def _run_bakes(self) -> None:
+        while True:
+            with self._bakes:
+                if self._bake_request is None:
+                    self._bake_thread = None
+                    return
+                (key, bake), self._bake_request = self._bake_request, None
+            try:
+                result: EnvMap | str = bake.run()
+            except NearError as error:
+                result = str(error)
+            with self._bakes:
+                self._bake_results.append((key, result))
+            self._redraw()
+
+    def wait_for_bakes(self, timeout: float) -> None:
+        """Block until no bake runs (tests, unregister)."""
+        thread = self._bake_thread
+        if thread is not None:
+            thread.join(timeout)
 
 
 _classes = (NearRenderEngine,)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import bpy
 import numpy as np
@@ -19,7 +20,7 @@ from near_engine.errors import CameraError
 from near_engine.pipeline import LRUCache, Scene
 
 from .objects import is_near_object, object_to_asset
-from .world import world_envmap
+from .world import PreparedBake, world_envmap
 
 
 @dataclass
@@ -114,8 +115,10 @@ class WorldLight:
     warnings: list[str]
 
 
-def world_light(depsgraph: bpy.types.Depsgraph, bake_cache: LRUCache | None = None) -> WorldLight:
-    envmap, warnings = world_envmap(depsgraph.scene.world, bake_cache=bake_cache)
+def world_light(depsgraph: bpy.types.Depsgraph, bake_cache: LRUCache | None = None,
+                background: "Callable[[str, PreparedBake], None] | None" = None) -> WorldLight:
+    """The scene's World as light (see `world.world_envmap`, whose `BakeStarted` passes through with `background`)."""
+    envmap, warnings = world_envmap(depsgraph.scene.world, bake_cache=bake_cache, background=background)
     return WorldLight(envmap, warnings)
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import bpy
 import numpy as np
@@ -54,10 +55,14 @@ class _NeedsBake(Exception):
 
 def world_envmap(world: "bpy.types.World | None", *, bake_cache: LRUCache | None = None,
                  bake_height: int = BAKE_HEIGHT, bake_samples: int = BAKE_SAMPLES,
-                 bake_timeout: float = BAKE_TIMEOUT_S) -> tuple[EnvMap, list[str]]:
+                 bake_timeout: float = BAKE_TIMEOUT_S,
+                 background: "Callable[[str, PreparedBake], None] | None" = None) -> tuple[EnvMap, list[str]]:
     """The environment map Cycles would light with for `world` (original or evaluated), and warnings for the user.
 
-    Raises EnvMapError for a world that cannot be used (an image that cannot be loaded, a failed bake).
+    Raises EnvMapError for a world that cannot be used (an image that cannot be loaded, a failed bake). A World that
+    must be baked and is not in `bake_cache` is baked here, unless `background` is given: then the prepared bake
+    (`PreparedBake`) is handed to `background(key, bake)` and `BakeStarted` is raised, so the viewport never waits;
+    the runner puts the result in the cache under `key` (on the main thread) for the next call.
     """
     messages: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
@@ -71,7 +76,7 @@ def world_envmap(world: "bpy.types.World | None", *, bake_cache: LRUCache | None
             try:
                 env = _read_node_tree(world, messages)
             except _NeedsBake:
-                env = _baked(world, messages, bake_cache, bake_height, bake_samples, bake_timeout)
+                env = _baked(world, messages, bake_cache, bake_height, bake_samples, bake_timeout, background)
     messages += [str(w.message) for w in caught if issubclass(w.category, EnvMapWarning)]
     return env, messages
 
@@ -220,8 +225,12 @@ def _image_rgb(image: "bpy.types.Image") -> np.ndarray:
 # baking everything else with Cycles, in a subprocess
 
 
+class BakeStarted(Exception):
+    """`world_envmap` handed a World bake to its `background` runner: keep the previous light until it is done."""
+
+
 def _baked(world: "bpy.types.World", messages: list[str], cache: LRUCache | None, height: int, samples: int,
-           timeout: float) -> EnvMap:
+           timeout: float, background: "Callable[[str, PreparedBake], None] | None") -> EnvMap:
     images: dict[str, "bpy.types.Image"] = {}
     key = hashlib.sha256(repr((_tree_key(world.node_tree, images, set()), tuple(world.color), height,
                                samples)).encode()).hexdigest()
@@ -231,8 +240,16 @@ def _baked(world: "bpy.types.World", messages: list[str], cache: LRUCache | None
         if image.is_dirty:
             messages.append(f"World image '{image.name}' has unsaved edits, which the World bake does not see: "
                             f"save the image")
-    bake = lambda: _run_bake(world, height, samples, timeout)  # noqa: E731
-    return bake() if cache is None else cache.get(key, bake)
+    if cache is not None and key in cache:
+        return cache.get(key, lambda: None)
+    bake = PreparedBake(world, height, samples, timeout)
+    if background is not None:
+        background(key, bake)
+        raise BakeStarted
+    env = bake.run()
+    if cache is not None:
+        cache.put(key, env)
+    return env
 
 
 def _tree_key(tree: "bpy.types.NodeTree", images: dict, seen: set) -> tuple:
@@ -363,17 +380,34 @@ def _evaluated_inputs(world: "bpy.types.World") -> list:
     return values
 
 
-def _run_bake(world: "bpy.types.World", height: int, samples: int, timeout: float) -> EnvMap:
-    """Render the world through an equirectangular camera in a separate Blender process; map with rotation 0."""
-    original = _original(world)
-    with tempfile.TemporaryDirectory(prefix="near_world_bake_") as folder:
-        blend, output = Path(folder) / "world.blend", Path(folder) / "world.exr"
-        bpy.data.libraries.write(str(blend), {original}, fake_user=True, path_remap="ABSOLUTE")
-        job = {"blend": str(blend), "world": original.name, "output": str(output), "height": int(height),
-               "samples": int(samples), "color": list(world.color), "inputs": _evaluated_inputs(world)}
-        run_in_blender(_BAKE_SCRIPT, job, timeout=timeout, what=f"Baking World '{world.name}' with Cycles",
-                       error=EnvMapError)
-        if not output.is_file():
-            raise EnvMapError(f"Baking World '{world.name}' with Cycles wrote no image")
-        baked = EnvMap.read(output)
-    return EnvMap.from_array(baked.pixels, name=f"World '{world.name}' (baked)")
+class PreparedBake:
+    """A World bake whose files are written (on Blender's main thread): `run()` does the slow, bpy-free part on any
+    thread (Cycles in a separate Blender, then reading the map, rotation 0); `discard()` drops it unrun."""
+
+    def __init__(self, world: "bpy.types.World", height: int, samples: int, timeout: float) -> None:
+        original = _original(world)
+        self.name, self.timeout = world.name, timeout
+        self.folder = Path(tempfile.mkdtemp(prefix="near_world_bake_"))
+        self.output = self.folder / "world.exr"
+        try:
+            blend = self.folder / "world.blend"
+            bpy.data.libraries.write(str(blend), {original}, fake_user=True, path_remap="ABSOLUTE")
+        except BaseException:
+            self.discard()
+            raise
+        self.job = {"blend": str(blend), "world": original.name, "output": str(self.output), "height": int(height),
+                    "samples": int(samples), "color": list(world.color), "inputs": _evaluated_inputs(world)}
+
+    def run(self) -> EnvMap:
+        try:
+            run_in_blender(_BAKE_SCRIPT, self.job, timeout=self.timeout, what=f"Baking World '{self.name}' with Cycles",
+                           error=EnvMapError)
+            if not self.output.is_file():
+                raise EnvMapError(f"Baking World '{self.name}' with Cycles wrote no image")
+            baked = EnvMap.read(self.output)
+        finally:
+            self.discard()
+        return EnvMap.from_array(baked.pixels, name=f"World '{self.name}' (baked)")
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

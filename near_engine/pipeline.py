@@ -101,6 +101,9 @@ class LRUCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
+
     def clear(self) -> None:
         self._items.clear()
 

@@ -464,3 +464,23 @@ def test_resolution_percentage_rounds_as_blender_does(clean_blender, weights_fol
     scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = 100, 57, 29
     got = _render(scene, tmp_path / "percent.exr")["Combined"]
     assert got.shape == (57 * 29 // 100, 29, 4) and np.isfinite(got).all()
+
+
+def test_viewport_bakes_a_procedural_world_without_waiting(clean_blender, weights_folder, tmp_path) -> None:
+    """A World that needs a Cycles bake: reading the viewport state returns at once (black light meanwhile), the
+    bake runs on its own thread, and applying its result lights the viewport with the baked map."""
+    scene = clean_blender
+    _setup(scene, weights_folder, tmp_path)
+    nodes, links = scene.world.node_tree.nodes, scene.world.node_tree.links
+    noise = nodes.new("ShaderNodeTexNoise")
+    links.new(noise.outputs["Color"], nodes["Background"].inputs["Color"])
+    redraws = []
+    state = ViewState(lambda: redraws.append(1))
+    state = ViewState.read(bpy.context.evaluated_depsgraph_get(), state)
+    assert state.baking and np.all(state.world.envmap.pixels == 0) and len(state.objects) == 2
+    state.wait_for_bakes(timeout=120)
+    assert not state.baking and redraws
+    assert state.apply_bakes(bpy.context.evaluated_depsgraph_get())
+    baked = state.world.envmap.pixels
+    assert baked.shape[0] > 8 and baked.std() > 0.01 and state.world_error is None
+    assert not state.apply_bakes(bpy.context.evaluated_depsgraph_get())  # nothing new

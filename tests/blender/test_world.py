@@ -126,13 +126,13 @@ def data_state() -> tuple:
 def count_bakes(monkeypatch) -> list:
     """Records each bake subprocess run (the real one still runs)."""
     calls = []
-    real = world_module._run_bake
+    real = world_module.PreparedBake.run
 
-    def counted(*args, **kwargs):
-        calls.append(args[0].name)
-        return real(*args, **kwargs)
+    def counted(self, *args, **kwargs):
+        calls.append(self.name)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(world_module, "_run_bake", counted)
+    monkeypatch.setattr(world_module.PreparedBake, "run", counted)
     return calls
 
 
