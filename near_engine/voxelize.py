@@ -17,15 +17,10 @@ import numpy as np
 
 from .errors import NearError
 
-__all__ = ["voxelize_mesh", "voxel_centres"]
+__all__ = ["voxelize_mesh"]
 
 _CUBE_TOLERANCE = 1e-4  # vertices may stick out of the unit cube by this much (rounding of a normalized mesh)
 _GROW = 1e-9  # box half-size growth, in voxels: touching counts as overlapping
-
-
-def voxel_centres(coords: np.ndarray, resolution: int) -> np.ndarray:
-    """Asset-space centres [N, 3] of voxel indices `coords` [N, 3] on a `resolution`^3 grid."""
-    return (np.asarray(coords, dtype=np.float64) + 0.5) / resolution - 0.5
 
 
 @nb.njit(cache=True, inline="always")

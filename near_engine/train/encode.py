@@ -10,8 +10,8 @@ from torch import nn
 
 from ..camera import Camera
 from ..models.encoder import lift_features
+from ..models.gaussian_heads import voxel_centres
 from ..sparse import SparseTensor
-from ..voxelize import voxel_centres
 
 __all__ = ["encode_views"]
 
@@ -27,7 +27,7 @@ def encode_views(networks: Mapping[str, nn.Module], coords: np.ndarray, rgba: to
     features, encoder = networks["image_features"], networks["encoder"]
     weight = next(encoder.parameters())
     coords_t = torch.as_tensor(np.asarray(coords), dtype=torch.int32, device=weight.device)
-    points = torch.from_numpy(voxel_centres(np.asarray(coords), resolution)).to(weight)
+    points = voxel_centres(coords_t, resolution).to(weight)
     maps = features(rgba.to(weight))
     depth = None if depth is None else depth.to(weight)
     lifted = lift_features(maps, points, cameras, depth, tolerance=2.0 / resolution)
