@@ -16,7 +16,8 @@ class NearPreferences(bpy.types.AddonPreferences):
 
     weights_folder: StringProperty(
         name="Weights Folder",
-        description="Folder of NeAR weights (our format or the official NeAR layout) used when a scene sets none",
+        description="Folder of NeAR weights (our format or the official NeAR layout) used when a scene sets none; "
+                    "empty uses the bundled near-tiny model",
         subtype="DIR_PATH",
         default="",
     )

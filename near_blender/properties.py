@@ -19,7 +19,7 @@ class NearSceneSettings(bpy.types.PropertyGroup):
     weights_folder: StringProperty(
         name="Weights",
         description="Folder of NeAR weights for this scene (our format or the official NeAR layout); "
-                    "empty uses the folder set in the add-on preferences",
+                    "empty uses the folder set in the add-on preferences, else the bundled near-tiny model",
         subtype="DIR_PATH",
         default="",
     )

@@ -1,6 +1,7 @@
 """The loaded NeAR pipeline, shared by final renders and viewports so its caches (IAD, light) survive between renders.
 
-Weights resolve as: the scene's folder, else the add-on preferences' folder. Every problem is a `NearError` whose
+Weights resolve as: the scene's folder, else the add-on preferences' folder, else near-tiny, which ships inside
+near_engine. Every problem is a `NearError` whose
 message tells the user what to set; the engine reports it instead of raising.
 """
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import bpy
 
+from near_engine import bundled
 from near_engine.errors import CheckpointError
 
 from .preferences import preferences
@@ -30,14 +32,14 @@ class WeightsKey:
 
 
 def weights_folder(scene: bpy.types.Scene) -> Path:
-    """The weights folder this scene renders with, or a `CheckpointError` saying where to set one."""
+    """The weights folder this scene renders with: its own, else the preferences', else near-tiny (ships with the
+    engine); a `CheckpointError` names a chosen folder that does not exist."""
     folder = scene.near.weights_folder.strip()
     prefs = preferences()
     if not folder and prefs is not None:
         folder = prefs.weights_folder.strip()
     if not folder:
-        raise CheckpointError("No NeAR weights are set: choose a weights folder in Render Properties > NeAR or in "
-                              "Preferences > Add-ons > NeAR (trained weights for near-tiny do not ship yet)")
+        return bundled.weights_folder(bundled.DEFAULT_WEIGHTS)
     path = Path(bpy.path.abspath(folder))
     if not path.is_dir():
         raise CheckpointError(f"NeAR weights folder not found: {path}")

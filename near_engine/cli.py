@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundled import DEFAULT_WEIGHTS, SAMPLE_MESH
 from .demo import DEFAULT_HDRIS
 from .errors import NearError
 
@@ -16,10 +17,16 @@ from .errors import NearError
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import render_demo
 
-    print(f"rendering the demo object under Blender's HDRIs {', '.join(args.hdri)} into {args.output}/ ...", flush=True)
-    summary = render_demo(args.output, size=args.size, hdris=args.hdri)
-    for frame in summary["frames"]:
-        print(f"  {frame['hdri']:>10} azimuth {frame['azimuth']:3d}: {frame['raster_ms']:7.1f} ms")
+    print(f"encoding {Path(args.mesh).name} with {args.weights} and relighting it under {', '.join(args.hdri)} "
+          f"into {args.output}/ ...", flush=True)
+    summary = render_demo(args.output, size=args.size, hdris=args.hdri, weights=args.weights, mesh=args.mesh,
+                          views=args.views, samples=args.samples)
+    for name, scores in summary["cycles"].items():
+        print(f"  {name:>10}: NeAR vs Cycles, object PSNR {scores['psnr_object']:.2f} dB, SSIM "
+              f"{scores['ssim_object']:.3f}; full image PSNR {scores['psnr_full']:.2f} dB; silhouette IoU "
+              f"{scores['silhouette_iou']:.3f}")
+    frames = summary["frames"]
+    print(f"  {len(frames)} relit frames, {np.mean([f['render_ms'] for f in frames]):.0f} ms each on average")
     print(f"contact sheet: {summary['contact_sheet']}")
     return 0
 
@@ -172,11 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="near", description="NeAR engine: relightable 3D Gaussian objects.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="render the built-in demo object under Blender's HDRIs (turntable + sheet)")
+    demo = sub.add_parser("demo", help="encode the bundled sample object, relight it under Blender's HDRIs as a "
+                          "turntable next to Cycles references (images + contact sheet)")
     demo.add_argument("-o", "--output", default="out/demo", help="output folder (default: out/demo)")
     demo.add_argument("--size", type=int, default=384, help="image width and height in pixels (default 384)")
     demo.add_argument("--hdri", nargs="+", default=list(DEFAULT_HDRIS),
                       help=f"names of Blender's bundled HDRIs (default: {' '.join(DEFAULT_HDRIS)})")
+    demo.add_argument("--mesh", default=str(SAMPLE_MESH), help="mesh to encode (default: the bundled sample vase)")
+    demo.add_argument("--weights", default=DEFAULT_WEIGHTS, help="weights folder or bundled model (default: "
+                      "near-tiny)")
+    demo.add_argument("--views", type=int, default=12, help="Cycles views the latent is encoded from (default 12)")
+    demo.add_argument("--samples", type=int, default=32, help="Cycles samples per image (default 32)")
     demo.set_defaults(func=_cmd_demo)
 
     render = sub.add_parser("render", help="render a .near asset relit by an HDRI, from an orbiting camera")
@@ -194,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "Blender's transparent film")
     render.add_argument("--passes", nargs="*", default=[], help="passes for EXR output besides combined (default: "
                         "all of depth alpha base_color roughness metallic normal shadow)")
-    render.add_argument("--weights", default="near-tiny", help="weights folder (ours or the official NeAR layout); "
-                        "the trained near-tiny weights do not ship yet, so pass a folder")
+    render.add_argument("--weights", default=DEFAULT_WEIGHTS, help="weights folder (ours or the official NeAR layout) "
+                        "or a bundled model (default: near-tiny, which ships with near_engine)")
     render.add_argument("-o", "--output", required=True, help="OUT.exr (all passes, scene-linear) or OUT.png "
                         "(combined, Standard view transform: clipped to [0, 1], sRGB)")
     render.set_defaults(func=_cmd_render)
@@ -228,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "transform) on the object region and the full image, HDR-FLIP if flip-evaluator is "
                               "installed. Writes a markdown table and, next to it, a JSON file with every number.")
     evaluate.add_argument("--data", required=True, help="data set folder made by `near datagen`")
-    evaluate.add_argument("--weights", required=True, help="weights folder with the relighting networks and encoder")
+    evaluate.add_argument("--weights", default=DEFAULT_WEIGHTS, help="weights folder with the relighting networks and "
+                          "encoder, or a bundled model (default: near-tiny)")
     evaluate.add_argument("--objects", default="val", help="'val' (the validation split, default) or "
                           "comma-separated object ids")
     evaluate.add_argument("--hdris", nargs="+", default=["held-out"], help="'held-out' (default: the data set's "
@@ -244,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "white light (or an HDRI with --shaded), and encodes them with the weights' encoder.")
     encode.add_argument("mesh", help="mesh file Blender can import")
     encode.add_argument("-o", "--output", required=True, help="ASSET.near to write")
-    encode.add_argument("--weights", required=True, help="weights folder with the image_features and encoder networks")
+    encode.add_argument("--weights", default=DEFAULT_WEIGHTS, help="weights folder with the image_features and "
+                        "encoder networks, or a bundled model (default: near-tiny)")
     encode.add_argument("--views", type=int, default=24, help="views on a Hammersley sphere (default 24)")
     encode.add_argument("--size", type=int, default=256, help="view width and height in pixels (default 256)")
     encode.add_argument("--samples", type=int, default=32, help="Cycles samples per view (default 32)")

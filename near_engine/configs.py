@@ -30,6 +30,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .bundled import weights_folder
 from .checkpoints import load_weights, read_safetensors, read_weights_folder, save_model
 from .errors import CheckpointError
 from .files import write_atomically
@@ -287,12 +288,14 @@ def count_parameters(module: nn.Module) -> int:
 
 def load_networks(folder: str | os.PathLike, device: str | torch.device = "cpu",
                   keys: tuple[str, ...] = NETWORK_KEYS) -> tuple[dict[str, nn.Module], dict[str, Any]]:
-    """(networks, pipeline settings) from our folder format or, unchanged, the official NeAR layout.
+    """(networks, pipeline settings) from our folder format or, unchanged, the official NeAR layout; `folder` may
+    also name a bundled model ("near-tiny").
 
     Every network in `keys` must be in the folder; it is built from its entry's class and args and its weights are
     loaded strictly (every missing, unexpected or mis-shaped tensor is named). Networks listed but not built (stage 1)
     are skipped; `settings["skipped_networks"]` says which and why. Other unknown keys are an error.
     """
+    folder = weights_folder(folder)
     settings, entries = read_weights_folder(folder, keys)
     settings = dict(settings) if isinstance(settings, dict) else {}
     listed = list(settings.get("models", {}))

@@ -324,6 +324,20 @@ class EnvMap:
 # validation and repair
 
 
+def diffuse_irradiance(env: EnvMap, normals: np.ndarray, height: int = 32) -> np.ndarray:
+    """Irradiance [N, 3] on surfaces facing `normals` [N, 3]: the sum of L(w) max(0, n.w) dOmega over the map
+    downsampled to `height` rows (rotation and strength included)."""
+    small = env.resized(height)
+    uv = np.stack(np.meshgrid((np.arange(small.width) + 0.5) / small.width,
+                              1 - (np.arange(small.height) + 0.5) / small.height), -1)  # v from the bottom
+    dirs = uv_to_direction(uv.reshape(-1, 2))
+    dirs = dirs @ rotation_z_matrix(env.rotation_z)  # sample() turns world directions by Rz into the map: undo it
+    radiance = small.pixels.reshape(-1, 3).astype(np.float64) * env.strength
+    weights = equirect_solid_angles(small.height, small.width).repeat(small.width)
+    cosines = np.clip(np.asarray(normals, dtype=np.float64) @ dirs.T, 0.0, None)
+    return cosines @ (radiance * weights[:, None])
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
     a.setflags(write=False)
     return a

@@ -24,8 +24,8 @@ strength doubles the object's colour exactly (as it doubles the background), and
 run. (A network fed the scaled image, f(s I), would only approximate s f(I); training targets are divided by the
 strength to match.)
 
-Renders never return a random network as a model: `from_pretrained` needs a weights folder; a bare configuration name
-whose trained weights are not shipped raises `CheckpointError`.
+Renders never return a random network as a model: `from_pretrained` needs trained weights, a folder or a bundled model
+("near-tiny", `bundled.py`); a configuration name with no trained weights ("near-official") raises `CheckpointError`.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from torch import nn
 
 from .asset import Asset
 from .camera import Camera
+from .bundled import BUNDLED_WEIGHTS, weights_folder
 from .configs import CONFIGS, load_networks
 from .envmap import EnvMap
 from .errors import AssetError, CheckpointError, NearError
@@ -166,15 +167,13 @@ class NearPipeline:
                         **kwargs: Any) -> "NearPipeline":
         """Load a weights folder (our format or the official NeAR layout) onto `device` ("auto": CUDA if present).
 
-        A configuration name such as "near-tiny" is refused: no trained weights ship for it yet. A `light_size` saved
-        in the folder's pipeline settings is used unless one is passed.
+        "near-tiny" names the weights that ship inside near_engine (`bundled.py`). A `light_size` saved in the
+        folder's pipeline settings is used unless one is passed.
         """
-        folder = Path(name_or_folder)
-        if not folder.is_dir():
-            if str(name_or_folder) in CONFIGS:
-                raise CheckpointError(f"no trained weights ship for {name_or_folder!r} yet; pass a weights folder "
-                                      "(our format or the official NeAR layout)")
-            raise CheckpointError(f"{name_or_folder}: not a weights folder")
+        if str(name_or_folder) in CONFIGS and str(name_or_folder) not in BUNDLED_WEIGHTS:
+            raise CheckpointError(f"no trained weights ship for {name_or_folder!r}; pass a weights folder "
+                                  "(our format or the official NeAR layout)")
+        folder = weights_folder(name_or_folder)
         resolved = _resolve_device(device)
         networks, settings = load_networks(folder, resolved)
         if "light_size" in settings and "light_size" not in kwargs:

@@ -12,10 +12,9 @@ import OpenEXR
 import pytest
 from PIL import Image
 
-from near_engine.asset import Asset, write_asset
+from near_engine.asset import Asset, read_asset, write_asset
 from near_engine.cli import main
-from near_engine.demo import diffuse_irradiance
-from near_engine.envmap import EnvMap
+from near_engine.envmap import EnvMap, diffuse_irradiance
 from near_engine.images import linear_to_srgb, write_exr, write_png
 
 
@@ -63,26 +62,32 @@ def test_png_and_exr_writers(tmp_path):
     np.testing.assert_array_equal(channels["Depth.Z"].pixels, alpha * 3)
 
 
-def test_demo_writes_images_a_person_can_look_at(tmp_path, capsys):
-    assert main(["demo", "-o", str(tmp_path), "--size", "96", "--hdri", "sunset"]) == 0
+@pytest.mark.cycles
+def test_demo_encodes_the_sample_and_relights_it_next_to_cycles(tmp_path, capsys):
+    """The main job at a small size: encode the bundled vase, Cycles references, a 6-view turntable per HDRI."""
+    assert main(["demo", "-o", str(tmp_path), "--size", "64", "--hdri", "city", "--views", "6",
+                 "--samples", "8"]) == 0
     assert "contact sheet" in capsys.readouterr().out
     sheet = np.asarray(Image.open(tmp_path / "contact_sheet.png"))
-    assert sheet.shape == (96, 4 * 96, 3)
+    assert sheet.shape == (64, 7 * 64, 3)  # Cycles, then 6 turntable views
     assert sheet.std() > 10  # a picture, not a flat fill
-    channels = OpenEXR.File(str(tmp_path / "sunset_az090.exr"), separate_channels=True).channels()
+    assert read_asset(tmp_path / "sample.near").num_voxels > 1000
+    channels = OpenEXR.File(str(tmp_path / "city_az060.exr"), separate_channels=True).channels()
     assert {"R", "G", "B", "A", "Depth.Z"} <= set(channels)
     alpha, depth = channels["A"].pixels, channels["Depth.Z"].pixels
     assert 0.1 < (alpha > 0.5).mean() < 0.6  # the object fills part of the frame
-    # The camera orbits at 2.2 units and the object fits in a 0.46-unit ball: depths must lie in between.
-    assert 1.7 < depth[alpha > 0.5].min() and depth[alpha > 0.5].max() < 2.7
+    # The camera orbits at 2 units and the vase fits in the unit cube (a ball of radius 0.87): depths lie between.
+    assert 1.1 < depth[alpha > 0.5].min() and depth[alpha > 0.5].max() < 2.9
     assert np.all(alpha <= 1.0) and np.isfinite(channels["R"].pixels).all()
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert len(summary["frames"]) == 4
+    assert len(summary["frames"]) == 6
+    # The encoded vase stands where Cycles draws it: the silhouettes agree.
+    assert summary["cycles"]["city"]["silhouette_iou"] > 0.85
 
 
 def test_demo_refuses_a_file_as_output_folder(tmp_path, capsys):
     (tmp_path / "taken").write_text("not a folder")
-    assert main(["demo", "-o", str(tmp_path / "taken"), "--size", "16", "--hdri", "sunset"]) == 2
+    assert main(["demo", "-o", str(tmp_path / "taken"), "--size", "16", "--hdri", "sunset"]) == 2  # before any work
     assert "not a folder" in capsys.readouterr().err
     assert (tmp_path / "taken").read_text() == "not a folder"
 
@@ -159,5 +164,16 @@ def test_render_writes_every_pass_and_matches_the_pipeline(tmp_path, capsys, ble
     assert main([*common, "--transparent", "-o", str(tmp_path / "out.png")]) == 0
     png = np.asarray(Image.open(tmp_path / "out.png"))
     assert png.shape == (32, 40, 4) and png[0, 0, 3] == 0 and png[..., 3].max() > 200
-    assert main(["render", str(tmp_path / "a.near"), "--hdri", hdri, "-o", str(tmp_path / "x.png")]) == 2
-    assert "no trained weights ship for 'near-tiny'" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["render", str(tmp_path / "a.near"), "--hdri", hdri, "--weights", "near-official",
+                 "-o", str(tmp_path / "x.png")]) == 2
+    assert "no trained weights ship for 'near-official'" in capsys.readouterr().err
+    # No --weights: the near-tiny weights that ship with near_engine.
+    assert main(["render", str(tmp_path / "a.near"), "--hdri", hdri, "--size", "40x32", "-o",
+                 str(tmp_path / "default.exr")]) == 0
+    shipped = NearPipeline.from_pretrained("near-tiny").render(Scene([(Asset(coords, feats), np.eye(4))],
+                                                                     EnvMap.read(hdri), Camera.orbit(
+                                                                         30, 20, 2.0, width=40, height=32,
+                                                                         fov_x_deg=40)))
+    default = OpenEXR.File(str(tmp_path / "default.exr"), separate_channels=True).channels()
+    np.testing.assert_allclose(default["G"].pixels, shipped["combined"][..., 1], rtol=1e-6, atol=1e-6)

@@ -13,10 +13,9 @@ import math
 import numpy as np
 import pytest
 
-from near_engine.envmap import EnvMap
+from near_engine.envmap import EnvMap, diffuse_irradiance
 from near_engine.eval import metrics
 from near_engine.eval.tasks import COLUMNS, METHODS, lambertian_radiance
-from near_engine.demo import diffuse_irradiance
 from near_engine.images import linear_to_srgb
 
 RNG = np.random.default_rng(0)

@@ -38,8 +38,7 @@ from ..asset import Asset
 from ..blender_data import blender_hdri
 from ..camera import Camera
 from ..configs import ENCODER_KEYS, load_networks
-from ..demo import diffuse_irradiance
-from ..envmap import EnvMap
+from ..envmap import EnvMap, diffuse_irradiance
 from ..errors import NearError
 from ..files import write_bytes_atomically
 from ..images import linear_to_srgb

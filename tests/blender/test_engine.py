@@ -21,8 +21,10 @@ from conftest import make_asset
 from plyfile import PlyData
 
 import near_blender
+from near_blender import runtime
 from near_blender.engine import ViewState, _render_view
 from near_blender.objects import asset_to_object, object_to_asset
+from near_engine import bundled
 from near_engine.asset import write_asset
 from near_engine.blender_data import blender_hdri
 from near_engine.camera import Camera
@@ -311,14 +313,15 @@ def test_latent_that_does_not_fit_the_weights_is_a_clear_error(clean_blender, we
     assert _datablock_counts() == counts
 
 
-def test_missing_weights_are_a_clear_error(clean_blender, tmp_path) -> None:
+def test_missing_weights_are_a_clear_error_and_unset_weights_use_near_tiny(clean_blender, tmp_path) -> None:
     scene = clean_blender
     _setup(scene, tmp_path / "nowhere", tmp_path)
     with pytest.raises(RuntimeError, match="weights folder not found"):
         bpy.ops.render.render()
-    scene.near.weights_folder = ""
-    with pytest.raises(RuntimeError, match="No NeAR weights are set"):
-        bpy.ops.render.render()
+    scene.near.weights_folder = ""  # nothing chosen: the near-tiny weights that ship with near_engine
+    assert runtime.weights_folder(scene) == bundled.weights_folder("near-tiny")
+    assert bpy.ops.render.render() == {"FINISHED"}
+    assert runtime.pipeline(scene).weights_id.startswith(str(bundled.BUNDLED_WEIGHTS["near-tiny"]))
 
 
 # ------------------------------------------------------------------------------------------------------- operators

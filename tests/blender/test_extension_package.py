@@ -11,6 +11,7 @@ disables the add-on and checks that it unregistered everything.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -31,7 +32,7 @@ BUILD_SCRIPT = ROOT / "wheels" / "build_extension.py"
 ADDON = "bl_ext.user_default.near"
 RENDER_SIZE = (32, 24)
 
-# Runs in a fresh Python (argv: zip, weights folder, output folder). Every check is an assert, so any failure is a
+# Runs in a fresh Python (argv: zip, output folder). No weights folder is set: the bundled near-tiny must render. Every check is an assert, so any failure is a
 # traceback and a non-zero exit; the facts the test checks again are printed as one JSON line.
 INSTALL_SCRIPT = textwrap.dedent("""
     import importlib, json, math, sys
@@ -40,7 +41,7 @@ INSTALL_SCRIPT = textwrap.dedent("""
     import bpy
     import numpy as np
 
-    zip_path, weights, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    zip_path, out = sys.argv[1], Path(sys.argv[2])
     addon = "bl_ext.user_default.near"
     site = Path(bpy.utils.user_resource("EXTENSIONS")) / ".local" / "lib" / (
         f"python{sys.version_info[0]}.{sys.version_info[1]}") / "site-packages"
@@ -60,7 +61,6 @@ INSTALL_SCRIPT = textwrap.dedent("""
     # The scene: one NeAR object at the origin, a camera looking at it, a uniform grey world, transparent film.
     scene = bpy.context.scene
     scene.render.engine = "NEAR"
-    scene.near.weights_folder = weights
     scene.render.resolution_x, scene.render.resolution_y = %(size)r
     scene.render.resolution_percentage = 100
     scene.render.film_transparent = True
@@ -87,6 +87,7 @@ INSTALL_SCRIPT = textwrap.dedent("""
 
     bpy.ops.render.render(write_still=True)
     assert (out / "frame.exr").is_file(), "the NEAR engine wrote no frame"
+    weights = str(importlib.import_module(addon + ".near_blender.runtime").weights_folder(scene))
 
     bpy.ops.preferences.addon_disable(module=addon)
     assert addon not in bpy.context.preferences.addons
@@ -98,7 +99,7 @@ INSTALL_SCRIPT = textwrap.dedent("""
     assert engine_gone, "the NEAR engine is still registered after disabling the add-on"
     assert not hasattr(bpy.types.Scene, "near"), "Scene.near is still registered after disabling the add-on"
 
-    print("RESULT " + json.dumps({"site_packages": str(site), "installed": installed,
+    print("RESULT " + json.dumps({"site_packages": str(site), "installed": installed, "weights": weights,
                                   "near_engine_file": near_engine.__file__,
                                   "after_disable": sorted(p.name for p in site.iterdir()) if site.is_dir() else []}))
 """) % {"size": RENDER_SIZE}
@@ -137,6 +138,12 @@ def test_engine_only_zip_contents_and_validation(engine_only_zip: Path):
     assert {"__init__.py", "near_blender/__init__.py", "near_blender/engine.py"} <= names
     assert not any(n.startswith(("near_engine/", "tests/")) or "__pycache__" in n for n in names)
     assert manifest["wheels"] == [f"./{engine_wheel}"]
+    with zipfile.ZipFile(io.BytesIO(zipfile.ZipFile(engine_only_zip).read(engine_wheel))) as wheel:
+        shipped = set(wheel.namelist())
+    assert {f"near_engine/weights/near-tiny/{key}.safetensors" for key in
+            ("decoder", "hdri_encoder", "renderer", "neural_basis", "image_features", "encoder")} <= shipped
+    assert {"near_engine/weights/near-tiny/pipeline.json", "near_engine/samples/vase.obj",
+            "near_engine/samples/vase.mtl", "near_engine/samples/vase.png"} <= shipped
     assert manifest["platforms"] == ["linux-x64"]
     assert manifest["id"] == "near" and manifest["schema_version"] == "1.0.0"
 
@@ -155,7 +162,7 @@ def test_offline_build_names_missing_wheels(tmp_path: Path):
     assert not list((tmp_path / "dist").glob("*.zip"))
 
 
-def test_install_enable_render_disable(engine_only_zip: Path, weights_folder: Path, tmp_path: Path):
+def test_install_enable_render_disable(engine_only_zip: Path, tmp_path: Path):
     user = tmp_path / "blender-user"
     out = tmp_path / "out"
     out.mkdir()
@@ -163,7 +170,7 @@ def test_install_enable_render_disable(engine_only_zip: Path, weights_folder: Pa
     script.write_text(INSTALL_SCRIPT)
     env = {**os.environ, "BLENDER_USER_RESOURCES": str(user)}
     # cwd is the tmp folder, so the repo's own near_engine/ is not importable through the current directory.
-    done = subprocess.run([sys.executable, str(script), str(engine_only_zip), str(weights_folder), str(out)],
+    done = subprocess.run([sys.executable, str(script), str(engine_only_zip), str(out)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     (line,) = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -176,6 +183,8 @@ def test_install_enable_render_disable(engine_only_zip: Path, weights_folder: Pa
     assert "near_engine" in facts["installed"], facts["installed"]
     assert any(name.startswith("near_engine-") and name.endswith(".dist-info") for name in facts["installed"])
     assert Path(facts["near_engine_file"]) == site / "near_engine" / "__init__.py"
+    # With no weights folder set, it rendered with the near-tiny weights inside the installed wheel.
+    assert Path(facts["weights"]) == site / "near_engine" / "weights" / "near-tiny"
     # ...and disabling the add-on removed it again.
     assert "near_engine" not in facts["after_disable"], facts["after_disable"]
 
