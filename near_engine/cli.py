@@ -145,7 +145,7 @@ def _cmd_datagen(args: argparse.Namespace) -> int:
                            hdris_per_object=args.hdris_per_object, seed=args.seed,
                            render=RenderSettings(size=args.size, samples=args.samples))
     start = time.perf_counter()
-    result = run_datagen(args.output, config, shard)
+    result = run_datagen(args.output, config, shard, meshes=args.meshes or ())
     done = len(result["rendered"])
     per_object = f", {(time.perf_counter() - start) / done:.1f} s per object" if done else ""
     print(f"rendered {done}, skipped {len(result['skipped'])} (finished before), failed {len(result['failed'])}"
@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     datagen.add_argument("--samples", type=int, default=32, help="Cycles samples per pixel, denoised (default 32)")
     datagen.add_argument("--seed", type=int, default=0, help="data set seed: object i of a seed is always the same")
     datagen.add_argument("--shard", default="0/1", help="render objects with index %% n == i (default 0/1)")
+    datagen.add_argument("--meshes", nargs="+", metavar="MESH", help="render these mesh files (OBJ, glTF/GLB, PLY, "
+                         ".blend) instead of procedural objects, all as validation objects: an evaluation set of "
+                         "real meshes for `near eval` (--objects is ignored)")
     datagen.set_defaults(func=_cmd_datagen)
 
     evaluate = sub.add_parser("eval", help="score weights against Cycles ground truth on held-out objects and HDRIs",

@@ -9,13 +9,14 @@ run deletes and re-renders it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import OpenEXR
@@ -59,23 +60,32 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def run_datagen(out: str | Path, config: DatagenConfig, shard: tuple[int, int] = (0, 1),
-                log: Callable[[str], object] = print) -> dict:
+                log: Callable[[str], object] = print, meshes: Sequence[str | Path] = ()) -> dict:
     """Render this shard's objects (index % n == i) that are not finished yet; returns the ids rendered/skipped/failed.
 
-    A failing object is logged to `errors.log` with its traceback and left without a marker; the run goes on. The
-    manifest is rewritten after every finished object.
+    With `meshes`, the objects are those mesh files instead of procedural ones (`config.objects` is ignored), all in
+    the validation split: an evaluation set of real meshes for `near eval`. A failing object is logged to
+    `errors.log` with its traceback and left without a marker; the run goes on. The manifest is rewritten after
+    every finished object.
     """
     out = Path(out)
     i, n = shard
     if not 0 <= i < n:
         raise NearError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
+    meshes = [Path(m).resolve() for m in meshes]
+    missing = [str(m) for m in meshes if not m.is_file()]
+    if missing:
+        raise NearError(f"no such mesh file(s): {', '.join(missing)}")
+    if meshes:
+        config = replace(config, objects=len(meshes))
+    settings = {**config.to_json(), **({"meshes": [str(m) for m in meshes]} if meshes else {})}
     (out / "objects").mkdir(parents=True, exist_ok=True)
     config_path = out / "config.json"
     if config_path.is_file():  # objects are independent of each other: only the object count may change
         stored = json.loads(config_path.read_text())
-        if {**stored, "objects": config.objects} != config.to_json():
+        if {**stored, "objects": config.objects} != settings:
             raise NearError(f"{out} holds a data set made with other settings ({stored}); use another folder")
-    _write_json(config_path, config.to_json())
+    _write_json(config_path, settings)
     result: dict[str, list[str]] = {"rendered": [], "skipped": [], "failed": []}
     for index in range(i, config.objects, n):
         folder = out / "objects" / object_id(index)
@@ -85,7 +95,7 @@ def run_datagen(out: str | Path, config: DatagenConfig, shard: tuple[int, int] =
         shutil.rmtree(folder, ignore_errors=True)  # half-finished: start it over
         folder.mkdir(parents=True)
         try:
-            _render_one(folder, config, index, log)
+            _render_one(folder, config, index, log, meshes[index] if meshes else None)
             result["rendered"].append(folder.name)
             write_manifest(out)  # always current: training and evaluation can start on a run still going
         except Exception:  # one bad object must not stop the run: log it, leave no marker
@@ -97,18 +107,22 @@ def run_datagen(out: str | Path, config: DatagenConfig, shard: tuple[int, int] =
     return result
 
 
-def _render_one(folder: Path, config: DatagenConfig, index: int, log: Callable[[str], object]) -> None:
-    """Render object `index` into `folder`: meta.json first, then images, then the done.json marker."""
+def _render_one(folder: Path, config: DatagenConfig, index: int, log: Callable[[str], object],
+                mesh: Path | None = None) -> None:
+    """Render object `index` (procedural, or the file `mesh`) into `folder`: meta.json first, then images, then the
+    done.json marker."""
     start = time.perf_counter()
-    recipe = make_recipe(config.seed, index)
+    recipe = make_recipe(config.seed, index) if mesh is None else mesh
+    validation = mesh is not None or is_validation_object(index)
     offset = tuple(float(x) for x in np.random.default_rng([config.seed, index, 2]).random(2))
     cameras = view_cameras(config.views, offset, config.render.size)
-    lights = object_lights(config.seed, index, config.hdris_per_object)
+    lights = object_lights(config.seed, index, config.hdris_per_object, validation)
     lit_views = spread_subset(config.views, config.hdri_views)
-    meta = {"id": folder.name, "index": index, "split": "val" if is_validation_object(index) else "train",
-            "recipe": recipe.to_json(), "cameras": [camera_record(c) for c in cameras], "camera_radius": RADIUS,
-            "fov_deg": FOV_DEG, "uniform_light": UNIFORM.to_json(), "lights": [l.to_json() for l in lights],
-            "lit_views": lit_views}
+    source = ({"mesh": mesh.name, "sha256": hashlib.sha256(mesh.read_bytes()).hexdigest()} if mesh is not None
+              else recipe.to_json())
+    meta = {"id": folder.name, "index": index, "split": "val" if validation else "train", "recipe": source,
+            "cameras": [camera_record(c) for c in cameras], "camera_radius": RADIUS, "fov_deg": FOV_DEG,
+            "uniform_light": UNIFORM.to_json(), "lights": [l.to_json() for l in lights], "lit_views": lit_views}
     _write_json(folder / "meta.json", meta)
     stats = render_object(recipe, cameras, lights, lit_views, folder, config.render, log)
     _write_json(folder / "done.json", {**stats, "seconds_total": time.perf_counter() - start})

@@ -55,16 +55,17 @@ def is_validation_object(index: int) -> bool:
     return index % 10 == 9
 
 
-def object_lights(seed: int, index: int, n_hdri: int) -> list[Light]:
+def object_lights(seed: int, index: int, n_hdri: int, validation: bool | None = None) -> list[Light]:
     """The relighting conditions of one object (seeded): `n_hdri` training HDRIs and one random area light.
 
-    Validation objects are the evaluation set: they are lit by the held-out HDRIs as well.
+    Validation objects (default: `is_validation_object(index)`) are the evaluation set: they are lit by the held-out
+    HDRIs as well.
     """
     if not 0 <= n_hdri <= len(TRAIN_HDRIS):
         raise NearError(f"HDRIs per object must be between 0 and {len(TRAIN_HDRIS)}, got {n_hdri}")
     rng = np.random.default_rng([seed, index, 1])
     names = list(rng.choice(TRAIN_HDRIS, size=n_hdri, replace=False))
-    if is_validation_object(index):
+    if is_validation_object(index) if validation is None else validation:
         names += HELD_OUT_HDRIS
     lights = [Light("hdri", hdri=str(name), rotation_z=float(rng.uniform(0, 2 * math.pi)),
                     strength=float(rng.uniform(0.5, 1.5))) for name in names]

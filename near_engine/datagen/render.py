@@ -89,21 +89,28 @@ def add_camera(scene, fov_deg: float):
     return obj
 
 
-def render_object(recipe: ObjectRecipe, cameras: list[Camera], lights: list[Light], lit_views: list[int],
+def render_object(recipe: ObjectRecipe | Path, cameras: list[Camera], lights: list[Light], lit_views: list[int],
                   out_dir: Path, settings: RenderSettings, log: Callable[[str], object] = print) -> dict:
-    """Build the object in a fresh scene and write its mesh and images into `out_dir`; returns timings.
+    """Build the object (a procedural recipe, or a mesh file imported and normalized by `meshes.import_mesh`) in a
+    fresh scene and write its mesh and images into `out_dir`; returns timings.
 
     Files: `mesh.npz`; `uniform/view_XXX.exr` (RGBA, depth, normal, base_color, roughness, metallic) for every camera;
-    `<light.name>/view_XXX.exr` (RGBA) for each light and each view in `lit_views`.
+    `<light.name>/view_XXX.exr` (RGBA) for each light and each view in `lit_views`. An imported mesh's own materials
+    do not write the base_color/roughness/metallic AOVs, so those passes are zero for it.
     """
     import bpy
 
-    bpy.ops.wm.read_factory_settings(use_empty=True)
-    obj = build_object(recipe)
-    vertices, triangles = mesh_arrays(obj)
+    from .meshes import import_mesh
+
+    if isinstance(recipe, Path):
+        vertices, triangles = import_mesh(recipe)
+    else:
+        bpy.ops.wm.read_factory_settings(use_empty=True)
+        vertices, triangles = mesh_arrays(build_object(recipe))
     np.savez(out_dir / "mesh.npz", vertices=vertices, triangles=triangles)
     times = render_views(cameras, lights, lit_views, out_dir, settings)
-    log(f"  {recipe.index}: {len(times)} images, {np.mean(times):.2f} s per image")
+    name = recipe.name if isinstance(recipe, Path) else recipe.index
+    log(f"  {name}: {len(times)} images, {np.mean(times):.2f} s per image")
     return {"images": len(times), "seconds_per_image": float(np.mean(times)), "seconds_rendering": float(sum(times))}
 
 
