@@ -119,12 +119,16 @@ def _cmd_bench_raster(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .train.losses import LossWeights
     from .train.loop import TrainConfig, train
 
+    if not args.exposure > 0:
+        raise NearError(f"--exposure must be positive, got {args.exposure}")
     config = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, size=args.size, light_size=args.light_size,
-                         seed=args.seed)
+                         seed=args.seed, weights=LossWeights(exposure=args.exposure))
     result = train(args.data, args.out, config, resume=args.resume, log_every=args.log_every,
-                   checkpoint_every=args.checkpoint_every, log=lambda line: print(line, flush=True))
+                   checkpoint_every=args.checkpoint_every, init_from=args.init_from,
+                   log=lambda line: print(line, flush=True))
     print(f"step {result['step']}: mean step {result['step_seconds']:.2f} s; weights in {Path(args.out) / 'weights'}")
     return 0
 
@@ -282,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--light-size", type=int, default=128, help="side of the tokenizer's input planes")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    tr.add_argument("--init-from", metavar="WEIGHTS", help="start the networks from this weights folder (e.g. an "
+                    "earlier run's weights/), with a fresh optimizer and schedule")
+    tr.add_argument("--exposure", type=float, default=1.0, help="gain inside the colour L1's log1p (default 1, the "
+                    "reference's loss; see near_engine/train/losses.py)")
     tr.add_argument("--log-every", type=int, default=10)
     tr.add_argument("--checkpoint-every", type=int, default=200)
     tr.set_defaults(func=_cmd_train)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +18,11 @@ from near_engine.configs import ENCODER_KEYS, NETWORK_KEYS, tiny_config, tiny_en
 from near_engine.datagen.dataset import DatagenConfig, run_datagen  # noqa: E402
 from near_engine.datagen.render import RenderSettings  # noqa: E402
 from near_engine.envmap import EnvMap  # noqa: E402
+from near_engine.errors import NearError  # noqa: E402
 from near_engine.pipeline import NearPipeline, Scene  # noqa: E402
 from near_engine.train.data import Sample, TrainObject, list_objects, load_training_object  # noqa: E402
 from near_engine.train.encode import encode_views  # noqa: E402
+from near_engine.train.losses import LossWeights  # noqa: E402
 from near_engine.train.loop import TrainConfig, Trainer  # noqa: E402
 from train_ddp_worker import ddp_worker, free_port, params  # noqa: E402
 
@@ -120,6 +124,46 @@ def test_exported_weights_load_and_render(obj, tmp_path):
     assert images["alpha"].max() > 0.1  # the object shows up
     saved = set(trainer.networks)
     assert saved == set(NETWORK_KEYS) | set(ENCODER_KEYS)
+
+
+def test_init_from_weights_and_checkpoints_from_before_exposure(obj, tmp_path):
+    trained = Trainer(CONFIG, [obj])
+    trained.train_step()
+    trained.export(tmp_path / "weights")
+    tuned = Trainer(replace(CONFIG, weights=LossWeights(exposure=4.0)), [obj])
+    tuned.init_networks(tmp_path / "weights")  # other run settings, same networks: a fresh optimizer and schedule
+    a, b = _params(trained), _params(tuned)
+    assert all(torch.equal(a[k], b[k]) for k in a) and tuned.step == 0
+    # A checkpoint written before LossWeights had `exposure` resumes under its default (1: the loss it trained with).
+    trained.save_checkpoint(tmp_path / "checkpoint.pt")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    old = json.loads(state["config"])
+    del old["weights"]["exposure"]
+    torch.save({**state, "config": json.dumps(old)}, tmp_path / "old.pt")
+    resumed = Trainer(CONFIG, [obj])
+    resumed.load_checkpoint(tmp_path / "old.pt")
+    assert resumed.step == 1
+    with pytest.raises(NearError, match="other settings"):
+        tuned.load_checkpoint(tmp_path / "old.pt")
+
+
+def test_exposure_scales_inside_the_log():
+    from near_engine.train.losses import stage2_losses
+
+    rng = torch.Generator().manual_seed(0)
+    color, target = torch.rand(8, 8, 3, generator=rng) * 0.3, torch.rand(8, 8, 3, generator=rng) * 0.3
+    alpha = torch.ones(8, 8, 1)
+    passes = {"color": color, "lit_alpha": alpha, "alpha": alpha, "base_color": color, "roughness": alpha,
+              "metallic": alpha, "normal": torch.nn.functional.normalize(torch.ones(8, 8, 3), dim=-1)}
+    gbuffers = {"base_color": color, "roughness": alpha, "metallic": alpha, "normal": passes["normal"]}
+
+    class Frame:  # the regularizers' inputs: unit scales and opacities
+        intrinsic = lit = type("G", (), {"scales": torch.ones(4, 3), "opacities": torch.ones(4)})
+
+    for exposure in (1.0, 4.0):
+        l1 = stage2_losses(passes, Frame, target, alpha, gbuffers, LossWeights(exposure=exposure))["l1"]
+        expected = (torch.log1p(exposure * color) - torch.log1p(exposure * target)).abs().mean()
+        torch.testing.assert_close(l1, expected)
 
 
 def test_encode_views_is_differentiable_and_follows_voxel_order(obj):

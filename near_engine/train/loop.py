@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..configs import build_networks, get_config, save_networks
+from ..configs import build_networks, get_config, load_networks, save_networks
 from ..errors import NearError
 from ..files import write_atomically
 from ..frame import decode_gaussians, rasterize_passes
@@ -63,6 +63,11 @@ class TrainConfig:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        """The config `to_json` wrote; fields added since take their defaults (which reproduce older runs)."""
+        return cls(**{**data, "weights": LossWeights(**data.get("weights", {}))})
 
     @property
     def resolution(self) -> int:
@@ -166,7 +171,7 @@ class Trainer:
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore a `save_checkpoint` file; its run settings must match this run's (the step count may grow)."""
         state = torch.load(path, map_location="cpu", weights_only=True)
-        saved, ours = json.loads(state["config"]), self.config.to_json()
+        saved, ours = TrainConfig.from_json(json.loads(state["config"])).to_json(), self.config.to_json()
         if {**saved, "steps": ours["steps"]} != ours:
             raise NearError(f"{path} was written by a run with other settings: {saved}")
         self.model.networks.load_state_dict(state["networks"])
@@ -174,6 +179,12 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
+
+    def init_networks(self, folder: str | Path) -> None:
+        """Load the six networks from a weights folder (strictly: same configuration, every tensor)."""
+        loaded, _ = load_networks(folder, "cpu", keys=tuple(self.model.networks))
+        self.model.networks.load_state_dict({f"{key}.{name}": value for key, net in loaded.items()
+                                             for name, value in net.state_dict().items()})
 
     def export(self, folder: str | Path, note: Mapping[str, Any] | None = None) -> None:
         """Save the six networks in our weights folder format, loadable by `NearPipeline.from_pretrained`."""
@@ -194,8 +205,12 @@ def _distributed() -> tuple[int, int, bool]:
 
 
 def train(data: str | Path, out: str | Path, config: TrainConfig, *, resume: bool = False, log_every: int = 10,
-          checkpoint_every: int = 200, log: Callable[[str], object] = print) -> dict[str, Any]:
+          checkpoint_every: int = 200, init_from: str | Path | None = None,
+          log: Callable[[str], object] = print) -> dict[str, Any]:
     """Train on the finished training objects of `data`, writing `out/checkpoint.pt` and the weights `out/weights/`.
+
+    `init_from`: a weights folder (e.g. an earlier run's `weights/`) whose six networks start this run, with a fresh
+    optimizer and schedule (fine-tuning, or changed run settings); ignored when a checkpoint is resumed.
 
     Returns the last logged terms and the mean step time. Under torchrun each rank takes its shard of the objects.
     """
@@ -211,6 +226,9 @@ def train(data: str | Path, out: str | Path, config: TrainConfig, *, resume: boo
         if resume and (out / CHECKPOINT).is_file():
             trainer.load_checkpoint(out / CHECKPOINT)
             log(f"resumed at step {trainer.step}")
+        elif init_from is not None:
+            trainer.init_networks(init_from)
+            log(f"networks initialized from {init_from}")
         last: dict[str, float] = {}
         start, first_step, times = time.perf_counter(), trainer.step, []
         while trainer.step < config.steps:

@@ -2,7 +2,8 @@
 
     L = L1(log1p) + 0.2 (1 - SSIM) + 0.3 L_pbr + 1 L_alpha + 1e4 L_vol + 1e-3 L_opacity
 
-* reconstruction: L1 between log1p of the predicted and the Cycles lit colour (premultiplied, linear HDR), and
+* reconstruction: L1 between log1p(exposure * colour) of the predicted and the Cycles lit colour (premultiplied,
+  linear HDR; exposure 1 is the reference's loss), and
   D-SSIM on gamma-2.2 images clipped to [0, 1] (the released code's choice; the paper uses AgX);
 * L_pbr: L1 of the intrinsic pass's base colour, roughness and metallic against the G-buffers (0.5 each, as the code)
   and of its unit normal against Cycles' normal where the object covers the pixel (0.5; the paper found normal losses
@@ -26,7 +27,13 @@ __all__ = ["LossWeights", "ssim", "stage2_losses"]
 
 @dataclass(frozen=True)
 class LossWeights:
+    """Term weights, and `exposure`, the gain inside the L1's log1p. Blender's bundled HDRIs light objects to a
+    median of about 0.1 (linear), where log1p is nearly linear and the colour terms pull the shared networks about
+    3x less than the alpha term; a gain of 4 puts typical values into log1p's compressive range, as brighter HDRIs
+    would."""
+
     l1: float = 1.0
+    exposure: float = 1.0
     dssim: float = 0.2
     pbr: float = 0.3
     normal: float = 0.5  # inside L_pbr, like each material channel's 0.5
@@ -72,7 +79,8 @@ def stage2_losses(passes: dict[str, torch.Tensor], frame: FrameGaussians, target
     """
     color = passes["color"]
     terms = {
-        "l1": weights.l1 * (torch.log1p(color.clamp_min(0.0)) - torch.log1p(target_rgb)).abs().mean(),
+        "l1": weights.l1 * (torch.log1p(weights.exposure * color.clamp_min(0.0))
+                            - torch.log1p(weights.exposure * target_rgb)).abs().mean(),
         "dssim": weights.dssim * (1.0 - ssim(_gamma(color), _gamma(target_rgb))),
         "alpha": weights.alpha * ((passes["lit_alpha"] - target_alpha).abs().mean()
                                   + (passes["alpha"] - target_alpha).abs().mean()),
