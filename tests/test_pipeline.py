@@ -194,8 +194,8 @@ def test_clear_errors(networks, assets) -> None:
     for matrix in (np.diag([1.0, 2.0, 1.0, 1.0]), np.diag([-1.0, 1.0, 1.0, 1.0])):
         with pytest.raises(NearError, match="not mirrored, sheared or scaled unevenly"):
             pipeline.render(Scene([(assets[0], matrix)], _env(1), _camera()))
-    with pytest.raises(CheckpointError, match="no trained weights ship for 'near-tiny'"):
-        NearPipeline.from_pretrained("near-tiny")
+    with pytest.raises(CheckpointError, match="no trained weights ship for 'near-official'"):
+        NearPipeline.from_pretrained("near-official")
     with pytest.raises(CheckpointError, match="not a weights folder"):
         NearPipeline.from_pretrained("/nonexistent/weights")
 
