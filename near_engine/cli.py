@@ -122,10 +122,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train.losses import LossWeights
     from .train.loop import TrainConfig, train
 
-    if not args.exposure > 0:
-        raise NearError(f"--exposure must be positive, got {args.exposure}")
+    pbr = LossWeights.pbr if args.pbr_weight is None else args.pbr_weight
+    if not args.exposure > 0 or not pbr >= 0:
+        raise NearError(f"--exposure must be positive and --pbr-weight not negative, got {args.exposure} and {pbr}")
     config = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, size=args.size, light_size=args.light_size,
-                         seed=args.seed, weights=LossWeights(exposure=args.exposure))
+                         seed=args.seed, weights=LossWeights(exposure=args.exposure, pbr=pbr))
     result = train(args.data, args.out, config, resume=args.resume, log_every=args.log_every,
                    checkpoint_every=args.checkpoint_every, init_from=args.init_from,
                    log=lambda line: print(line, flush=True))
@@ -290,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "earlier run's weights/), with a fresh optimizer and schedule")
     tr.add_argument("--exposure", type=float, default=1.0, help="gain inside the colour L1's log1p (default 1, the "
                     "reference's loss; see near_engine/train/losses.py)")
+    tr.add_argument("--pbr-weight", type=float, default=None, help="weight of the material and normal term against "
+                    "the G-buffers (default: the reference's 0.3, `LossWeights.pbr`)")
     tr.add_argument("--log-every", type=int, default=10)
     tr.add_argument("--checkpoint-every", type=int, default=200)
     tr.set_defaults(func=_cmd_train)

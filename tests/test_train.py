@@ -131,9 +131,20 @@ def test_init_from_weights_and_checkpoints_from_before_exposure(obj, tmp_path):
     trained.train_step()
     trained.export(tmp_path / "weights")
     tuned = Trainer(replace(CONFIG, weights=LossWeights(exposure=4.0)), [obj])
-    tuned.init_networks(tmp_path / "weights")  # other run settings, same networks: a fresh optimizer and schedule
+    # Other run settings, same networks: every tensor loads; a fresh optimizer and schedule.
+    assert tuned.init_networks(tmp_path / "weights") == []
     a, b = _params(trained), _params(tuned)
     assert all(torch.equal(a[k], b[k]) for k in a) and tuned.step == 0
+    # A changed network (a wider image-feature CNN) keeps its own fresh tensors where shapes differ, loads the rest.
+    wider = _network_config()
+    wider["image_features"]["args"]["hidden_channels"] = 48
+    changed = Trainer(replace(CONFIG, network_config=wider), [obj])
+    fresh = _params(changed)
+    skipped = changed.init_networks(tmp_path / "weights")
+    assert skipped and all(name.startswith("image_features.") for name in skipped)
+    after = _params(changed)
+    for name in after:
+        assert torch.equal(after[name], (fresh if name in skipped else a)[name]), name
     # A checkpoint written before LossWeights had `exposure` resumes under its default (1: the loss it trained with).
     trained.save_checkpoint(tmp_path / "checkpoint.pt")
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)

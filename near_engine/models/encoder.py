@@ -4,8 +4,12 @@ TRELLIS builds a structured latent by running DINOv2 on 150 uniformly lit views,
 over the views and encoding them with its sparse VAE encoder, trained together with its Gaussian decoder. DINOv2 is
 not available offline and far too slow for a CPU product, so near-tiny trains its own small pair with the decoder:
 
-* `ImageFeatures`: a 3-layer CNN on premultiplied scene-linear RGBA (RGB through `log1p`, which compresses HDR values
-  the way the reconstruction loss does) -> C feature maps at half the image resolution;
+* `ImageFeatures`: a 3-layer CNN on premultiplied scene-linear RGBA (RGB as `log1p(16 RGB)`: uniform light puts
+  object colours at about 0.05-0.6, which the gain spreads over 0.6-2.3, the scale of alpha; log1p compresses HDR
+  values the way the reconstruction loss does) -> C - 4 feature maps at half the image resolution, plus that input
+  itself box-averaged to the same resolution. Both matter: trained on plain `log1p(RGB)` and without the skip, the
+  maps followed the silhouette (alpha) and hardly the colour (swapping an object's red and blue moved them by 3%),
+  and the decoded base colour came out the same grey for every object;
 * `lift_features`: each voxel centre is projected into every view and the maps are sampled bilinearly there; a voxel
   counts for a view only when it is *visible* in it: inside the image and, when the view's depth pass is given, not
   behind the first surface hit (camera z <= depth + tolerance; the tolerance covers a voxel centre lying up to half a
@@ -33,22 +37,30 @@ __all__ = ["ImageFeatures", "LatentEncoder", "lift_features"]
 
 
 class ImageFeatures(nn.Module):
-    """Premultiplied RGBA [V, H, W, 4] (scene-linear) -> feature maps [V, out_channels, ceil(H/2), ceil(W/2)]."""
+    """Premultiplied RGBA [V, H, W, 4] (scene-linear) -> feature maps [V, out_channels, ceil(H/2), ceil(W/2)]:
+    `out_channels - 4` learned maps, then the encoded input (log1p(16 RGB), alpha) box-averaged to their resolution."""
+
+    INPUT_CHANNELS = 4
+    INPUT_GAIN = 16.0  # colour gain inside log1p (see the module docstring)
 
     def __init__(self, out_channels: int = 16, hidden_channels: int = 32) -> None:
         super().__init__()
+        if out_channels <= self.INPUT_CHANNELS:
+            raise ValueError(f"ImageFeatures needs more than {self.INPUT_CHANNELS} output channels (the input's own "
+                             f"{self.INPUT_CHANNELS} are among them), got {out_channels}")
         self.out_channels = out_channels
         self.net = nn.Sequential(
-            nn.Conv2d(4, hidden_channels, 3, padding=1), nn.GELU(),
+            nn.Conv2d(self.INPUT_CHANNELS, hidden_channels, 3, padding=1), nn.GELU(),
             nn.Conv2d(hidden_channels, hidden_channels, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(hidden_channels, out_channels, 1),
+            nn.Conv2d(hidden_channels, out_channels - self.INPUT_CHANNELS, 1),
         )
 
     def forward(self, rgba: torch.Tensor) -> torch.Tensor:
         if rgba.ndim != 4 or rgba.shape[-1] != 4:
             raise ValueError(f"ImageFeatures expects RGBA images [V, H, W, 4], got {tuple(rgba.shape)}")
-        x = torch.cat([torch.log1p(rgba[..., :3].clamp_min(0.0)), rgba[..., 3:]], -1)
-        return self.net(x.permute(0, 3, 1, 2))
+        colour = torch.log1p(self.INPUT_GAIN * rgba[..., :3].clamp_min(0.0))
+        x = torch.cat([colour, rgba[..., 3:]], -1).permute(0, 3, 1, 2)
+        return torch.cat([self.net(x), F.avg_pool2d(x, 2, ceil_mode=True)], 1)
 
 
 def lift_features(maps: torch.Tensor, points: torch.Tensor, cameras: Sequence[Camera],

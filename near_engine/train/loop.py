@@ -32,7 +32,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..configs import build_networks, get_config, load_networks, save_networks
+from ..bundled import weights_folder
+from ..configs import build_networks, get_config, save_networks
 from ..errors import NearError
 from ..files import write_atomically
 from ..frame import decode_gaussians, rasterize_passes
@@ -180,11 +181,26 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
 
-    def init_networks(self, folder: str | Path) -> None:
-        """Load the six networks from a weights folder (strictly: same configuration, every tensor)."""
-        loaded, _ = load_networks(folder, "cpu", keys=tuple(self.model.networks))
-        self.model.networks.load_state_dict({f"{key}.{name}": value for key, net in loaded.items()
-                                             for name, value in net.state_dict().items()})
+    def init_networks(self, folder: str | Path) -> list[str]:
+        """Start the six networks from a weights folder: every tensor whose name and shape match is loaded, the
+        others keep their fresh initialization (an architecture change, say); returns the names left out."""
+        from ..checkpoints import read_safetensors, read_weights_folder
+
+        _, entries = read_weights_folder(weights_folder(folder), tuple(self.model.networks))
+        own = self.model.networks.state_dict()
+        loaded, skipped = {}, []
+        for key, entry in entries.items():
+            for name, tensor in read_safetensors(entry.weights).items():
+                full = f"{key}.{name}"
+                if full in own and own[full].shape == tensor.shape:
+                    loaded[full] = tensor
+                else:
+                    skipped.append(full)
+        skipped += sorted(set(own) - set(loaded) - set(skipped))
+        if not loaded:
+            raise NearError(f"{folder}: no tensor fits these networks")
+        self.model.networks.load_state_dict({**own, **loaded})
+        return sorted(set(skipped))
 
     def export(self, folder: str | Path, note: Mapping[str, Any] | None = None) -> None:
         """Save the six networks in our weights folder format, loadable by `NearPipeline.from_pretrained`."""
@@ -209,8 +225,9 @@ def train(data: str | Path, out: str | Path, config: TrainConfig, *, resume: boo
           log: Callable[[str], object] = print) -> dict[str, Any]:
     """Train on the finished training objects of `data`, writing `out/checkpoint.pt` and the weights `out/weights/`.
 
-    `init_from`: a weights folder (e.g. an earlier run's `weights/`) whose six networks start this run, with a fresh
-    optimizer and schedule (fine-tuning, or changed run settings); ignored when a checkpoint is resumed.
+    `init_from`: a weights folder (e.g. an earlier run's `weights/`) whose tensors start this run where names and
+    shapes match (`Trainer.init_networks`), with a fresh optimizer and schedule (fine-tuning, changed run settings or
+    architecture); ignored when a checkpoint is resumed.
 
     Returns the last logged terms and the mean step time. Under torchrun each rank takes its shard of the objects.
     """
@@ -227,8 +244,9 @@ def train(data: str | Path, out: str | Path, config: TrainConfig, *, resume: boo
             trainer.load_checkpoint(out / CHECKPOINT)
             log(f"resumed at step {trainer.step}")
         elif init_from is not None:
-            trainer.init_networks(init_from)
-            log(f"networks initialized from {init_from}")
+            skipped = trainer.init_networks(init_from)
+            log(f"networks initialized from {init_from}" + (f"; freshly initialized (no match there): "
+                                                            f"{', '.join(skipped)}" if skipped else ""))
         last: dict[str, float] = {}
         start, first_step, times = time.perf_counter(), trainer.step, []
         while trainer.step < config.steps:
