@@ -133,6 +133,9 @@ def test_init_from_weights_and_checkpoints_from_before_exposure(obj, tmp_path):
     tuned = Trainer(replace(CONFIG, weights=LossWeights(exposure=4.0)), [obj])
     # Other run settings, same networks: every tensor loads; a fresh optimizer and schedule.
     assert tuned.init_networks(tmp_path / "weights") == []
+    tuned.export(tmp_path / "tuned")  # its note says where it started, and counts the steps of both runs
+    note = json.loads((tmp_path / "tuned" / "pipeline.json").read_text())["training"]
+    assert note["steps"] == 0 and note["total_steps"] == 1 and note["started_from"]["training"]["steps"] == 1
     a, b = _params(trained), _params(tuned)
     assert all(torch.equal(a[k], b[k]) for k in a) and tuned.step == 0
     # A changed network (a wider image-feature CNN) keeps its own fresh tensors where shapes differ, loads the rest.
@@ -153,7 +156,7 @@ def test_init_from_weights_and_checkpoints_from_before_exposure(obj, tmp_path):
     torch.save({**state, "config": json.dumps(old)}, tmp_path / "old.pt")
     resumed = Trainer(CONFIG, [obj])
     resumed.load_checkpoint(tmp_path / "old.pt")
-    assert resumed.step == 1
+    assert resumed.step == 1 and resumed.started_from is None
     with pytest.raises(NearError, match="other settings"):
         tuned.load_checkpoint(tmp_path / "old.pt")
 

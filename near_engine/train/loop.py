@@ -132,6 +132,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(config.warmup, config.steps))
         self.step = 0
+        self.started_from: dict[str, Any] | None = None  # the training note of the weights `init_networks` loaded
 
     @property
     def networks(self) -> nn.ModuleDict:
@@ -160,7 +161,8 @@ class Trainer:
         return {**{k: float(v.detach()) for k, v in terms.items()}, "grad_norm": float(grad_norm), "lr": lr}
 
     def state(self) -> dict[str, Any]:
-        return {"step": self.step, "networks": self.model.networks.state_dict(),
+        return {"step": self.step, "started_from": json.dumps(self.started_from),
+                "networks": self.model.networks.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), "config": json.dumps(self.config.to_json())}
 
@@ -180,13 +182,14 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
+        self.started_from = json.loads(state.get("started_from", "null"))
 
     def init_networks(self, folder: str | Path) -> list[str]:
         """Start the six networks from a weights folder: every tensor whose name and shape match is loaded, the
         others keep their fresh initialization (an architecture change, say); returns the names left out."""
         from ..checkpoints import read_safetensors, read_weights_folder
 
-        _, entries = read_weights_folder(weights_folder(folder), tuple(self.model.networks))
+        settings, entries = read_weights_folder(weights_folder(folder), tuple(self.model.networks))
         own = self.model.networks.state_dict()
         loaded, skipped = {}, []
         for key, entry in entries.items():
@@ -200,13 +203,21 @@ class Trainer:
         if not loaded:
             raise NearError(f"{folder}: no tensor fits these networks")
         self.model.networks.load_state_dict({**own, **loaded})
+        self.started_from = {"folder": str(folder), "training": settings.get("training")}
         return sorted(set(skipped))
 
     def export(self, folder: str | Path, note: Mapping[str, Any] | None = None) -> None:
-        """Save the six networks in our weights folder format, loadable by `NearPipeline.from_pretrained`."""
+        """Save the six networks in our weights folder format, loadable by `NearPipeline.from_pretrained`.
+
+        `pipeline.json` says how they were trained: this run's steps and settings, plus `note`; `total_steps` and
+        `started_from` (the training note of the weights this run started from) follow runs chained by `init_from`.
+        """
         Path(folder).mkdir(parents=True, exist_ok=True)
+        earlier = ((self.started_from or {}).get("training") or {}).get("total_steps", 0)
+        training = {"steps": self.step, "total_steps": self.step + int(earlier), "config": self.config.to_json(),
+                    **(note or {}), "started_from": self.started_from}
         save_networks(folder, dict(self.model.networks), self.config.network_config,
-                      {"light_size": self.config.light_size, "training": {"steps": self.step, **(note or {})}})
+                      {"light_size": self.config.light_size, "training": training})
 
 
 def _distributed() -> tuple[int, int, bool]:
