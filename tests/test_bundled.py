@@ -32,7 +32,7 @@ def test_near_tiny_ships_complete_and_small():
     assert set(encoders) == set(ENCODER_KEYS)
     assert sum(p.stat().st_size for p in folder.iterdir()) < 40 * MB  # the budget
     settings = json.loads((folder / "pipeline.json").read_text())
-    assert settings["training"]["steps"] >= 1000  # trained, and the folder says how long
+    assert settings["training"]["total_steps"] >= 1000  # trained, and the folder says how long
     assert pipeline.light_size == settings["light_size"]
 
 

@@ -34,3 +34,21 @@ def test_lift_features_averages_the_views_that_see_a_point():
     torch.testing.assert_close(lift_features(maps, points[:1], cameras, depth, tolerance=0.1)[:, 0],
                                torch.tensor([1.0]))
     np.testing.assert_allclose(cameras[1].project(np.zeros((1, 3)))[1], [2.0])  # the centre is 2 units away
+
+
+def test_latent_encoder_skip_passes_the_lifted_features_through_linearly():
+    from near_engine.models.encoder import LatentEncoder
+    from near_engine.sparse import SparseTensor
+
+    torch.manual_seed(0)
+    encoder = LatentEncoder(resolution=16, in_channels=6, model_channels=16, latent_channels=4, num_blocks=1,
+                            num_heads=2, window_size=4, num_register_tokens=2)
+    coords = torch.unique(torch.randint(0, 16, (40, 3)), dim=0).int()
+    features = torch.randn(len(coords), 6)
+    trunk_only = encoder(SparseTensor.from_list([(coords, features)], 16)).feats
+    assert torch.count_nonzero(encoder.skip.weight) == 0  # starts as the plain trunk
+    with torch.no_grad():
+        encoder.skip.weight.copy_(torch.randn(4, 6))
+        encoder.skip.bias.fill_(0.5)
+    with_skip = encoder(SparseTensor.from_list([(coords, features)], 16)).feats
+    torch.testing.assert_close(with_skip - trunk_only, features @ encoder.skip.weight.T + 0.5)

@@ -16,7 +16,10 @@ not available offline and far too slow for a CPU product, so near-tiny trains it
   voxel diagonal behind the surface it belongs to). Features are averaged over the visible views (zero if none);
 * `LatentEncoder`: a small sparse transformer over the voxels -> `latent_channels` (8) per voxel. Its trunk is the
   IAD's (input layer + APE + register/self-attention blocks with shifted 8^3 windows), reused as is, plus a LayerNorm
-  and a linear output. Deterministic (no posterior sampling; TRELLIS encodes with `sample_posterior=False` too).
+  and a linear output, and a linear skip from the lifted features to the latent (zero at first). Without the skip
+  the trained latent explained a quarter of the voxels' colour variance (a linear probe): the trunk, busy with
+  position and shape, let colour fade. Deterministic (no posterior sampling; TRELLIS encodes with
+  `sample_posterior=False` too).
 """
 
 from __future__ import annotations
@@ -108,7 +111,10 @@ class LatentEncoder(nn.Module):
             cond_channels=model_channels, num_blocks=num_blocks, num_register_tokens=num_register_tokens,
             num_heads=num_heads, mlp_ratio=mlp_ratio, attn_mode="swin", window_size=window_size, pe_mode="ape")
         self.out_layer = nn.Linear(model_channels, latent_channels)
+        self.skip = nn.Linear(in_channels, latent_channels)
+        nn.init.zeros_(self.skip.weight)
+        nn.init.zeros_(self.skip.bias)
 
     def forward(self, features: SparseTensor) -> SparseTensor:
         h, _ = self.trunk(features)
-        return h.replace(self.out_layer(layer_norm(h.feats)))
+        return h.replace(self.out_layer(layer_norm(h.feats)) + self.skip(features.feats))
