@@ -147,7 +147,8 @@ def _cmd_datagen(args: argparse.Namespace) -> int:
     if len(shard) != 2 or min(args.objects, args.views, args.size, args.samples) < 1 or args.hdri_views < 0:
         raise NearError("--shard must be i/n; --objects, --views, --size and --samples must be at least 1")
     config = DatagenConfig(objects=args.objects, views=args.views, hdri_views=args.hdri_views,
-                           hdris_per_object=args.hdris_per_object, seed=args.seed,
+                           hdris_per_object=args.hdris_per_object, skies_per_object=args.skies,
+                           area_light=args.area_light, seed=args.seed,
                            render=RenderSettings(size=args.size, samples=args.samples))
     start = time.perf_counter()
     result = run_datagen(args.output, config, shard, meshes=args.meshes or ())
@@ -224,18 +225,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     datagen = sub.add_parser("datagen", help="render synthetic training data with Cycles (seeded, sharded, resumable)",
                              description="Procedural objects rendered with Blender Cycles on the CPU: uniform-lit "
-                             "views with G-buffers, and relit views under Blender's HDRIs and an area light. The "
-                             "defaults (60 objects, 12 views, 4 relit views, 256 px, 32 samples) take about an hour "
-                             "on 2 CPU cores. A rerun skips finished objects; run one process per --shard i/n.")
+                             "views with G-buffers, and relit views under Blender's HDRIs (random rotation and "
+                             "strength) and a sun-and-sky world. A rerun skips finished objects; run one process per "
+                             "--shard i/n.")
     datagen.add_argument("-o", "--output", required=True, help="output folder (config.json, manifest.json, objects/)")
-    datagen.add_argument("--objects", type=int, default=60, help="number of objects (default 60)")
+    datagen.add_argument("--objects", type=int, default=300, help="number of objects (default 300)")
     datagen.add_argument("--views", type=int, default=12, help="uniform-lit views per object (default 12)")
-    datagen.add_argument("--hdri-views", type=int, default=4,
-                         help="of those, views also rendered under each relighting (default 4)")
-    datagen.add_argument("--hdris-per-object", type=int, default=2,
-                         help="training HDRIs per object, besides one area light (default 2)")
-    datagen.add_argument("--size", type=int, default=256, help="image width and height in pixels (default 256)")
-    datagen.add_argument("--samples", type=int, default=32, help="Cycles samples per pixel, denoised (default 32)")
+    datagen.add_argument("--hdri-views", type=int, default=6,
+                         help="of those, views also rendered under each relighting (default 6)")
+    datagen.add_argument("--hdris-per-object", type=int, default=2, help="training HDRIs per object (default 2)")
+    datagen.add_argument("--skies", type=int, default=1, choices=(0, 1),
+                         help="sun-and-sky worlds per object, baked to an environment map (default 1)")
+    datagen.add_argument("--area-light", action="store_true", help="also one random area light per object (not "
+                         "used by training: it has no environment map)")
+    datagen.add_argument("--size", type=int, default=128, help="image width and height in pixels (default 128)")
+    datagen.add_argument("--samples", type=int, default=16, help="Cycles samples per pixel, denoised (default 16)")
     datagen.add_argument("--seed", type=int, default=0, help="data set seed: object i of a seed is always the same")
     datagen.add_argument("--shard", default="0/1", help="render objects with index %% n == i (default 0/1)")
     datagen.add_argument("--meshes", nargs="+", metavar="MESH", help="render these mesh files (OBJ, glTF/GLB, PLY, "

@@ -36,10 +36,12 @@ class DatagenConfig:
     The defaults render in about an hour on 2 CPU cores (measured: see the README / `near datagen --help`).
     """
 
-    objects: int = 60
+    objects: int = 300
     views: int = 12  # uniform-lit views (with G-buffers) per object
-    hdri_views: int = 4  # of those, how many are also rendered under each relighting
-    hdris_per_object: int = 2  # training HDRIs per object (plus one area light; plus the held-out HDRIs if validation)
+    hdri_views: int = 6  # of those, how many are also rendered under each relighting
+    hdris_per_object: int = 2  # training HDRIs per object (plus the held-out HDRIs if validation)
+    skies_per_object: int = 1  # sun-and-sky worlds per object (0 or 1)
+    area_light: bool = False  # one random area light per object (no environment map: training skips it)
     seed: int = 0
     render: RenderSettings = field(default_factory=RenderSettings)
 
@@ -48,7 +50,9 @@ class DatagenConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> "DatagenConfig":
-        return cls(**{**data, "render": RenderSettings(**data["render"])})
+        """A stored config; fields added since take the values that reproduce the older runs (no sky, area light)."""
+        return cls(**{"skies_per_object": 0, "area_light": True, **data,
+                      "render": RenderSettings(**{"size": 256, "samples": 32, **data["render"]})})
 
 
 def object_id(index: int) -> str:
@@ -116,7 +120,8 @@ def _render_one(folder: Path, config: DatagenConfig, index: int, log: Callable[[
     validation = mesh is not None or is_validation_object(index)
     offset = tuple(float(x) for x in np.random.default_rng([config.seed, index, 2]).random(2))
     cameras = view_cameras(config.views, offset, config.render.size)
-    lights = object_lights(config.seed, index, config.hdris_per_object, validation)
+    lights = object_lights(config.seed, index, config.hdris_per_object, validation, config.skies_per_object,
+                           config.area_light)
     lit_views = spread_subset(config.views, config.hdri_views)
     source = ({"mesh": mesh.name, "sha256": hashlib.sha256(mesh.read_bytes()).hexdigest()} if mesh is not None
               else recipe.to_json())
@@ -157,12 +162,19 @@ def stack_channels(channels: dict[str, np.ndarray], prefix: str, letters: str) -
     return np.stack([channels[prefix + letter] for letter in letters], axis=-1)
 
 
+def default_specular(view: dict[str, np.ndarray], channel: str) -> np.ndarray:
+    """Data sets from before the Specular IOR Level AOV: Blender's default level 0.5, premultiplied by alpha."""
+    if channel != "specular.V":
+        raise KeyError(channel)
+    return 0.5 * view["A"]
+
+
 def load_object(path: str | Path) -> dict:
     """One finished object for training: float32 arrays plus its metadata.
 
     Keys: `meta` (meta.json), `vertices` [N,3], `triangles` [M,3], `world_to_camera` [V,4,4], `intrinsics` [V,4]
     (fx, fy, cx, cy), uniform-lit `rgba` [V,H,W,4] (premultiplied), `depth` [V,H,W] (Cycles' Depth pass),
-    `normal` [V,H,W,3] (world), `base_color` [V,H,W,3], `roughness`/`metallic` [V,H,W]; `lit_views` [K] and
+    `normal` [V,H,W,3] (world), `base_color` [V,H,W,3], `roughness`/`metallic`/`specular` [V,H,W]; `lit_views` [K] and
     `lit_rgba` [L,K,H,W,4] for `meta["lights"]` in order.
     """
     folder = Path(path)
@@ -179,8 +191,9 @@ def load_object(path: str | Path) -> dict:
     for key, prefix, letters in (("rgba", "", "RGBA"), ("normal", "normal.", "XYZ"),
                                  ("base_color", "base_color.", "RGB")):
         data[key] = np.stack([stack_channels(v, prefix, letters) for v in views])
-    for key, channel in (("depth", "depth.Z"), ("roughness", "roughness.V"), ("metallic", "metallic.V")):
-        data[key] = np.stack([v[channel] for v in views])
+    for key, channel in (("depth", "depth.Z"), ("roughness", "roughness.V"), ("metallic", "metallic.V"),
+                         ("specular", "specular.V")):
+        data[key] = np.stack([v[channel] if channel in v else default_specular(v, channel) for v in views])
     data["lit_rgba"] = np.stack([np.stack([stack_channels(read_exr_channels(folder / Light.from_json(l).name / f"view_{v:03d}.exr"),
                                                   "", "RGBA") for v in meta["lit_views"]])
                                  for l in meta["lights"]])

@@ -1,4 +1,6 @@
-"""Lighting of the data set: uniform white light (the LH target), Blender's bundled HDRIs, random area lights.
+"""Lighting of the data set: uniform white light (the LH target), Blender's bundled HDRIs at random rotations and
+strengths, Sky Texture worlds (sun and sky at a random sun position, baked to an equirectangular map that the lit
+views are then rendered under, so the networks see exactly the light Cycles used), and optional area lights.
 
 Splits: the HDRIs `HELD_OUT_HDRIS` and every tenth object (`is_validation_object`) never light a training image.
 'city' (hard sunlit street) and 'night' (dark, few bright lamps) are held out because they are the two least like the
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -21,11 +24,16 @@ TRAIN_HDRIS = tuple(h for h in HDRIS if h not in HELD_OUT_HDRIS)
 UNIFORM_STRENGTH = 0.6  # NeAR's homogenized light: world colour (1, 1, 1) at strength 0.6, no lamps
 AREA_WORLD_GREY = 0.35  # world colour behind the random area light
 AREA_SIZE = 100.0  # the reference scales a 1 m area light by 100: a wide, soft sky-like panel above the object
+SKY_MEAN = 0.6  # a baked sky is scaled to this mean radiance (the uniform light's level) before its own strength
+SKY_HEIGHT = 128  # rows of a baked sky map (256 x 128: the sun covers about one texel, as it does in Blender's HDRIs)
+SKY_SAMPLES = 16  # camera samples per texel of the bake (box filter: each texel is its footprint's average)
 
 
 @dataclass(frozen=True)
 class Light:
-    """One lighting of an object: kind 'uniform', 'hdri' (name, Mapping Z rotation, strength) or 'area'."""
+    """One lighting of an object: kind 'uniform', 'hdri' (name, Mapping Z rotation, strength), 'sky' (sun elevation
+    and rotation of a Nishita Sky Texture, baked to `<object>/sky.exr` at mean radiance `SKY_MEAN`, then strength) or
+    'area'."""
 
     kind: str
     hdri: str = ""
@@ -33,11 +41,18 @@ class Light:
     strength: float = UNIFORM_STRENGTH
     energy: float = 0.0  # area light power, W
     location: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    sun_elevation: float = 0.0  # radians above the horizon (sky)
+    sun_rotation: float = 0.0  # radians about +Z (sky)
 
     @property
     def name(self) -> str:
-        """A short id used in file names ('uniform', 'hdri_forest', 'area')."""
+        """A short id used in file names ('uniform', 'hdri_forest', 'sky', 'area')."""
         return f"hdri_{self.hdri}" if self.kind == "hdri" else self.kind
+
+    @property
+    def has_envmap(self) -> bool:
+        """Whether an environment map describes this light completely (the networks need one)."""
+        return self.kind in ("hdri", "sky", "uniform")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -55,12 +70,16 @@ def is_validation_object(index: int) -> bool:
     return index % 10 == 9
 
 
-def object_lights(seed: int, index: int, n_hdri: int, validation: bool | None = None) -> list[Light]:
-    """The relighting conditions of one object (seeded): `n_hdri` training HDRIs and one random area light.
+def object_lights(seed: int, index: int, n_hdri: int, validation: bool | None = None, skies: int = 0,
+                  area: bool = True) -> list[Light]:
+    """The relighting conditions of one object (seeded): `n_hdri` training HDRIs at random rotations and strengths,
+    `skies` (0 or 1) sun-and-sky worlds at a random sun position, and (with `area`) one random area light.
 
     Validation objects (default: `is_validation_object(index)`) are the evaluation set: they are lit by the held-out
     HDRIs as well.
     """
+    if skies not in (0, 1):
+        raise NearError(f"skies per object must be 0 or 1, got {skies}")
     if not 0 <= n_hdri <= len(TRAIN_HDRIS):
         raise NearError(f"HDRIs per object must be between 0 and {len(TRAIN_HDRIS)}, got {n_hdri}")
     rng = np.random.default_rng([seed, index, 1])
@@ -69,13 +88,31 @@ def object_lights(seed: int, index: int, n_hdri: int, validation: bool | None = 
         names += HELD_OUT_HDRIS
     lights = [Light("hdri", hdri=str(name), rotation_z=float(rng.uniform(0, 2 * math.pi)),
                     strength=float(rng.uniform(0.5, 1.5))) for name in names]
-    lights.append(Light("area", strength=AREA_WORLD_GREY, energy=float(rng.uniform(300, 500)),
-                        location=(float(rng.uniform(-1, 1)), float(rng.uniform(-1, 1)), float(rng.uniform(0.5, 1.5)))))
+    if skies:
+        sky_rng = np.random.default_rng([seed, index, 3])  # its own stream: older data sets keep their lights
+        lights.append(Light("sky", strength=float(sky_rng.uniform(0.5, 1.5)),
+                            sun_elevation=float(np.arcsin(sky_rng.uniform(0.05, 0.95))),
+                            sun_rotation=float(sky_rng.uniform(0, 2 * math.pi))))
+    if area:
+        lights.append(Light("area", strength=AREA_WORLD_GREY, energy=float(rng.uniform(300, 500)),
+                            location=(float(rng.uniform(-1, 1)), float(rng.uniform(-1, 1)),
+                                      float(rng.uniform(0.5, 1.5)))))
     return lights
 
 
-def apply_light(scene, light: Light) -> None:
-    """Set the scene's world (and its one area lamp) to `light`; lamps of a previous light are removed."""
+def sky_world_nodes(nodes, light: Light):
+    """A Nishita Sky Texture for `light` (sun disc on) in a world node tree; returns its colour output."""
+    sky = nodes.new("ShaderNodeTexSky")
+    sky.sky_type = "NISHITA"
+    sky.sun_disc = True
+    sky.sun_elevation, sky.sun_rotation = light.sun_elevation, light.sun_rotation
+    return sky.outputs["Color"]
+
+
+def apply_light(scene, light: Light, envmap_file: str | None = None) -> None:
+    """Set the scene's world (and its one area lamp) to `light`; lamps of a previous light are removed.
+
+    A sky light is shown through its baked map `envmap_file` (`bake_sky`), at the light's strength."""
     import bpy
 
     from ..blender_data import blender_hdri
@@ -100,6 +137,12 @@ def apply_light(scene, light: Light) -> None:
         links.new(nodes.new("ShaderNodeTexCoord").outputs["Generated"], mapping.inputs["Vector"])
         links.new(mapping.outputs[0], env.inputs["Vector"])
         links.new(env.outputs["Color"], background.inputs["Color"])
+    elif light.kind == "sky":
+        if envmap_file is None:
+            raise NearError("a sky light renders under its baked map: bake it first (bake_sky)")
+        env = nodes.new("ShaderNodeTexEnvironment")
+        env.image = bpy.data.images.load(envmap_file, check_existing=False)
+        links.new(env.outputs["Color"], background.inputs["Color"])
     elif light.kind in ("uniform", "area"):
         background.inputs["Color"].default_value = (1.0, 1.0, 1.0, 1.0)
     else:
@@ -110,3 +153,65 @@ def apply_light(scene, light: Light) -> None:
         obj = bpy.data.objects.new("area", lamp)
         obj.location = light.location  # pointing down (-Z), as a new area light does
         scene.collection.objects.link(obj)
+
+
+def bake_sky(scene, light: Light, target: str) -> None:
+    """Bake `light`'s Sky Texture to the equirectangular EXR `target` (2:1, `SKY_HEIGHT` rows, mean radiance
+    `SKY_MEAN`) with Cycles through a panoramic camera; the scene's objects are hidden from it meanwhile."""
+    import tempfile
+
+    import bpy
+
+    from ..envmap import EnvMap
+
+    world = bpy.data.worlds.new("sky_bake")
+    world.use_nodes = True
+    nodes, links = world.node_tree.nodes, world.node_tree.links
+    nodes.clear()
+    background = nodes.new("ShaderNodeBackground")
+    links.new(sky_world_nodes(nodes, light), background.inputs["Color"])
+    links.new(background.outputs[0], nodes.new("ShaderNodeOutputWorld").inputs["Surface"])
+    data = bpy.data.cameras.new("sky_bake")
+    data.type, data.panorama_type = "PANO", "EQUIRECTANGULAR"
+    camera = bpy.data.objects.new("sky_bake", data)
+    camera.rotation_euler = (math.pi / 2, 0.0, -math.pi / 2)  # looks along +X, up +Z: the image centre faces +X
+    scene.collection.objects.link(camera)
+    saved = (scene.world, scene.camera, scene.render.resolution_x, scene.render.resolution_y,
+             scene.render.film_transparent, scene.cycles.samples, scene.cycles.use_denoising,
+             scene.cycles.use_adaptive_sampling, scene.render.filepath)
+    hidden = [o for o in scene.objects if o.type == "MESH" and o.visible_camera]
+    try:
+        for obj in hidden:
+            obj.visible_camera = False
+        scene.world, scene.camera = world, camera
+        scene.render.resolution_x, scene.render.resolution_y = 2 * SKY_HEIGHT, SKY_HEIGHT
+        scene.render.film_transparent = False
+        scene.cycles.samples, scene.cycles.use_denoising, scene.cycles.use_adaptive_sampling = SKY_SAMPLES, False, False
+        with tempfile.TemporaryDirectory() as tmp:
+            scene.render.filepath = str(Path(tmp) / "sky.exr")
+            bpy.ops.render.render(write_still=True)
+            pixels = _read_combined(Path(tmp) / "sky.exr")
+    finally:
+        for obj in hidden:
+            obj.visible_camera = True
+        (scene.world, scene.camera, scene.render.resolution_x, scene.render.resolution_y,
+         scene.render.film_transparent, scene.cycles.samples, scene.cycles.use_denoising,
+         scene.cycles.use_adaptive_sampling, scene.render.filepath) = saved
+        bpy.data.objects.remove(camera)
+        bpy.data.cameras.remove(data)
+        bpy.data.worlds.remove(world)
+    weights = np.sin((np.arange(SKY_HEIGHT) + 0.5) / SKY_HEIGHT * math.pi)[:, None, None]  # solid angle per row
+    mean = float((pixels.mean(-1, keepdims=True) * weights).sum() / (weights.sum() * pixels.shape[1]))
+    if not math.isfinite(mean) or mean <= 0:
+        raise NearError(f"the sky bake of {light} came out black")
+    EnvMap.from_array((pixels * (SKY_MEAN / mean)).astype(np.float32), name="sky").write_exr(target)
+
+
+def _read_combined(path: Path) -> np.ndarray:
+    """The RGB of Blender's multilayer EXR render (row 0 at the top) as float32 [H, W, 3]."""
+    import OpenEXR
+
+    exr = OpenEXR.File(str(path), separate_channels=True)
+    found = {name.rsplit(".", 1)[-1] if "Combined" in name else name: c.pixels for name, c in exr.channels().items()
+             if "Combined" in name or name in "RGB"}
+    return np.stack([found[c] for c in "RGB"], -1).astype(np.float32)

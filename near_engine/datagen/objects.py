@@ -18,7 +18,7 @@ PRIMITIVES = ("cube", "uv_sphere", "cylinder", "cone", "torus", "ico_sphere", "m
 TEXTURES = ("plain", "noise", "voronoi", "checker", "wave")
 
 # Arbitrary Output Variables the material writes, so Cycles renders them as G-buffer passes: name -> AOV type.
-AOVS = {"base_color": "COLOR", "roughness": "VALUE", "metallic": "VALUE"}
+AOVS = {"base_color": "COLOR", "roughness": "VALUE", "metallic": "VALUE", "specular": "VALUE"}
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,8 @@ def _part_mesh(part: Part) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_material(recipe: MaterialRecipe, name: str = "material"):
-    """A Principled BSDF material that also writes base colour, roughness and metallic to AOVs (G-buffer passes).
+    """A Principled BSDF material that also writes base colour, roughness, metallic and Specular IOR Level to AOVs
+    (G-buffer passes).
 
     Textures are placed in Object coordinates, i.e. asset space, so they do not depend on the render's camera.
     """
@@ -212,7 +213,7 @@ def build_material(recipe: MaterialRecipe, name: str = "material"):
     bsdf = nodes["Principled BSDF"]
     colour = _base_colour_socket(recipe, nodes, links)
     links.new(colour, bsdf.inputs["Base Color"])
-    values = {"roughness": recipe.roughness, "metallic": recipe.metallic}
+    values = {"roughness": recipe.roughness, "metallic": recipe.metallic, "specular": recipe.specular}
     bsdf.inputs["Roughness"].default_value = recipe.roughness
     bsdf.inputs["Metallic"].default_value = recipe.metallic
     bsdf.inputs["Specular IOR Level"].default_value = recipe.specular

@@ -20,13 +20,14 @@ import OpenEXR
 
 from ..camera import BLENDER_TO_OPENCV, Camera
 from ..images import write_exr
-from .lights import UNIFORM, Light, apply_light
+from .lights import UNIFORM, Light, apply_light, bake_sky
 from .objects import AOVS, ObjectRecipe, build_object, mesh_arrays
 
 # Our channel prefix -> (Blender's multilayer pass, its channel letters, ours), for the uniform-lit G-buffer file.
 GBUFFER_CHANNELS = {"": ("Combined", "RGBA", "RGBA"), "depth.": ("Depth", "Z", "Z"),
                     "normal.": ("Normal", "XYZ", "XYZ"), "base_color.": ("base_color", "RGB", "RGB"),
-                    "roughness.": ("roughness", "X", "V"), "metallic.": ("metallic", "X", "V")}
+                    "roughness.": ("roughness", "X", "V"), "metallic.": ("metallic", "X", "V"),
+                    "specular.": ("specular", "X", "V")}
 LIT_CHANNELS = {"": ("Combined", "RGBA", "RGBA")}
 
 
@@ -34,8 +35,8 @@ LIT_CHANNELS = {"": ("Combined", "RGBA", "RGBA")}
 class RenderSettings:
     """Cycles settings. Small bounce counts and adaptive sampling + OIDN denoising keep an image near a second."""
 
-    size: int = 256
-    samples: int = 32
+    size: int = 128
+    samples: int = 16
     denoise: bool = True
     diffuse_bounces: int = 2
     glossy_bounces: int = 2
@@ -95,8 +96,9 @@ def render_object(recipe: ObjectRecipe | Path, cameras: list[Camera], lights: li
     fresh scene and write its mesh and images into `out_dir`; returns timings.
 
     Files: `mesh.npz`; `uniform/view_XXX.exr` (RGBA, depth, normal, base_color, roughness, metallic) for every camera;
-    `<light.name>/view_XXX.exr` (RGBA) for each light and each view in `lit_views`. An imported mesh's own materials
-    do not write the base_color/roughness/metallic AOVs, so those passes are zero for it.
+    `<light.name>/view_XXX.exr` (RGBA) for each light and each view in `lit_views`; `sky.exr`, the baked map a sky
+    light's views are rendered under. An imported mesh's own materials do not write the base_color, roughness,
+    metallic and specular AOVs, so those passes are zero for it.
     """
     import bpy
 
@@ -130,7 +132,11 @@ def render_views(cameras: list[Camera], lights: list[Light], lit_views: list[int
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         for light, view, channels in jobs:
             if light != current:
-                apply_light(scene, light)
+                envmap_file = None
+                if light.kind == "sky":
+                    envmap_file = str(out_dir / "sky.exr")
+                    bake_sky(scene, light, envmap_file)
+                apply_light(scene, light, envmap_file)
                 current = light
             camera_obj.matrix_world = _blender_matrix(cameras[view])
             start = time.perf_counter()
