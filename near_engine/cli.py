@@ -123,10 +123,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train.loop import TrainConfig, train
 
     pbr = LossWeights.pbr if args.pbr_weight is None else args.pbr_weight
-    if not args.exposure > 0 or not pbr >= 0:
-        raise NearError(f"--exposure must be positive and --pbr-weight not negative, got {args.exposure} and {pbr}")
+    exposure = LossWeights.exposure if args.exposure is None else args.exposure
+    if not exposure > 0 or not pbr >= 0:
+        raise NearError(f"--exposure must be positive and --pbr-weight not negative, got {exposure} and {pbr}")
     config = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, size=args.size, light_size=args.light_size,
-                         seed=args.seed, weights=LossWeights(exposure=args.exposure, pbr=pbr))
+                         seed=args.seed, weights=LossWeights(exposure=exposure, pbr=pbr),
+                         images_per_step=args.images_per_step, uniform_images=args.uniform_images, inputs=args.inputs)
     result = train(args.data, args.out, config, resume=args.resume, log_every=args.log_every,
                    checkpoint_every=args.checkpoint_every, init_from=args.init_from,
                    log=lambda line: print(line, flush=True))
@@ -293,10 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     tr.add_argument("--init-from", metavar="WEIGHTS", help="start the networks from this weights folder (e.g. an "
                     "earlier run's weights/), with a fresh optimizer and schedule")
-    tr.add_argument("--exposure", type=float, default=1.0, help="gain inside the colour L1's log1p (default 1, the "
-                    "reference's loss; see near_engine/train/losses.py)")
+    tr.add_argument("--exposure", type=float, default=None, help="gain inside the colour L1's log1p (default: "
+                    "`LossWeights.exposure`, 4; 1 is the reference's loss; see near_engine/train/losses.py)")
     tr.add_argument("--pbr-weight", type=float, default=None, help="weight of the material and normal term against "
-                    "the G-buffers (default: the reference's 0.3, `LossWeights.pbr`)")
+                    "the G-buffers (default: `LossWeights.pbr`, 1; the reference's is 0.3)")
+    tr.add_argument("--images-per-step", type=int, default=8, help="images of one object supervised per step, "
+                    "encoding it once (default 8)")
+    tr.add_argument("--uniform-images", type=int, default=2, help="of those, uniform-lit views (default 2)")
+    tr.add_argument("--inputs", default="lh+material", help="what the decoder reads, for the input ablation: "
+                    "lh+material (near-tiny, default), lh, shaded or material")
     tr.add_argument("--log-every", type=int, default=10)
     tr.add_argument("--checkpoint-every", type=int, default=200)
     tr.set_defaults(func=_cmd_train)

@@ -35,6 +35,7 @@ from .checkpoints import load_weights, read_safetensors, read_weights_folder, sa
 from .errors import CheckpointError
 from .files import write_atomically
 from .models.encoder import ImageFeatures, LatentEncoder
+from .models.gaussian_heads import MATERIAL_CHANNELS
 from .models.iad import IntrinsicAwareDecoder
 from .models.lad import LightingAwareDecoder
 from .models.shading import ShadingMLP
@@ -150,21 +151,34 @@ def official_config(*, lad_blocks: int = 12, latent_channels: int = 8, cnn_out_c
     }
 
 
-def tiny_config(*, width: int = 64, heads: int = 2, iad_blocks: int = 2, lad_blocks: int = 2,
-                num_gaussians: int = 16, num_tokens: int = 256) -> dict[str, dict[str, Any]]:
-    """The small configuration: the same classes and wiring, sized for interactive CPU rendering.
+def _tiny_rep(num_gaussians: int) -> dict[str, Any]:
+    """near-tiny's Gaussians: 4 per voxel instead of the official 32, so each larger and more opaque at first (the
+    official scale bias 0.004 and opacity 0.1 are tuned for 32 overlapping Gaussians; with few they leave gaps, the
+    dotted look, until training grows them)."""
+    rep = _renderer_rep(num_gaussians)
+    rep.update({"scaling_bias": 0.004, "opacity_bias": 0.9, "voxel_size": 1.0})
+    return rep
 
-    `width` is the IAD/LAD channel count and the light-token width; the tokenizer has a 4-stage ConvNeXt of widths
-    (16, 32, 64, 128) and depths (1, 1, 2, 1) and `num_tokens` (a square) light tokens; the shading MLP keeps the
-    official interface (32 features + normal -> 5 outputs) with 32 hidden units.
+
+def tiny_config(*, width: int = 64, heads: int = 2, iad_blocks: int = 2, lad_blocks: int = 2,
+                num_gaussians: int = 4, num_tokens: int = 256) -> dict[str, dict[str, Any]]:
+    """The small configuration: the same classes and wiring, sized for interactive CPU rendering, with the physically
+    based shading core (`ibl`; `ShadingMLP(core="pbr")`).
+
+    `width` is the IAD/LAD channel count and the light-token width; the IAD reads the 8-channel LH latent plus the
+    6 channels of the material latents (`frame.MATERIAL_LATENTS`); the tokenizer has a 4-stage ConvNeXt of widths
+    (16, 32, 64, 128) and depths (1, 1, 2, 1) and `num_tokens` (a square) light tokens; the LAD's geometry and
+    material heads start at zero (Gaussians at their voxels, materials at the material latents); the shading MLP
+    (32 features + normal -> 2 factors and an additive term on the PBR radiance) has 32 SiLU hidden units. Its
+    last layer starts at zero, so untrained, near-tiny renders as a PBR shader of its material latents.
     """
     if width % heads:
         raise ValueError(f"width {width} is not divisible by {heads} heads")
     return {
         "decoder": {"name": "IntrinsicAwareDecoder", "args": {
-            "resolution": 64, "model_channels": width, "latent_channels": 8, "cond_channels": width,
-            "num_blocks": iad_blocks, "num_register_tokens": 4, "num_heads": heads, "mlp_ratio": 4,
-            "attn_mode": "swin", "window_size": 8, "pe_mode": "ape", "qk_rms_norm": False,
+            "resolution": 64, "model_channels": width, "latent_channels": 8 + MATERIAL_CHANNELS,
+            "cond_channels": width, "num_blocks": iad_blocks, "num_register_tokens": 4, "num_heads": heads,
+            "mlp_ratio": 4, "attn_mode": "swin", "window_size": 8, "pe_mode": "ape", "qk_rms_norm": False,
             "qk_rms_norm_cross": False}},
         "hdri_encoder": {"name": "IlluminationTokenizer", "args": {
             "output_dim": width, "num_tokens": num_tokens, "cnn_out_channels": 32, "n_heads": heads,
@@ -173,10 +187,11 @@ def tiny_config(*, width: int = 64, heads: int = 2, iad_blocks: int = 2, lad_blo
         "renderer": {"name": "LightingAwareDecoder", "args": {
             "resolution": 64, "model_channels": width, "latent_channels": width, "cond_channels": width,
             "num_blocks": lad_blocks, "num_heads": heads, "mlp_ratio": 4, "pe_mode": "null",
-            "qk_rms_norm_cross": False, "representation_config": _renderer_rep(num_gaussians)}},
+            "qk_rms_norm_cross": False, "representation_config": _tiny_rep(num_gaussians),
+            "zero_init_heads": True}},
         "neural_basis": {"name": "ShadingMLP", "args": {
-            "input_dim": 32, "output_dim": 5, "hidden_dim": 32, "num_layers": 3, "activation": "sine", "w0": 30.0,
-            "use_normal": True, "normal_dim": 3, "use_residual": False}},
+            "input_dim": 32, "output_dim": 5, "hidden_dim": 32, "num_layers": 3, "activation": "silu", "w0": 30.0,
+            "use_normal": True, "normal_dim": 3, "use_residual": False, "core": "pbr"}},
     }
 
 

@@ -68,8 +68,10 @@ from torch import nn
 from .camera import Camera
 from .envmap import EnvMap
 from .gaussians import Gaussians
+from .ibl import IBLLight, shade
 from .models.blocks import BlockContext
 from .models.gaussian_heads import (
+    MATERIAL_CHANNELS,
     HeadGaussians,
     IntrinsicGaussians,
     LitParameters,
@@ -79,12 +81,17 @@ from .models.gaussian_heads import (
 from .models.tokenizer import tokenizer_input
 from .raster import rasterize
 from .sparse import SparseTensor
+from .voxelize import voxel_normals
 
 __all__ = [
     "BACKGROUND_DEPTH",
     "NORMAL_FLIP_OFFSET",
+    "DEFAULT_MATERIAL",
     "FrameGaussians",
     "PassGaussians",
+    "VoxelPriors",
+    "decoder_input",
+    "material_latents",
     "light_planes",
     "light_tokens",
     "decode_gaussians",
@@ -97,9 +104,59 @@ BACKGROUND_DEPTH = 1.0e10
 NORMAL_FLIP_OFFSET = 0.5
 #: Channel names and widths of the two rasterized passes.
 INTRINSIC_CHANNELS: tuple[tuple[str, int], ...] = (("base_color", 3), ("roughness", 1), ("metallic", 1),
-                                                   ("normal", 3))
+                                                   ("specular", 1), ("normal", 3))
 LIT_CHANNELS: tuple[tuple[str, int], ...] = (("color", 3), ("shadow", 1))
 _NORMAL_SPACES = ("world", "view", "camera")
+#: Extra latents (`Asset.extras`) of near-tiny's material latents, with their channels.
+MATERIAL_LATENTS: tuple[tuple[str, int], ...] = (("base_color", 3), ("material", 3))  # material: rough, metal, spec
+#: The material of an asset that carries no material latents (assets from before them): Blender's default grey
+#: dielectric (base 0.8^2.2 linear grey, roughness 0.5, metallic 0, Specular IOR Level 0.5).
+DEFAULT_MATERIAL: tuple[float, ...] = (0.61, 0.61, 0.61, 0.5, 0.0, 0.5)
+
+
+def material_latents(extras: Mapping[str, np.ndarray], count: int) -> np.ndarray:
+    """The material latents [V, 6] (base colour, roughness, metallic, specular level) of an asset's extras, or
+    `DEFAULT_MATERIAL` for assets without them. Partial or mis-shaped material latents are an error."""
+    present = [name for name, _ in MATERIAL_LATENTS if name in extras]
+    if not present:
+        return np.tile(np.asarray(DEFAULT_MATERIAL, np.float32), (count, 1))
+    if len(present) != len(MATERIAL_LATENTS):
+        raise ValueError(f"the asset carries {', '.join(present)} but not all of "
+                         f"{', '.join(n for n, _ in MATERIAL_LATENTS)}")
+    parts = []
+    for name, channels in MATERIAL_LATENTS:
+        value = np.asarray(extras[name], np.float32)
+        if value.shape != (count, channels):
+            raise ValueError(f"the asset's {name} latent is {value.shape}, expected ({count}, {channels})")
+        parts.append(value)
+    return np.concatenate(parts, 1)
+
+
+def decoder_input(latent: torch.Tensor, materials: torch.Tensor | None, latent_channels: int) -> torch.Tensor:
+    """What the IAD reads: the latent alone, or (near-tiny) the latent and the material latents side by side."""
+    if latent.shape[-1] == latent_channels:
+        return latent
+    if materials is not None and latent.shape[-1] + materials.shape[-1] == latent_channels:
+        return torch.cat([latent, materials.to(latent)], -1)
+    raise ValueError(f"the decoder reads {latent_channels} channels; the latent has {latent.shape[-1]}"
+                     + (f" and the material latents {materials.shape[-1]}" if materials is not None else ""))
+
+
+@dataclass(frozen=True)
+class VoxelPriors:
+    """What near-tiny's PBR core takes from the asset itself, per voxel: `materials` [V, 6] (its material latents)
+    and `normals` [V, 3] (unit, from the voxel surface: `voxelize.voxel_normals`; turned towards the camera per
+    frame)."""
+
+    materials: torch.Tensor
+    normals: torch.Tensor
+
+    @staticmethod
+    def of(coords: np.ndarray, resolution: int, materials: np.ndarray, device: torch.device | str = "cpu"
+           ) -> "VoxelPriors":
+        normals = voxel_normals(np.asarray(coords), int(resolution))
+        return VoxelPriors(torch.from_numpy(np.ascontiguousarray(materials, np.float32)).to(device),
+                           torch.from_numpy(normals).to(device))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -159,7 +216,8 @@ class FrameGaussians:
         g = self.intrinsic
         opacities = g.opacities.clamp_min(0.0)  # gsplat skips alpha < 1/255; negative tanh opacities never show
         intrinsic = Gaussians(g.means, g.quats, g.scales, opacities, {
-            "base_color": g.base_color, "roughness": g.roughness, "metallic": g.metallic, "normal": self.normals})
+            "base_color": g.base_color, "roughness": g.roughness, "metallic": g.metallic, "specular": g.pbr1,
+            "normal": self.normals})
         lit = Gaussians(g.means, g.quats, self.lit.scales, opacities, {
             "color": self.radiance, "shadow": self.lit.shadow})
         return PassGaussians(intrinsic, lit)
@@ -208,6 +266,8 @@ def decode_gaussians(
     *,
     camera_position: np.ndarray | torch.Tensor | Sequence[float],
     normal_flip_offset: float = NORMAL_FLIP_OFFSET,
+    priors: VoxelPriors | None = None,
+    ibl: IBLLight | None = None,
 ) -> FrameGaussians:
     """LAD + heads + shading for one object: IAD output -> per-Gaussian intrinsic and lit parameters and radiance.
 
@@ -222,6 +282,11 @@ def decode_gaussians(
     Follows `SLatGaussianRenderer.forward` + `to_representation` and `render_gsplat` l. 155-187: Gaussians from the
     four heads, normals from the smallest axis (s for the intrinsic pass, ŝ for shading) flipped towards the camera,
     then the shading MLP per Gaussian on (colour feature f, ŝ-normal).
+
+    A shading MLP with the PBR core (near-tiny) also needs `priors` (the asset's material latents and voxel normals)
+    and `ibl` (the prefiltered light, turned into this object's asset space): the material heads are residuals on the
+    material latents, every Gaussian takes its voxel's normal (towards the camera), and the MLP corrects the
+    split-sum PBR radiance of the Gaussian's material (`ibl.shade`).
     """
     lad = _network(networks, "renderer")
     shading = _network(networks, "neural_basis")
@@ -252,13 +317,29 @@ def decode_gaussians(
         heads = lad(tensor, None, None, cam[None], context=list(light))
 
     config = replace(lad.rep_config, resolution=tensor.resolution)
+    pbr_core = getattr(shading, "core", "none") == "pbr"
+    if pbr_core:
+        if priors is None or ibl is None:
+            raise ValueError("this near-tiny has a PBR shading core: decode_gaussians needs the asset's priors and "
+                             "the prefiltered light (ibl)")
+        if priors.materials.shape != (len(feats), MATERIAL_CHANNELS) or priors.normals.shape != (len(feats), 3):
+            raise ValueError(f"priors must be [V={len(feats)}, {MATERIAL_CHANNELS}] materials and [V, 3] normals")
     gaussians: HeadGaussians = heads_to_gaussians(tensor.coords[:, 1:], heads["gs"], heads["pbr"], heads["scale"],
-                                                  heads["rgb"], config, lad.offset_perturbation)
+                                                  heads["rgb"], config, lad.offset_perturbation,
+                                                  priors.materials if pbr_core else None)
     g, lit = gaussians.intrinsic, gaussians.lit
-    normals = shading_normals(g.quats, g.scales, cam, g.means, normal_flip_offset)
-    lit_normals = shading_normals(g.quats, lit.scales, cam, g.means, normal_flip_offset)
-    shaded = shading(lit.features, lit_normals)
-    return FrameGaussians(g, lit, normals, lit_normals, shaded[:, :3], shaded[:, 3:], cam)
+    if not pbr_core:
+        normals = shading_normals(g.quats, g.scales, cam, g.means, normal_flip_offset)
+        lit_normals = shading_normals(g.quats, lit.scales, cam, g.means, normal_flip_offset)
+        shaded = shading(lit.features, lit_normals)
+        return FrameGaussians(g, lit, normals, lit_normals, shaded[:, :3], shaded[:, 3:], cam)
+    normals = priors.normals.to(g.means).repeat_interleave(config.num_gaussians, dim=0)
+    to_camera = cam.reshape(1, 3) - g.means
+    normals = torch.where((normals * to_camera).sum(-1, keepdim=True) < 0, -normals, normals)
+    view = torch.nn.functional.normalize(to_camera, dim=-1)
+    terms = shade(g.base_color, g.roughness, g.metallic, g.pbr1, normals, view, ibl)
+    shaded = shading(lit.features, normals, terms)
+    return FrameGaussians(g, lit, normals, normals, shaded[:, :3], shaded[:, 3:], cam)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -298,7 +379,8 @@ def rasterize_passes(
 ) -> dict[str, torch.Tensor]:
     """Rasterize the intrinsic and lit batches for `camera` (same frame as the Gaussians) -> passes, each [H, W, k].
 
-    Intrinsic pass (scales s): "base_color" 3, "roughness" 1, "metallic" 1, "normal" 3 (unit, `normal_space`),
+    Intrinsic pass (scales s): "base_color" 3, "roughness" 1, "metallic" 1, "specular" 1 (pbr1: near-tiny's
+    Specular IOR Level), "normal" 3 (unit, `normal_space`),
     "depth" 1, "alpha" 1. Lit pass (scales ŝ): "color" 3 (HDR, premultiplied), "shadow" 1, "lit_alpha" 1,
     "lit_depth" 1. "combined" 4: HDR RGBA, the lit colour over `background` (an EnvMap seen by this camera, [3] or
     [H, W, 3]); alpha is the lit alpha without background, 1 with one. Scene-linear, not tone-mapped.
@@ -307,13 +389,14 @@ def rasterize_passes(
         raise ValueError(f"normal_space must be one of {_NORMAL_SPACES}, got {normal_space!r}")
     gi, gl = gaussians.intrinsic, gaussians.lit
     normals = _normals_to(gi.channels["normal"], normal_space, camera)
-    channels_i = torch.cat([gi.channels["base_color"], gi.channels["roughness"], gi.channels["metallic"], normals], -1)
+    channels_i = torch.cat([gi.channels["base_color"], gi.channels["roughness"], gi.channels["metallic"],
+                            gi.channels["specular"], normals], -1)
     channels_l = torch.cat([gl.channels["color"], gl.channels["shadow"]], -1)
     out_i = rasterize(gi.means, gi.quats, gi.scales, gi.opacities, channels_i, camera, backend=backend)
     out_l = rasterize(gl.means, gl.quats, gl.scales, gl.opacities, channels_l, camera, backend=backend)
 
     alpha, lit_alpha = out_i.alpha, out_l.alpha
-    normal = out_i.channels[..., 5:8]
+    normal = out_i.channels[..., 6:9]
     length = torch.linalg.vector_norm(normal, dim=-1, keepdim=True)
     covered = length > 1e-12
     normal = torch.where(covered, normal / torch.where(covered, length, torch.ones_like(length)),
@@ -334,6 +417,7 @@ def rasterize_passes(
         "base_color": out_i.channels[..., 0:3],
         "roughness": out_i.channels[..., 3:4],
         "metallic": out_i.channels[..., 4:5],
+        "specular": out_i.channels[..., 5:6],
         "normal": normal,
         "depth": torch.where(alpha > 0, out_i.depth, far),
         "alpha": alpha,

@@ -16,7 +16,14 @@ XY plane); a tilt of the object is ignored for the light (its camera position is
 * `iad_cache`: the IAD output `(h, registers)` per `(asset.fingerprint(), weights_id)`;
 * `light_cache`: light tokens per `(image content hash, object-frame rotation, weights_id)`. The tokenizer's
   backbone cannot be shared across rotations: the rotation rolls its input planes (with bilinear resampling) before
-  the convolutions, so the whole tokenizer runs per key.
+  the convolutions, so the whole tokenizer runs per key;
+* `ibl_cache`: the split-sum terms of a world image (`ibl.prefilter`, near-tiny's PBR core) per image content hash:
+  they do not depend on rotation, strength or weights (all applied at lookup).
+
+**near-tiny's PBR core.** The IAD reads the asset's LH latent next to its material latents (`frame.MATERIAL_LATENTS`;
+an asset from before them gets `frame.DEFAULT_MATERIAL`), and every frame shades with the prefiltered world light
+turned into the object's frame by its full rotation (tilt included), so an object rotated in the world sees the
+light rotated the other way exactly.
 
 **Linear in strength by construction.** Light transport is linear in the light, so the tokenizer always sees the
 World image at strength 1 and the lit radiance is multiplied by the Background strength afterwards: doubling the
@@ -50,13 +57,26 @@ from .bundled import BUNDLED_WEIGHTS, weights_folder
 from .configs import CONFIGS, load_networks
 from .envmap import EnvMap
 from .errors import AssetError, CheckpointError, NearError
-from .frame import BACKGROUND_DEPTH, PassGaussians, decode_gaussians, light_tokens, rasterize_passes
+from .frame import (
+    BACKGROUND_DEPTH,
+    DEFAULT_MATERIAL,
+    PassGaussians,
+    VoxelPriors,
+    decode_gaussians,
+    decoder_input,
+    light_tokens,
+    material_latents,
+    rasterize_passes,
+)
+from .ibl import IBLLight, PrefilteredLight, prefilter
 from .sparse import SparseTensor
 
 __all__ = ["PASSES", "Scene", "LRUCache", "NearPipeline", "object_light_rotation"]
 
 #: The passes `render` can return: [H, W, k] float32, scene-linear (see `near_engine.frame.rasterize_passes`).
 PASSES: tuple[str, ...] = ("combined", "depth", "alpha", "base_color", "roughness", "metallic", "normal", "shadow")
+#: Channels the PBR core's decoder reads besides the asset's latent: its material latents.
+MATERIAL_INPUT_CHANNELS = len(DEFAULT_MATERIAL)
 
 
 @dataclass
@@ -153,11 +173,13 @@ class NearPipeline:
     """
 
     def __init__(self, networks: Mapping[str, nn.Module], weights_id: str, device: str | torch.device = "cpu", *,
-                 light_size: int = 512, cache_size: int = 8) -> None:
+                 light_size: int = 512, cache_size: int = 8, inputs: str = "lh+material") -> None:
         self.device = _resolve_device(device)
         self.light_size = int(light_size)
+        self.inputs = str(inputs)  # what the decoder was trained to read (`train.loop.INPUTS`)
         self.iad_cache = LRUCache(cache_size)
         self.light_cache = LRUCache(cache_size)
+        self.ibl_cache = LRUCache(cache_size)
         self._image_hashes = LRUCache(cache_size)
         self._lock = threading.RLock()  # a viewport thread and a final render may share one pipeline
         self.set_networks(networks, weights_id)
@@ -178,6 +200,8 @@ class NearPipeline:
         networks, settings = load_networks(folder, resolved)
         if "light_size" in settings and "light_size" not in kwargs:
             kwargs["light_size"] = int(settings["light_size"])
+        if isinstance(settings.get("inputs"), str) and "inputs" not in kwargs:
+            kwargs["inputs"] = settings["inputs"]
         return cls(networks, _folder_id(folder), resolved, **kwargs)
 
     def set_networks(self, networks: Mapping[str, nn.Module], weights_id: str) -> None:
@@ -204,20 +228,46 @@ class NearPipeline:
             self._image_hashes.put(id(pixels), (ref, digest))
         return digest
 
-    def _iad(self, asset: Asset) -> tuple[SparseTensor, torch.Tensor]:
+    @property
+    def pbr_core(self) -> bool:
+        """Whether the shading network has near-tiny's physically based core (`ibl`)."""
+        return getattr(self.networks.get("neural_basis"), "core", "none") == "pbr"
+
+    def _iad(self, asset: Asset) -> tuple[SparseTensor, torch.Tensor, VoxelPriors | None]:
+        """The IAD output of `asset` and, with the PBR core, its voxel priors (material latents and normals)."""
         decoder = self.networks["decoder"]
-        if asset.channels != decoder.latent_channels or asset.resolution != decoder.resolution:
+        extra = decoder.latent_channels - asset.channels
+        if (extra not in (0, MATERIAL_INPUT_CHANNELS if self.pbr_core else 0)
+                or asset.resolution != decoder.resolution):
             raise AssetError(
                 f"this asset ({asset.channels} latent channels on a {asset.resolution}^3 grid, made with "
                 f"'{asset.model or 'unknown weights'}') does not fit the loaded weights, which expect "
-                f"{decoder.latent_channels} channels on a {decoder.resolution}^3 grid: re-encode it with these weights")
+                f"{decoder.latent_channels - (MATERIAL_INPUT_CHANNELS if self.pbr_core else 0)} channels on a "
+                f"{decoder.resolution}^3 grid: re-encode it with these weights")
 
-        def compute() -> tuple[SparseTensor, torch.Tensor]:
+        def compute() -> tuple[SparseTensor, torch.Tensor, VoxelPriors | None]:
             coords = torch.from_numpy(np.array(asset.coords)).to(self.device)
             feats = torch.from_numpy(np.array(asset.feats)).to(self.device)
-            return self.networks["decoder"](SparseTensor.from_list([(coords, feats)], asset.resolution))
+            priors = None
+            if self.pbr_core:
+                try:
+                    materials = material_latents(asset.extras, asset.num_voxels)
+                except ValueError as exc:
+                    raise AssetError(f"this asset's material latents cannot be used: {exc}") from None
+                if "material" not in self.inputs:
+                    materials = np.tile(np.asarray(DEFAULT_MATERIAL, np.float32), (asset.num_voxels, 1))
+                if self.inputs == "material":
+                    feats = torch.zeros_like(feats)
+                priors = VoxelPriors.of(asset.coords, asset.resolution, materials, self.device)
+                feats = decoder_input(feats, priors.materials, decoder.latent_channels)
+            h, registers = decoder(SparseTensor.from_list([(coords, feats)], asset.resolution))
+            return h, registers, priors
 
-        return self.iad_cache.get((asset.fingerprint(), self.weights_id), compute)
+        return self.iad_cache.get((asset.fingerprint(), self.weights_id, self.inputs), compute)
+
+    def _prefiltered(self, envmap: EnvMap) -> PrefilteredLight:
+        key = self._image_hash(envmap.pixels)
+        return self.ibl_cache.get(key, lambda: prefilter(envmap).to(self.device))
 
     def _light(self, envmap: EnvMap, rotation: float) -> torch.Tensor:
         key = (self._image_hash(envmap.pixels), rotation, self.weights_id)
@@ -239,10 +289,13 @@ class NearPipeline:
         with self._lock, torch.no_grad():
             for index, (asset, matrix) in enumerate(scene.objects):
                 m = _check_matrix(matrix, index)
-                h, registers = self._iad(asset)
+                h, registers, priors = self._iad(asset)
                 tokens = self._light(envmap, object_light_rotation(envmap.rotation_z, m))
                 camera_in_asset = (np.linalg.inv(m) @ np.append(camera.position, 1.0))[:3]
-                frame = decode_gaussians(self.networks, h, registers, tokens, camera_position=camera_in_asset)
+                ibl = (IBLLight.for_frame(self._prefiltered(envmap), envmap.rotation_z, m[:3, :3])
+                       if self.pbr_core else None)
+                frame = decode_gaussians(self.networks, h, registers, tokens, camera_position=camera_in_asset,
+                                         priors=priors, ibl=ibl)
                 parts.append(_scale_radiance(frame.pass_gaussians(), envmap.strength).transformed(m))
                 if progress is not None:
                     progress((index + 1) / (len(scene.objects) + 1))

@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import NearError
 
-__all__ = ["voxelize_mesh"]
+__all__ = ["voxelize_mesh", "voxel_normals"]
 
 _CUBE_TOLERANCE = 1e-4  # vertices may stick out of the unit cube by this much (rounding of a normalized mesh)
 _GROW = 1e-9  # box half-size growth, in voxels: touching counts as overlapping
@@ -103,3 +103,41 @@ def voxelize_mesh(vertices: np.ndarray, triangles: np.ndarray, resolution: int =
     occupied = np.zeros((resolution,) * 3, dtype=np.bool_)
     _mark_surface((v + 0.5) * resolution, t.astype(np.int64), int(resolution), occupied)
     return np.argwhere(occupied).astype(np.int32)
+
+
+def voxel_normals(coords: np.ndarray, resolution: int, radius: int = 2) -> np.ndarray:
+    """Unit surface normals [N, 3] (float32, sign arbitrary) of surface voxels `coords` int [N, 3]: the direction of
+    least spread (smallest principal axis) of the occupied voxels within `radius` voxels (a (2r+1)^3 block).
+
+    Geometry the asset already has, so near-tiny's shading need not learn it. The sign is left to the renderer, which
+    turns each normal towards the camera (as NeAR does for its Gaussians). A voxel with too few neighbours to define
+    a plane (isolated, or on a line) gets the direction from the object's centre, or +Z.
+    """
+    coords = np.asarray(coords, dtype=np.int64)
+    if coords.ndim != 2 or coords.shape[1] != 3:
+        raise NearError(f"voxel coords must be [N, 3], got {coords.shape}")
+    n = len(coords)
+    if n == 0:
+        return np.zeros((0, 3), np.float32)
+    pad = radius
+    grid = np.zeros((resolution + 2 * pad,) * 3, dtype=bool)
+    grid[tuple((coords + pad).T)] = True
+    offsets = np.stack(np.meshgrid(*(np.arange(-radius, radius + 1),) * 3, indexing="ij"), -1).reshape(-1, 3)
+    moments = np.zeros((n, 3, 3))
+    sums = np.zeros((n, 3))
+    counts = np.zeros(n)
+    for offset in offsets:  # accumulate the neighbours' first and second moments, one offset at a time
+        hit = grid[tuple((coords + pad + offset).T)].astype(np.float64)
+        counts += hit
+        sums += hit[:, None] * offset
+        moments += hit[:, None, None] * np.outer(offset, offset)
+    mean = sums / counts[:, None]
+    covariance = moments / counts[:, None, None] - mean[:, :, None] * mean[:, None, :]
+    values, vectors = np.linalg.eigh(covariance)  # ascending eigenvalues
+    normals = vectors[:, :, 0]
+    degenerate = values[:, 1] < 0.05 * values[:, 2] + 1e-6  # no plane: a line, or a voxel alone
+    if degenerate.any():
+        fallback = coords[degenerate] - coords.mean(0)
+        length = np.linalg.norm(fallback, axis=1, keepdims=True)
+        normals[degenerate] = np.where(length > 1e-9, fallback / np.maximum(length, 1e-9), [0.0, 0.0, 1.0])
+    return normals.astype(np.float32)

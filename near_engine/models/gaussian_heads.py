@@ -207,12 +207,28 @@ def _split(raw: torch.Tensor, widths: list[int], g: int) -> list[torch.Tensor]:
     return out
 
 
+#: Channels of a material prior: linear base colour RGB, roughness, metallic, Specular IOR Level.
+MATERIAL_CHANNELS = 6
+_PRIOR_EPS = 0.02  # material values in (0, 1) are kept this far from 0 and 1 before their logit
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(_PRIOR_EPS, 1 - _PRIOR_EPS)
+    return torch.log(p) - torch.log1p(-p)
+
+
 def intrinsic_gaussians(coords: torch.Tensor, gs_out: torch.Tensor, pbr_out: torch.Tensor,
                         config: RepresentationConfig = RepresentationConfig(),
-                        offset_perturbation: torch.Tensor | None = None) -> IntrinsicGaussians:
+                        offset_perturbation: torch.Tensor | None = None,
+                        material_prior: torch.Tensor | None = None) -> IntrinsicGaussians:
     """``coords`` [V, 3] voxel indices, ``gs_out`` [V, 14 G], ``pbr_out`` [V, 3 G] -> V * G intrinsic Gaussians
     (Gaussian ``v * G + k`` is the k-th of voxel v). ``offset_perturbation`` [G, 3] defaults to `hammersley_offsets`;
-    pass the checkpoint's buffer to use exactly its values."""
+    pass the checkpoint's buffer to use exactly its values.
+
+    ``material_prior`` [V, 6] (`MATERIAL_CHANNELS`: base colour, roughness, metallic, specular level; near-tiny's
+    material latents) makes the material heads residuals on it: base colour ``max(prior + SH_C0 raw, 0)`` and
+    ``sigmoid(logit(prior) + raw)`` for roughness, metallic and pbr1 (the specular level), so zero head outputs give
+    the prior itself."""
     g, lr = config.num_gaussians, config.lr
     _check("gs_out", gs_out, config.gs_channels)
     _check("pbr_out", pbr_out, config.pbr_channels)
@@ -229,6 +245,21 @@ def intrinsic_gaussians(coords: torch.Tensor, gs_out: torch.Tensor, pbr_out: tor
     means = (centres[:, None, :] + offset).reshape(-1, 3)
     identity = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=gs_out.dtype, device=gs_out.device)
     roughness, metallic, pbr1 = _split(pbr_out, [1, 1, 1], g)
+    if material_prior is not None:
+        if material_prior.shape != (gs_out.shape[0], MATERIAL_CHANNELS):
+            raise ValueError(f"material_prior must be [V, {MATERIAL_CHANNELS}], got {tuple(material_prior.shape)}")
+        prior = material_prior.to(gs_out).repeat_interleave(g, dim=0)  # [V * G, 6]
+        logits = _logit(prior[:, 3:6])
+        return IntrinsicGaussians(
+            means=means,
+            quats=F.normalize(rot * lr["_rotation"] + identity, dim=-1),
+            scales=_scale_activation(scale * lr["_scaling"], config),
+            opacities=torch.tanh(opacity[:, 0] * lr["_opacity"] + math.atanh(config.opacity_bias)),
+            base_color=torch.clamp_min(prior[:, :3] + SH_C0 * (base * lr["_base_color"]), 0.0),
+            roughness=torch.sigmoid(logits[:, 0:1] + roughness * lr["_roughness"]),
+            metallic=torch.sigmoid(logits[:, 1:2] + metallic * lr["_metallic"]),
+            pbr1=torch.sigmoid(logits[:, 2:3] + pbr1 * lr["_pbr1"]),
+        )
     return IntrinsicGaussians(
         means=means,
         quats=F.normalize(rot * lr["_rotation"] + identity, dim=-1),
@@ -270,9 +301,10 @@ class HeadGaussians:
 
 def heads_to_gaussians(coords: torch.Tensor, gs_out: torch.Tensor, pbr_out: torch.Tensor, scale_out: torch.Tensor,
                        rgb_out: torch.Tensor, config: RepresentationConfig = RepresentationConfig(),
-                       offset_perturbation: torch.Tensor | None = None) -> HeadGaussians:
+                       offset_perturbation: torch.Tensor | None = None,
+                       material_prior: torch.Tensor | None = None) -> HeadGaussians:
     """All four heads at once: `intrinsic_gaussians` + `lit_parameters`."""
-    return HeadGaussians(intrinsic_gaussians(coords, gs_out, pbr_out, config, offset_perturbation),
+    return HeadGaussians(intrinsic_gaussians(coords, gs_out, pbr_out, config, offset_perturbation, material_prior),
                          lit_parameters(scale_out, rgb_out, config))
 
 

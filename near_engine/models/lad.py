@@ -107,8 +107,10 @@ class LightingAwareDecoder(nn.Module):
         qk_rms_norm: bool = False,
         qk_rms_norm_cross: bool = False,
         representation_config: dict[str, Any] | None = None,
+        zero_init_heads: bool = False,
     ) -> None:
         super().__init__()
+        self.zero_init_heads = bool(zero_init_heads)
         if latent_channels != model_channels:
             raise ValueError(
                 f"latent_channels ({latent_channels}) must equal model_channels ({model_channels}): the heads add the "
@@ -150,7 +152,9 @@ class LightingAwareDecoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """TRELLIS init: xavier-uniform Linear weights, zero biases (RMSNorm weights stay 1)."""
+        """TRELLIS init: xavier-uniform Linear weights, zero biases (RMSNorm weights stay 1). With `zero_init_heads`
+        (near-tiny) the gs, pbr and scale heads' last layers start at zero: the Gaussians start at their voxels'
+        Hammersley points with the configured scale and opacity, and the materials at the asset's material prior."""
         if self.input_layer.weight.is_meta:
             return
         for module in self.modules():
@@ -158,6 +162,10 @@ class LightingAwareDecoder(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+        if self.zero_init_heads:
+            for last in (self.gs_out_layer[-1], self.pbr_out_layer[-1], self.scale_out_layer):
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
 
     def view_embedding(self, tensor: SparseTensor, cam_pos: torch.Tensor) -> torch.Tensor:
         """e_v [N, C] for every voxel of `tensor`, seen from `cam_pos` [B, 3] (or [3] / [1, 3] for all elements)."""

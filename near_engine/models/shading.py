@@ -13,17 +13,28 @@ the same parameter names, so that an official `neural_basis.safetensors` loads u
 
 The activation is configurable: the code default is ``'sine'`` = ``sin(w0 * x)`` with ``w0 = 30`` after *every* hidden
 Linear (including the first), the paper says ReLU; ``'silu'`` and ``'gelu'`` are also accepted, as in the reference.
+
+**The physically based core** (``core="pbr"``, near-tiny): the MLP no longer makes radiance from nothing. It is given
+each Gaussian's split-sum PBR terms (`near_engine.ibl.shade`: diffuse D and specular S under the environment map, no
+shadows) and learns only what they miss: a diffuse and a specular visibility factor (shadowing, specular occlusion)
+and an additive term (interreflection), ``rgb = D * 2 sigmoid(o0) + S * 2 sigmoid(o1) + o[2:5]``. Its last layer
+starts at zero, so an untrained MLP renders exactly like a PBR shader with the predicted materials. Outputs 0-2 are
+then that radiance, 3 the diffuse factor / 2 (a shadow pass in [0, 1]) and 4 the specular factor / 2.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .blocks import nerf_encoding, nerf_encoding_dim
+
+if TYPE_CHECKING:
+    from ..ibl import ShadingTerms
 
 NORMAL_FREQUENCIES = 6  # the reference hard-codes 6 frequencies for the normal, whatever `num_frequencies` says
 
@@ -93,8 +104,14 @@ class ShadingMLP(nn.Module):
         normal_dim: int = 3,
         use_residual: bool = False,
         pretrained_path: None = None,
+        core: str = "none",
     ) -> None:
         super().__init__()
+        if core not in ("none", "pbr"):
+            raise ValueError(f"shading core must be 'none' or 'pbr', got {core!r}")
+        if core == "pbr" and output_dim != 5:
+            raise ValueError(f"the PBR core's MLP has 5 outputs (2 factors, 3 additive), got {output_dim}")
+        self.core = core
         if pretrained_path is not None:
             raise ValueError("ShadingMLP does not load weights itself (no pickle); use near_engine.checkpoints")
         if num_layers < 2:
@@ -126,6 +143,9 @@ class ShadingMLP(nn.Module):
         layers.append(nn.Linear(hidden_dim, output_dim))
         self.mlp = nn.Sequential(*layers)
         self.reset_parameters()
+        if core == "pbr" and not self.mlp[-1].weight.is_meta:  # identity at first: the plain PBR shader
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -157,6 +177,14 @@ class ShadingMLP(nn.Module):
         unit = F.normalize(normals, p=2, dim=-1)
         return torch.cat([features, nerf_encoding(unit, NORMAL_FREQUENCIES, include_input=True)], dim=-1)
 
-    def forward(self, features: torch.Tensor, normals: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, normals: torch.Tensor | None = None,
+                terms: "ShadingTerms | None" = None) -> torch.Tensor:
+        """[..., output_dim]; with the PBR core, `terms` (`ibl.ShadingTerms`, [N, 3] each) are required."""
         out = self.mlp(self.encode_inputs(features, normals))
-        return torch.cat([F.elu(out[..., :3], alpha=1e-3), torch.sigmoid(out[..., 3:])], dim=-1)
+        if self.core == "none":
+            return torch.cat([F.elu(out[..., :3], alpha=1e-3), torch.sigmoid(out[..., 3:])], dim=-1)
+        if terms is None:
+            raise ValueError("this shading MLP has a PBR core: it needs the PBR terms of each Gaussian")
+        diffuse_factor, specular_factor = 2 * torch.sigmoid(out[..., 0:1]), 2 * torch.sigmoid(out[..., 1:2])
+        rgb = terms.diffuse * diffuse_factor + terms.specular * specular_factor + out[..., 2:5]
+        return torch.cat([rgb, diffuse_factor / 2, specular_factor / 2], dim=-1)

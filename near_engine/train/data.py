@@ -1,7 +1,9 @@
 """Training objects from a `near datagen` folder, resized to the training image size and voxelized.
 
-Only HDRI lightings train: the tokenizer needs an environment map, and an area-light frame has none (its lamp is not
-in any map), so those frames are left out. Validation objects (`split` "val") and the held-out HDRIs never train.
+Only lightings that an environment map describes train (HDRIs, baked skies, and the uniform light of the G-buffer
+views): the tokenizer and the PBR core need the map, and an area-light frame has none. Validation objects (`split`
+"val") and the held-out HDRIs never train. Each object also carries its material latents (`encode.lift_materials`
+of its G-buffers) and voxel normals, computed once when it is loaded.
 """
 
 from __future__ import annotations
@@ -19,15 +21,58 @@ from ..blender_data import blender_hdri
 from ..camera import Camera
 from ..datagen.dataset import load_object
 from ..datagen.lights import Light
+from ..datagen.lights import UNIFORM
 from ..envmap import EnvMap
 from ..errors import NearError
-from ..frame import light_planes
+from ..frame import VoxelPriors, light_planes
+from ..ibl import PrefilteredLight, prefilter
 from ..voxelize import voxelize_mesh
+from .encode import lift_materials
 
-__all__ = ["TrainObject", "Sample", "list_objects", "load_training_object", "hdri", "hdri_planes"]
+__all__ = ["TrainObject", "Sample", "list_objects", "load_training_object", "hdri", "hdri_planes", "LightSource"]
 
 #: G-buffer passes supervised on the intrinsic pass, with their channel counts.
-GBUFFERS: tuple[tuple[str, int], ...] = (("base_color", 3), ("roughness", 1), ("metallic", 1), ("normal", 3))
+GBUFFERS: tuple[tuple[str, int], ...] = (("base_color", 3), ("roughness", 1), ("metallic", 1), ("specular", 1),
+                                         ("normal", 3))
+#: The uniform light as an environment map: radiance 1 (the light's strength 0.6 divides the targets).
+UNIFORM_MAP = EnvMap.uniform(1.0, height=8)
+
+
+@dataclass(frozen=True)
+class LightSource:
+    """One training light: its `Light` record, and the environment map (strength 1, rotation 0) it shows."""
+
+    light: Light
+    envmap: EnvMap
+
+    @property
+    def key(self) -> str:
+        return self.envmap.name
+
+    def planes(self, size: int) -> torch.Tensor:
+        """The tokenizer's input planes [1, 9, size, size] at the light's rotation (cached per map)."""
+        return _planes(self, size)
+
+    def prefiltered(self) -> PrefilteredLight:
+        """The map's split-sum terms (`ibl.prefilter`), computed once per map."""
+        return _prefiltered_map(self.envmap)
+
+
+@functools.lru_cache(maxsize=512)
+def _planes(source: LightSource, size: int) -> torch.Tensor:
+    return light_planes(source.envmap, source.light.rotation_z, size)
+
+
+_PREFILTERED: dict[int, tuple[EnvMap, PrefilteredLight]] = {}
+
+
+def _prefiltered_map(envmap: EnvMap) -> PrefilteredLight:
+    """One prefiltered set per map (a bundled HDRI is shared by many objects and rotations); the entry holds the map,
+    so its id cannot be reused while it is cached."""
+    entry = _PREFILTERED.get(id(envmap))
+    if entry is None or entry[0] is not envmap:
+        entry = _PREFILTERED[id(envmap)] = (envmap, prefilter(envmap))
+    return entry[1]
 
 
 @dataclass
@@ -40,18 +85,36 @@ class TrainObject:
     rgba: torch.Tensor  # [V, S, S, 4] uniform light, premultiplied
     depth: torch.Tensor  # [V, S, S] camera z of the first hit (1e10 on the background)
     gbuffers: dict[str, torch.Tensor]  # name -> [V, S, S, k] (premultiplied, as Cycles filters them)
-    lights: list[Light]  # [L] HDRI lights
+    lights: list[LightSource]  # [L] lights with an environment map (HDRIs, skies)
     lit_views: list[int]  # [K] indices into `cameras`
     lit_rgba: torch.Tensor  # [L, K, S, S, 4]
+    materials: np.ndarray  # [N, 6] material latents (base colour, roughness, metallic, specular level)
+    priors: VoxelPriors  # materials and voxel normals as tensors
 
 
 @dataclass(frozen=True)
 class Sample:
-    """What one training step looks at: an object, one of its HDRI lights and one of its lit views."""
+    """One supervised image: an object, one of its lights (-1: the uniform light, then `view` indexes all views)
+    and one of its lit views (an index into `object.lit_views`)."""
 
     object: TrainObject
     light: int
-    view: int  # index into `object.lit_views`
+    view: int
+
+    @property
+    def camera_index(self) -> int:
+        return self.view if self.light < 0 else self.object.lit_views[self.view]
+
+    @property
+    def source(self) -> LightSource:
+        return UNIFORM_SOURCE if self.light < 0 else self.object.lights[self.light]
+
+    def target(self) -> torch.Tensor:
+        """The Cycles image [S, S, 4] (premultiplied RGBA, the light's strength still in)."""
+        return self.object.rgba[self.view] if self.light < 0 else self.object.lit_rgba[self.light, self.view]
+
+
+UNIFORM_SOURCE = LightSource(UNIFORM, UNIFORM_MAP)
 
 
 def list_objects(data: str | Path, split: str = "train") -> list[Path]:
@@ -69,11 +132,18 @@ def hdri(name: str) -> EnvMap:
     return EnvMap.read(blender_hdri(name))
 
 
-@functools.lru_cache(maxsize=64)
 def hdri_planes(name: str, rotation_z: float, size: int) -> torch.Tensor:
-    """The tokenizer's input planes [1, 9, size, size] of a bundled HDRI (strength 1), cached: a data set has few
-    (HDRI, rotation) pairs and building the planes costs more than the tokenizer's forward pass at small sizes."""
-    return light_planes(hdri(name), rotation_z, size)
+    """The tokenizer's input planes [1, 9, size, size] of a bundled HDRI (strength 1, cached)."""
+    return LightSource(Light("hdri", name, rotation_z, 1.0), hdri(name)).planes(size)
+
+
+def light_source(light: Light, folder: Path) -> LightSource:
+    """The environment map of a data-set light: a bundled HDRI, or the object's baked sky (`sky.exr`)."""
+    if light.kind == "hdri":
+        return LightSource(light, hdri(light.hdri))
+    if light.kind == "sky":
+        return LightSource(light, EnvMap.read(folder / "sky.exr"))
+    raise NearError(f"light {light.name} has no environment map")
 
 
 def _pool(images: np.ndarray, factor: int, mode: str = "mean") -> torch.Tensor:
@@ -97,10 +167,14 @@ def load_training_object(folder: str | Path, size: int, resolution: int) -> Trai
     cameras = [Camera(c["width"], c["height"], c["fx"], c["fy"], c["cx"], c["cy"],
                       np.array(c["world_to_camera"])).scaled(1.0 / factor) for c in data["meta"]["cameras"]]
     lights = [Light.from_json(light) for light in data["meta"]["lights"]]
-    keep = [i for i, light in enumerate(lights) if light.kind == "hdri"]
+    keep = [i for i, light in enumerate(lights) if light.kind in ("hdri", "sky")]
     gbuffers = {name: _pool(data[name] if k > 1 else data[name][..., None], factor) for name, k in GBUFFERS}
+    coords = voxelize_mesh(data["vertices"], data["triangles"], resolution)
+    rgba = _pool(data["rgba"], factor)
+    depth = _pool(data["depth"][..., None], factor, "min")[..., 0]
+    materials = lift_materials(gbuffers, rgba[..., 3:], cameras, depth, coords, resolution)
     return TrainObject(
-        id=Path(folder).name, coords=voxelize_mesh(data["vertices"], data["triangles"], resolution),
-        cameras=cameras, rgba=_pool(data["rgba"], factor), depth=_pool(data["depth"][..., None], factor, "min")[..., 0],
-        gbuffers=gbuffers, lights=[lights[i] for i in keep], lit_views=[int(v) for v in data["lit_views"]],
-        lit_rgba=_pool(data["lit_rgba"][keep], factor))
+        id=Path(folder).name, coords=coords, cameras=cameras, rgba=rgba, depth=depth, gbuffers=gbuffers,
+        lights=[light_source(lights[i], Path(folder)) for i in keep], lit_views=[int(v) for v in data["lit_views"]],
+        lit_rgba=_pool(data["lit_rgba"][keep], factor), materials=materials,
+        priors=VoxelPriors.of(coords, resolution, materials))

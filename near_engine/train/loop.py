@@ -1,12 +1,18 @@
-"""The training loop: one object per rank per step, AdamW + warm-up + cosine, resumable checkpoints, DDP.
+"""The training loop: one object per rank per step, many images of it, AdamW + warm-up + cosine, resumable, DDP.
 
-A step, per sample (object, HDRI light, lit view), compares with Cycles:
-    uniform views --encode_views--> LH latent --IAD--> h, registers
-    HDRI (strength 1, the light's Z rotation) --`frame.light_planes`, tokenizer--> light tokens
-    LAD + heads + shading (`frame.decode_gaussians`) for the lit view's camera --`frame.rasterize_passes`--> passes
-    lit colour vs the Cycles render under that HDRI divided by its strength (the pipeline renders at strength 1 and
-    scales the radiance afterwards: `pipeline._scale_radiance`), intrinsic passes vs the G-buffers of the same camera
-    (uniform render), both alphas vs Cycles' alpha; see `losses.py`.
+A step encodes one object once and supervises `images_per_step` of its Cycles images (amortized: the encoder and
+the IAD run once, the LAD, heads, shading and rasterizer once per image):
+    uniform views --encode_views--> LH latent; G-buffers --lift_materials--> material latents (at load time)
+    [LH latent, material latents] --IAD--> h, registers
+    each light's map (strength 1, its Z rotation) --tokenizer--> light tokens; --ibl.prefilter--> split-sum terms
+    per image: LAD + heads + PBR core + shading MLP (`frame.decode_gaussians`) --`frame.rasterize_passes`--> passes
+    lit colour vs the Cycles render divided by the light's strength (the pipeline renders at strength 1 and scales
+    the radiance afterwards: `pipeline._scale_radiance`), intrinsic passes vs the G-buffers of the same camera, both
+    alphas vs Cycles' alpha; see `losses.py`.
+The images are drawn from the relit views (HDRIs and skies) and the uniform-lit views (targets under the uniform
+world). `TrainConfig.inputs` chooses what the IAD reads, for the paper's input ablation: "lh+material" (near-tiny),
+"lh", "shaded" (the latent encoded from views under one of the object's HDRIs) or "material"; a latent left out is
+replaced by zeros (LH) or the default material (material latents).
 The six networks (near-tiny's four renderer networks, the image features and the encoder) train together.
 
 Distributed: `torchrun --nproc-per-node N -m near_engine.cli train ...` (or any launcher that sets RANK, WORLD_SIZE,
@@ -36,15 +42,19 @@ from ..bundled import weights_folder
 from ..configs import build_networks, get_config, save_networks
 from ..errors import NearError
 from ..files import write_atomically
-from ..frame import decode_gaussians, rasterize_passes
+from ..frame import DEFAULT_MATERIAL, VoxelPriors, decode_gaussians, decoder_input, rasterize_passes
+from ..ibl import IBLLight
+from ..progress import progress
 from ..sparse import SparseTensor
-from .data import Sample, TrainObject, hdri_planes, list_objects, load_training_object
+from .data import Sample, TrainObject, list_objects, load_training_object
 from .encode import encode_views
 from .losses import LossWeights, stage2_losses
 
 __all__ = ["TrainConfig", "Trainer", "StepModel", "train", "warmup_cosine"]
 
 CHECKPOINT = "checkpoint.pt"
+#: The IAD inputs of the input ablation (`TrainConfig.inputs`).
+INPUTS: tuple[str, ...] = ("lh+material", "lh", "shaded", "material")
 
 
 @dataclass
@@ -61,6 +71,9 @@ class TrainConfig:
     seed: int = 0
     network_config: str | dict = "near-tiny-train"
     weights: LossWeights = field(default_factory=LossWeights)
+    images_per_step: int = 8  # images of the step's object supervised per step
+    uniform_images: int = 2  # of those, uniform-lit views (the rest: relit views)
+    inputs: str = "lh+material"  # what the IAD reads (module docstring)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -69,6 +82,12 @@ class TrainConfig:
     def from_json(cls, data: Mapping[str, Any]) -> "TrainConfig":
         """The config `to_json` wrote; fields added since take their defaults (which reproduce older runs)."""
         return cls(**{**data, "weights": LossWeights(**data.get("weights", {}))})
+
+    def __post_init__(self) -> None:
+        if self.inputs not in INPUTS:
+            raise NearError(f"training inputs must be one of {', '.join(INPUTS)}, got {self.inputs!r}")
+        if not 0 <= self.uniform_images <= self.images_per_step or self.images_per_step < 1:
+            raise NearError("images_per_step must be at least 1 and uniform_images between 0 and it")
 
     @property
     def resolution(self) -> int:
@@ -94,27 +113,60 @@ class StepModel(nn.Module):
         self.config = config
 
     def forward(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        """The mean loss terms over `samples` (any objects; each object is encoded once)."""
         totals: dict[str, torch.Tensor] = {}
+        by_object: dict[int, list[Sample]] = {}
         for sample in samples:
-            for name, value in self.sample_losses(sample).items():
-                totals[name] = totals.get(name, 0.0) + value / len(samples)
+            by_object.setdefault(id(sample.object), []).append(sample)
+        for group in by_object.values():
+            for name, value in self.object_losses(group[0].object, group).items():
+                totals[name] = totals.get(name, 0.0) + value * (len(group) / len(samples))
         return totals
 
-    def sample_losses(self, sample: Sample) -> dict[str, torch.Tensor]:
-        nets, obj, res = self.networks, sample.object, self.config.resolution
-        latent = encode_views(nets, obj.coords, obj.rgba, obj.cameras, obj.depth, res)
+    def inputs(self, obj: TrainObject) -> tuple[torch.Tensor, VoxelPriors]:
+        """The latent the IAD reads with the object's material latents, per `TrainConfig.inputs`."""
+        nets, res, inputs = self.networks, self.config.resolution, self.config.inputs
+        weight = next(nets["encoder"].parameters())
+        if inputs == "material":
+            latent = torch.zeros(len(obj.coords), nets["encoder"].latent_channels, device=weight.device)
+        elif inputs == "shaded":
+            views = obj.lit_views
+            latent = encode_views(nets, obj.coords, obj.lit_rgba[0], [obj.cameras[v] for v in views],
+                                  obj.depth[views], res)
+        else:
+            latent = encode_views(nets, obj.coords, obj.rgba, obj.cameras, obj.depth, res)
+        priors = obj.priors
+        if "material" not in inputs:
+            default = torch.tensor(DEFAULT_MATERIAL).expand_as(priors.materials).contiguous()
+            priors = VoxelPriors(default, priors.normals)
+        return latent, VoxelPriors(priors.materials.to(latent), priors.normals.to(latent))
+
+    def object_losses(self, obj: TrainObject, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        """Encode `obj` once, then render and compare each of its `samples`; the mean loss terms."""
+        nets, res = self.networks, self.config.resolution
+        latent, priors = self.inputs(obj)
         coords = torch.as_tensor(obj.coords, dtype=torch.int32, device=latent.device)
-        h, registers = nets["decoder"](SparseTensor.from_list([(coords, latent)], res))
-        light = obj.lights[sample.light]
-        tokens = nets["hdri_encoder"](hdri_planes(light.hdri, light.rotation_z, self.config.light_size).to(latent))
-        view = obj.lit_views[sample.view]
-        camera = obj.cameras[view]
-        frame = decode_gaussians(nets, h, registers, tokens, camera_position=camera.position)
-        passes = rasterize_passes(frame.pass_gaussians(), camera)
-        target = obj.lit_rgba[sample.light, sample.view].to(latent)
-        gbuffers = {name: g[view].to(latent) for name, g in obj.gbuffers.items()}
-        return stage2_losses(passes, frame, target[..., :3] / light.strength, obj.rgba[view, ..., 3:].to(latent),
-                             gbuffers, self.config.weights)
+        decoder = nets["decoder"]
+        h, registers = decoder(SparseTensor.from_list(
+            [(coords, decoder_input(latent, priors.materials, decoder.latent_channels))], res))
+        tokens: dict[str, torch.Tensor] = {}
+        totals: dict[str, torch.Tensor] = {}
+        for sample in samples:
+            source = sample.source
+            if source.key not in tokens:
+                tokens[source.key] = nets["hdri_encoder"](source.planes(self.config.light_size).to(latent))
+            ibl = IBLLight.for_frame(source.prefiltered(), source.light.rotation_z)
+            camera = obj.cameras[sample.camera_index]
+            frame = decode_gaussians(nets, h, registers, tokens[source.key], camera_position=camera.position,
+                                     priors=priors, ibl=ibl)
+            passes = rasterize_passes(frame.pass_gaussians(), camera)
+            target = sample.target().to(latent)
+            gbuffers = {name: g[sample.camera_index].to(latent) for name, g in obj.gbuffers.items()}
+            terms = stage2_losses(passes, frame, target[..., :3] / source.light.strength,
+                                  obj.rgba[sample.camera_index, ..., 3:].to(latent), gbuffers, self.config.weights)
+            for name, value in terms.items():
+                totals[name] = totals.get(name, 0.0) + value / len(samples)
+        return totals
 
 
 class Trainer:
@@ -139,10 +191,21 @@ class Trainer:
         return self.model.networks
 
     def samples(self, step: int) -> list[Sample]:
-        """This rank's sample for `step`: a pure function of (seed, step, rank), so resuming needs no sampler state."""
+        """This rank's images for `step`, all of one object: `uniform_images` uniform-lit views and the rest relit
+        (light, view) pairs, without repeats where there are enough. A pure function of (seed, step, rank), so
+        resuming needs no sampler state."""
         rng = np.random.default_rng([self.config.seed, step, self.rank])
         obj = self.objects[int(rng.integers(len(self.objects)))]
-        return [Sample(obj, int(rng.integers(len(obj.lights))), int(rng.integers(len(obj.lit_views))))]
+        config = self.config
+        uniform = rng.permutation(len(obj.cameras))[:config.uniform_images]
+        relit = config.images_per_step - len(uniform)
+        pairs = [(light, view) for light in range(len(obj.lights)) for view in range(len(obj.lit_views))]
+        chosen = rng.permutation(len(pairs))[:relit] if pairs else []
+        samples = [Sample(obj, -1, int(v)) for v in uniform] + [Sample(obj, *pairs[int(i)]) for i in chosen]
+        if len(samples) < config.images_per_step:  # a small object record: fill up with uniform views
+            samples += [Sample(obj, -1, int(v)) for v in rng.integers(len(obj.cameras),
+                                                                      size=config.images_per_step - len(samples))]
+        return samples
 
     def train_step(self, samples: Sequence[Sample] | None = None) -> dict[str, float]:
         """One optimizer step on `samples` (default: `self.samples(self.step)`); returns the loss terms and lr.
@@ -217,7 +280,7 @@ class Trainer:
         training = {"steps": self.step, "total_steps": self.step + int(earlier), "config": self.config.to_json(),
                     **(note or {}), "started_from": self.started_from}
         save_networks(folder, dict(self.model.networks), self.config.network_config,
-                      {"light_size": self.config.light_size, "training": training})
+                      {"light_size": self.config.light_size, "inputs": self.config.inputs, "training": training})
 
 
 def _distributed() -> tuple[int, int, bool]:
@@ -248,7 +311,8 @@ def train(data: str | Path, out: str | Path, config: TrainConfig, *, resume: boo
     out.mkdir(parents=True, exist_ok=True)
     try:
         folders = list_objects(data, "train")[rank::world_size]
-        objects = [o for o in (load_training_object(f, config.size, config.resolution) for f in folders) if o.lights]
+        objects = [load_training_object(f, config.size, config.resolution)
+                   for f in progress(folders, "loading objects", log)]
         log(f"rank {rank}/{world_size}: {len(objects)} objects, {sum(len(o.coords) for o in objects)} voxels")
         trainer = Trainer(config, objects, rank, world_size, device)
         if resume and (out / CHECKPOINT).is_file():

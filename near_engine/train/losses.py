@@ -33,9 +33,9 @@ class LossWeights:
     would."""
 
     l1: float = 1.0
-    exposure: float = 1.0
+    exposure: float = 4.0
     dssim: float = 0.2
-    pbr: float = 0.3
+    pbr: float = 1.0  # the reference's 0.3 left materials wrong for thousands of steps on CPU budgets
     normal: float = 0.5  # inside L_pbr, like each material channel's 0.5
     alpha: float = 1.0
     volume: float = 1e4
@@ -86,7 +86,8 @@ def stage2_losses(passes: dict[str, torch.Tensor], frame: FrameGaussians, target
                                   + (passes["alpha"] - target_alpha).abs().mean()),
     }
     material = sum(0.5 * (passes[name] - gbuffers[name]).abs().mean() for name in ("base_color", "roughness",
-                                                                                     "metallic"))
+                                                                                     "metallic", "specular")
+                   if name in gbuffers)
     covered = (target_alpha > 0.5).to(color)
     normal_gt = F.normalize(gbuffers["normal"], dim=-1)
     normal = ((passes["normal"] - normal_gt).abs() * covered).sum() / (3 * covered.sum()).clamp_min(1.0)
