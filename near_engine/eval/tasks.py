@@ -11,8 +11,16 @@ the Cycles image:
   shaded-SLAT input). The data set renders only a few views per relighting, so this pair, not the row above, is the
   fair comparison of the two inputs.
 * **Baseline, baked light**: the uniform-lit Cycles image itself, not relit.
-* **Baseline, Lambertian**: the base colour and normal passes NeAR predicts from the LH latent, shaded as a
-  Lambertian surface: albedo * E(n) / pi, with E the HDRI's diffuse irradiance (no shadows, no specular).
+* **Baseline, Lambertian**: the base colour, metallic and normal passes NeAR predicts, shaded as a Lambertian
+  surface: base colour (1 - metallic) E(n) / pi, with E the HDRI's diffuse irradiance (no shadows, no specular).
+* **Baseline, Lambertian from ground truth**: the same with Cycles' own base colour, metallic and normal G-buffers.
+* **Oracle, PBR from ground truth**: Cycles' G-buffers (base colour, roughness, metallic, Specular IOR Level, normal)
+  shaded per pixel by near-tiny's physically based core (`ibl.shade`, split-sum, no shadows): the ceiling of the
+  physics alone, which the networks must beat by learning shadows and occlusion.
+
+The NeAR rows encode the object as `near encode-mesh` does: the LH latent from the uniform-lit views and, for weights
+that read them, the material latents lifted from the views' material G-buffers (`train.encode.lift_materials`). Each
+evaluated object is also reported alone with its material class (glossy or rough, metal or dielectric).
 
 **Compositing.** The data set's images have a transparent film. Every prediction and the ground truth are composited
 (premultiplied) over the same background, the HDRI as the camera sees it (what Blender shows without a transparent
@@ -51,7 +59,9 @@ METHODS: dict[str, str] = {
     "ablation_lh_relit_views": "Ablation: LH latent, relit views only",
     "ablation_shaded": "Ablation: shaded latent, relit views only",
     "baked_light": "Baseline: baked light (not relit)",
-    "lambertian": "Baseline: Lambertian (base colour x irradiance)",
+    "lambertian": "Baseline: Lambertian (predicted base colour x (1 - metallic) x irradiance)",
+    "lambertian_gt": "Baseline: Lambertian from ground-truth base colour x (1 - metallic)",
+    "oracle_pbr": "Oracle: PBR from ground-truth G-buffers (no shadows)",
 }
 #: Table columns: key -> header. FLIP columns are present only where `flip_evaluator` is installed.
 COLUMNS: dict[str, str] = {"psnr_object": "PSNR object ↑", "ssim_object": "SSIM object ↑",
@@ -83,14 +93,22 @@ class Model:
 
         return voxelize_mesh(vertices, triangles, resolution=self.resolution)
 
-    def latent(self, coords: np.ndarray, rgba: np.ndarray, cameras: Sequence[Camera], depth: np.ndarray) -> Asset:
-        """The asset encoded from premultiplied views `rgba` [V, H, W, 4] with their cameras and depth [V, H, W]."""
-        from ..train.encode import encode_views
+    def latent(self, coords: np.ndarray, rgba: np.ndarray, cameras: Sequence[Camera], depth: np.ndarray,
+               gbuffers: Mapping[str, np.ndarray] | None = None, alpha: np.ndarray | None = None) -> Asset:
+        """The asset encoded from premultiplied views `rgba` [V, H, W, 4] with their cameras and depth [V, H, W];
+        with `gbuffers` (name -> [V, H, W(, k)] of views with `alpha` [V, H, W, 1]) also its material latents."""
+        from ..train.encode import encode_views, lift_materials
 
         with torch.no_grad():
             feats = encode_views(self.encoders, coords, torch.from_numpy(np.ascontiguousarray(rgba)), list(cameras),
                                  depth=torch.from_numpy(np.ascontiguousarray(depth)), resolution=self.resolution)
-        return Asset(coords, feats.detach().cpu().numpy(), resolution=self.resolution, latent="eval")
+        extras = {}
+        if gbuffers is not None:
+            materials = lift_materials({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in gbuffers.items()},
+                                       torch.from_numpy(np.ascontiguousarray(alpha)), list(cameras),
+                                       torch.from_numpy(np.ascontiguousarray(depth)), coords, self.resolution)
+            extras = {"base_color": materials[:, :3], "material": materials[:, 3:]}
+        return Asset(coords, feats.detach().cpu().numpy(), resolution=self.resolution, latent="eval", extras=extras)
 
 
 def lambertian_radiance(envmap: EnvMap, base_color: np.ndarray, normals: np.ndarray,
@@ -104,6 +122,50 @@ def lambertian_radiance(envmap: EnvMap, base_color: np.ndarray, normals: np.ndar
     irradiance = np.concatenate([diffuse_irradiance(envmap, n[i:i + chunk]) for i in range(0, len(n), chunk)])
     return (np.asarray(base_color, dtype=np.float64).reshape(-1, 3) * irradiance / math.pi).reshape(
         np.shape(base_color)).astype(np.float32)
+
+
+def oracle_pbr(envmap: EnvMap, camera: Camera, gbuffers: Mapping[str, np.ndarray], alpha: np.ndarray) -> np.ndarray:
+    """Premultiplied RGBA [H, W, 4]: the G-buffers (premultiplied by `alpha` [H, W, 1], as Cycles filters them)
+    divided by alpha and shaded per pixel by the PBR core (`ibl.shade`) under `envmap` seen from `camera`."""
+    from ..ibl import IBLLight, prefilter, shade
+
+    a = np.clip(alpha, 1e-6, None)
+    covered = alpha[..., 0] > 1e-3
+    values = {name: (g if g.ndim == 3 else g[..., None])[covered] / a[covered] for name, g in gbuffers.items()}
+    normals = values["normal"] / np.maximum(np.linalg.norm(values["normal"], axis=-1, keepdims=True), 1e-9)
+    ys, xs = np.nonzero(covered)
+    rays = np.stack([(xs + 0.5 - camera.cx) / camera.fx, (ys + 0.5 - camera.cy) / camera.fy, np.ones_like(xs,
+                                                                                                          float)], -1)
+    directions = rays @ camera.camera_to_world[:3, :3].T  # world directions from the camera into the scene
+    view = -directions / np.linalg.norm(directions, axis=-1, keepdims=True)
+    normals = np.where((normals * view).sum(-1, keepdims=True) < 0, -normals, normals)  # as a Gaussian's flip
+    light = IBLLight.for_frame(_prefiltered(envmap), envmap.rotation_z, strength=envmap.strength)
+    t = lambda x: torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))  # noqa: E731
+    with torch.no_grad():
+        radiance = shade(t(values["base_color"]).clamp(0, 1), t(values["roughness"]).clamp(0, 1),
+                         t(values["metallic"]).clamp(0, 1), t(values["specular"]).clamp(0, 1), t(normals), t(view),
+                         light).radiance.numpy()
+    out = np.zeros(alpha.shape[:2] + (4,), np.float32)
+    out[covered, :3] = radiance * alpha[covered]
+    out[..., 3] = alpha[..., 0]
+    return out
+
+
+_PREFILTERED: dict[str, object] = {}
+
+
+def _prefiltered(envmap: EnvMap):
+    """The split-sum terms of a bundled HDRI (by its file name), computed once per run."""
+    from ..ibl import prefilter
+
+    if envmap.name not in _PREFILTERED:
+        _PREFILTERED[envmap.name] = prefilter(envmap)
+    return _PREFILTERED[envmap.name]
+
+
+def material_class(roughness: float, metallic: float) -> str:
+    """'glossy' or 'rough' (roughness below 0.4 or not), 'metal' or 'dielectric' (metallic above 0.5 or not)."""
+    return f"{'glossy' if roughness < 0.4 else 'rough'} {'metal' if metallic > 0.5 else 'dielectric'}"
 
 
 def _over(rgba: np.ndarray, background: np.ndarray) -> np.ndarray:
@@ -178,9 +240,16 @@ def evaluate_object(model: Model, folder: Path, hdris: Sequence[str], size: int 
     views = data["lit_views"]
     coords = model.voxels(data["vertices"], data["triangles"])
     few = [cameras[v] for v in views]
-    assets = {"near_lh": model.latent(coords, data["rgba"], cameras, data["depth"]),
-              "ablation_lh_relit_views": model.latent(coords, data["rgba"][views], few, data["depth"][views]),
-              "ablation_shaded": model.latent(coords, data["lit_rgba"][shading], few, data["depth"][views])}
+    gbuffers = {name: data[name] for name in ("base_color", "roughness", "metallic", "specular")}
+    alpha = data["rgba"][..., 3:]
+    few_gbuffers = {name: g[views] for name, g in gbuffers.items()}
+    assets = {"near_lh": model.latent(coords, data["rgba"], cameras, data["depth"], gbuffers, alpha),
+              "ablation_lh_relit_views": model.latent(coords, data["rgba"][views], few, data["depth"][views],
+                                                      few_gbuffers, alpha[views]),
+              "ablation_shaded": model.latent(coords, data["lit_rgba"][shading], few, data["depth"][views],
+                                              few_gbuffers, alpha[views])}
+    recipe = meta.get("recipe", {}).get("material")
+    kind = material_class(recipe["roughness"], recipe["metallic"]) if recipe else "real mesh"
     records = []
     for light_index in evaluated:
         light = lights[light_index]
@@ -191,13 +260,26 @@ def evaluate_object(model: Model, folder: Path, hdris: Sequence[str], size: int 
             background = envmap.background(camera)
             predictions = {"baked_light": _downscale(data["rgba"][view], factor)}
             for method, asset in assets.items():
-                passes = ("combined", "base_color", "normal", "alpha") if method == "near_lh" else ("combined",)
+                passes = (("combined", "base_color", "metallic", "normal", "alpha") if method == "near_lh"
+                          else ("combined",))
                 out = model.pipeline.render(Scene([(asset, np.eye(4))], envmap, camera, transparent=True), passes)
                 predictions[method] = out["combined"]
                 if method == "near_lh":
+                    albedo = out["base_color"] * (1 - np.clip(out["metallic"], 0, 1))
                     predictions["lambertian"] = np.concatenate(
-                        [lambertian_radiance(envmap, out["base_color"], out["normal"]), out["alpha"]], axis=-1)
-            records.append({"object": meta["id"], "hdri": light["hdri"], "view": int(view),
+                        [lambertian_radiance(envmap, albedo, out["normal"]), out["alpha"]], axis=-1)
+            view_alpha = _downscale(alpha[view], factor)
+            view_gbuffers = {name: _downscale(g[view], factor) for name, g in gbuffers.items()}
+            view_gbuffers["normal"] = _downscale(data["normal"][view], factor)
+            covered = np.clip(view_alpha, 1e-6, None)
+            gt_albedo = view_gbuffers["base_color"] / covered * (1 - np.clip(
+                view_gbuffers["metallic"][..., None] / covered, 0, 1))
+            gt_normals = view_gbuffers["normal"] / np.maximum(
+                np.linalg.norm(view_gbuffers["normal"], axis=-1, keepdims=True), 1e-9)
+            predictions["lambertian_gt"] = np.concatenate(
+                [lambertian_radiance(envmap, gt_albedo, gt_normals) * view_alpha, view_alpha], axis=-1)
+            predictions["oracle_pbr"] = oracle_pbr(envmap, camera, view_gbuffers, view_alpha)
+            records.append({"object": meta["id"], "class": kind, "hdri": light["hdri"], "view": int(view),
                             "scores": {m: score(truth, predictions[m], background, with_flip) for m in METHODS}})
     return records
 
@@ -216,6 +298,18 @@ def markdown_table(table: Mapping[str, Mapping[str, float]]) -> str:
     for method, values in table.items():
         cells = [f"{values[c]:.2f}" if c.startswith("psnr") else f"{values[c]:.4f}" for c in columns]
         lines.append(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_object_table(records: Sequence[dict]) -> str:
+    """One row per evaluated object: its material class and the object PSNR of NeAR, the oracle and the baselines."""
+    shown = ("near_lh", "oracle_pbr", "lambertian_gt", "baked_light")
+    lines = ["| object | material | " + " | ".join(METHODS[m] for m in shown) + " |",
+             "| --- | --- |" + " ---: |" * len(shown)]
+    for obj in sorted({r["object"] for r in records}):
+        mine = [r for r in records if r["object"] == obj]
+        cells = [f"{np.mean([r['scores'][m]['psnr_object'] for r in mine]):.2f}" for m in shown]
+        lines.append(f"| {obj} | {mine[0].get('class', '')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -246,6 +340,7 @@ def run_eval(data: str | Path, weights: str | Path, output: str | Path, *, objec
     text = (f"# NeAR evaluation\n\nWeights `{weights}` on `{data}`: {len(folders)} object(s) "
             f"({', '.join(report['objects'])}), HDRIs {', '.join(hdris)}, {len(records)} images"
             f"{f', evaluated at {size} px' if size else ''}.\n\n{markdown_table(table)}\n\n"
+            f"Object PSNR per object:\n\n{per_object_table(records)}\n\n"
             "Cycles ground truth. Predictions and ground truth composited over the HDRI background; object = union of "
             "ground-truth and predicted alpha > 0.5. PSNR/SSIM on Blender's Standard view transform (clip + sRGB)."
             f"{flip_note}\n")

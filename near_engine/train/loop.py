@@ -329,7 +329,8 @@ def train(data: str | Path, out: str | Path, config: TrainConfig, *, resume: boo
             last = trainer.train_step()
             times.append(time.perf_counter() - t0)
             if rank == 0 and (trainer.step % log_every == 0 or trainer.step == config.steps):
-                images = (trainer.step - first_step) * world_size / (time.perf_counter() - start)
+                images = ((trainer.step - first_step) * world_size * config.images_per_step
+                          / (time.perf_counter() - start))
                 log(f"step {trainer.step:6d}  " + "  ".join(f"{k} {v:.4g}" for k, v in last.items())
                     + f"  {images:.2f} images/s")
             if rank == 0 and (trainer.step % checkpoint_every == 0 or trainer.step == config.steps):
