@@ -3,11 +3,13 @@
     .venv/bin/python benchmarks/bench_frame.py            # near-tiny at 256 and 512 px + a full-size forward
     .venv/bin/python benchmarks/bench_frame.py --quick    # near-tiny at 256 px only
 
-The networks carry seeded random weights: speed does not depend on the values, and no trained near-tiny weights
-exist yet. The object is a ~5,000-voxel sphere shell (a surface-only structured latent, like a real asset).
-Stages: tokenizer (per environment map), IAD (per asset), LAD, heads + shading, two-pass rasterization; then a whole
-first frame through `NearPipeline` (empty caches) against a cached frame (camera moved, same light and asset).
-The full-size line times IAD + LAD of the near-official configuration at a few voxel counts.
+The networks carry seeded random weights: speed does not depend on the values. The object is a ~5,000-voxel sphere
+shell (a surface-only structured latent, like a real asset). Per configuration: a whole first frame through
+`NearPipeline` (empty caches: tokenizer, IAD, and for the PBR core the prefiltered light) against a cached frame
+(camera moved, same light and asset). Two configurations run in the same process: near-tiny (PBR core, 4 Gaussians
+per voxel) and the design it replaced (16 Gaussians per voxel, sine shading MLP, no PBR core, 8-channel input), and
+the ratio of their cached frames is printed. The full-size line times IAD + LAD of near-official at a few voxel
+counts.
 """
 
 from __future__ import annotations
@@ -21,9 +23,8 @@ import torch
 
 from near_engine.asset import Asset
 from near_engine.camera import Camera
-from near_engine.configs import build_networks, random_weights
+from near_engine.configs import build_networks, random_weights, tiny_config
 from near_engine.envmap import EnvMap
-from near_engine.frame import decode_gaussians, light_tokens, rasterize_passes
 from near_engine.pipeline import NearPipeline, Scene
 from near_engine.sparse import SparseTensor
 
@@ -41,31 +42,36 @@ def timed(fn):
     return value, (time.perf_counter() - t0) * 1e3
 
 
-def bench_tiny(size: int) -> dict:
-    networks = random_weights("near-tiny", seed=0)
+def previous_tiny_config() -> dict:
+    """near-tiny as it was before the PBR core: 16 Gaussians per voxel with the official scale and opacity biases,
+    a sine shading MLP making radiance on its own, the 8-channel LH latent alone as the IAD's input."""
+    config = tiny_config(num_gaussians=16)
+    config["decoder"]["args"]["latent_channels"] = 8
+    rep = config["renderer"]["args"]
+    rep["representation_config"].update({"scaling_bias": 0.004, "opacity_bias": 0.1, "voxel_size": 1.5})
+    rep["zero_init_heads"] = False
+    config["neural_basis"]["args"].update({"activation": "sine", "core": "none"})
+    return config
+
+
+def bench_tiny(size: int, name: str, config: str | dict) -> dict:
+    networks = random_weights(config, seed=0)
     coords = shell(17.5)
-    feats = torch.randn(len(coords), 8, generator=torch.Generator().manual_seed(0))
+    feats = torch.randn(len(coords), 8, generator=torch.Generator().manual_seed(0)).numpy()
     env = EnvMap.uniform([1.0, 0.9, 0.8], height=256)
     cam = Camera.orbit(30, 20, 2.0, width=size, height=size, fov_x_deg=40)
-    slat = SparseTensor.from_list([(torch.from_numpy(coords), feats)], 64)
-    cam_pos = torch.from_numpy(cam.position[None]).float()
-    with torch.no_grad():
-        for _ in range(2):  # the first round loads the compiled kernels and warms the allocator; the second is timed
-            tokens, tok_ms = timed(lambda: light_tokens(networks["hdri_encoder"], env, 0.0, 512))
-            (h, reg), iad_ms = timed(lambda: networks["decoder"](slat))
-            _, lad_ms = timed(lambda: networks["renderer"](h, reg, tokens, cam_pos))
-            frame, decode_ms = timed(lambda: decode_gaussians(networks, h, reg, tokens, camera_position=cam.position))
-            _, raster_ms = timed(lambda: rasterize_passes(frame.pass_gaussians(), cam, torch.ones(3)))
-
-    pipeline = NearPipeline(networks, "bench-random", light_size=512)
-    scene = Scene([(Asset(coords, feats.numpy()), np.eye(4))], env, cam)
+    pipeline = NearPipeline(networks, f"bench-{name}", light_size=512)
+    scene = Scene([(Asset(coords, feats), np.eye(4))], env, cam)
+    pipeline.render(Scene(scene.objects, env, Camera.orbit(10, 25, 2.0, width=size, height=size, fov_x_deg=40)))
+    pipeline.iad_cache.clear(), pipeline.light_cache.clear(), pipeline.ibl_cache.clear()  # warm kernels, cold caches
     _, first_ms = timed(lambda: pipeline.render(scene))
-    moved = Scene(scene.objects, env, Camera.orbit(60, 25, 2.0, width=size, height=size, fov_x_deg=40))
-    _, cached_ms = timed(lambda: pipeline.render(moved))
-    return {"config": "near-tiny (random weights)", "voxels": len(coords), "gaussians": len(frame), "size": size,
-            "tokenizer_ms": round(tok_ms, 1), "iad_ms": round(iad_ms, 1), "lad_ms": round(lad_ms, 1),
-            "heads_shading_ms": round(decode_ms - lad_ms, 1), "raster_two_pass_ms": round(raster_ms, 1),
-            "first_frame_ms": round(first_ms, 1), "cached_frame_ms": round(cached_ms, 1)}
+    cached = []
+    for azimuth in (60, 90, 120):
+        moved = Scene(scene.objects, env, Camera.orbit(azimuth, 25, 2.0, width=size, height=size, fov_x_deg=40))
+        cached.append(timed(lambda: pipeline.render(moved))[1])
+    gaussians = len(coords) * networks["renderer"].num_gaussians
+    return {"config": f"{name} (random weights)", "voxels": len(coords), "gaussians": gaussians, "size": size,
+            "first_frame_ms": round(first_ms, 1), "cached_frame_ms": round(min(cached), 1)}
 
 
 def bench_full(voxel_counts: tuple[int, ...]) -> list[dict]:
@@ -91,7 +97,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     for size in (256,) if args.quick else (256, 512):
-        print(json.dumps(bench_tiny(size)), flush=True)
+        ours = bench_tiny(size, "near-tiny", "near-tiny")
+        before = bench_tiny(size, "near-tiny before the PBR core", previous_tiny_config())
+        print(json.dumps(ours), flush=True)
+        print(json.dumps(before), flush=True)
+        print(json.dumps({"size": size, "cached_frame_ratio_new_over_previous":
+                          round(ours["cached_frame_ms"] / before["cached_frame_ms"], 2)}), flush=True)
     if not args.quick:
         for row in bench_full((500, 2000)):
             print(json.dumps(row), flush=True)

@@ -1,8 +1,10 @@
-"""Mesh -> `.near` asset: import and normalize, voxelize, render views with Cycles, lift and encode the latent.
+"""Mesh -> `.near` asset: import and normalize, voxelize, render views with Cycles, lift and encode the latents.
 
 The LH latent is encoded from views under uniform white light (world colour 1, strength 0.6), as NeAR's
 illumination-homogenized latent is; the *shaded* latent (the paper's ablation) from the same views under an HDRI.
 Both use near-tiny's trained image-feature network and encoder from the weights folder (`configs.ENCODER_KEYS`).
+The material latents (`base_color`, `material`: roughness, metallic, specular level) are lifted from the same
+views' material AOVs, rendered from the mesh's own materials (`datagen.objects.add_material_aovs`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def encode_mesh(mesh: str | Path, weights: str | Path, *, views: int = DEFAULT_V
     from .datagen.lights import Light
     from .datagen.meshes import import_mesh
     from .datagen.render import RenderSettings, render_views
-    from .train.encode import encode_views
+    from .train.encode import encode_views, lift_materials
     from .voxelize import voxelize_mesh
 
     if views < 1 or size < 8 or samples < 1:
@@ -61,11 +63,19 @@ def encode_mesh(mesh: str | Path, weights: str | Path, *, views: int = DEFAULT_V
         log(f"rendered {len(times)} views with Cycles in {sum(times):.1f} s")
         folder = Path(tmp) / (lights[0].name if lights else "uniform")
         images = [read_exr_channels(folder / f"view_{v:03d}.exr") for v in range(views)]
-        depths = [read_exr_channels(Path(tmp) / "uniform" / f"view_{v:03d}.exr")["depth.Z"] for v in range(views)]
+        uniform = [read_exr_channels(Path(tmp) / "uniform" / f"view_{v:03d}.exr") for v in range(views)]
+    depth = torch.from_numpy(np.stack([u["depth.Z"] for u in uniform]))
     rgba = torch.from_numpy(np.stack([stack_channels(image, "", "RGBA") for image in images]))
+    gbuffers = {"base_color": np.stack([stack_channels(u, "base_color.", "RGB") for u in uniform])}
+    gbuffers.update({name: np.stack([u[f"{name}.V"] for u in uniform]) for name in ("roughness", "metallic",
+                                                                                   "specular")})
+    alpha = np.stack([u["A"] for u in uniform])[..., None]
     with torch.no_grad():
-        latent = encode_views(networks, coords, rgba, cameras, torch.from_numpy(np.stack(depths)), resolution)
+        latent = encode_views(networks, coords, rgba, cameras, depth, resolution)
+    materials = lift_materials({k: torch.from_numpy(v) for k, v in gbuffers.items()}, torch.from_numpy(alpha),
+                               cameras, depth, coords, resolution)
     digest = hashlib.sha256(mesh.read_bytes()).hexdigest()[:16]
     return Asset(coords, latent.cpu().numpy(), resolution=resolution,
+                 extras={"base_color": materials[:, :3], "material": materials[:, 3:]},
                  latent="lh-slat" if shaded is None else f"shaded-slat:{shaded.hdri}",
                  model=Path(weights).name, source=f"mesh:{mesh.name}:sha256:{digest}")

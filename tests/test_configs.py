@@ -14,6 +14,7 @@ import torch
 from manifests import load_manifest
 from safetensors.torch import save_file
 
+from near_engine.ibl import ShadingTerms
 from near_engine.configs import (
     CLASS_REGISTRY,
     NETWORK_KEYS,
@@ -52,11 +53,11 @@ def _manifest(key: str) -> dict:
     return load_manifest(f"near_{key}")
 
 
-def _slat(n: int = 60, seed: int = 0) -> SparseTensor:
+def _slat(n: int = 60, seed: int = 0, channels: int = 8) -> SparseTensor:
     g = torch.Generator().manual_seed(seed)
     cells = torch.randperm(12**3, generator=g)[:n]
     xyz = torch.stack([cells // 144, (cells // 12) % 12, cells % 12], 1) + 20
-    return SparseTensor.from_list([(xyz.int(), torch.randn(n, 8, generator=g))], resolution=64)
+    return SparseTensor.from_list([(xyz.int(), torch.randn(n, channels, generator=g))], resolution=64)
 
 
 def _outputs(nets: dict) -> dict[str, torch.Tensor]:
@@ -67,9 +68,12 @@ def _outputs(nets: dict) -> dict[str, torch.Tensor]:
     planes = torch.randn(1, 9, side, side, generator=g)
     with torch.no_grad():
         light = tok(planes)
-        h, reg = nets["decoder"](_slat())
+        h, reg = nets["decoder"](_slat(channels=nets["decoder"].latent_channels))
         heads = nets["renderer"](h, reg, light, torch.tensor([[1.5, -0.5, 0.8]]))
-        shade = nets["neural_basis"](torch.randn(50, 32, generator=g), torch.randn(50, 3, generator=g))
+        terms = None
+        if nets["neural_basis"].core == "pbr":  # near-tiny: the MLP corrects given PBR terms
+            terms = ShadingTerms(torch.rand(50, 3, generator=g), torch.rand(50, 3, generator=g))
+        shade = nets["neural_basis"](torch.randn(50, 32, generator=g), torch.randn(50, 3, generator=g), terms)
     return {"light": light, "h": h.feats, "reg": reg, **heads, "shade": shade}
 
 
@@ -236,7 +240,8 @@ def test_tiny_decodes_a_5000_voxel_object():
     r = (grid.float() + 0.5 - 32).norm(dim=-1)
     shell = grid[(r > 17.5) & (r < 18.8)]  # a hollow sphere, like a surface-only structured latent
     assert 4500 < len(shell) < 6000
-    slat = SparseTensor.from_list([(shell.int(), torch.randn(len(shell), 8))], resolution=64)
+    slat = SparseTensor.from_list([(shell.int(), torch.randn(len(shell), nets["decoder"].latent_channels))],
+                                  resolution=64)
     light = torch.randn(1, 256, 64)
     with torch.no_grad():
         h, reg = nets["decoder"](slat)

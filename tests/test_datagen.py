@@ -97,6 +97,20 @@ def test_a_rendered_object_has_every_file_and_loads(dataset_dir):
     assert all((folder / f).is_file() for f in expected), sorted(str(p) for p in folder.rglob("*"))
     data = load_object(folder)
     assert data["rgba"].shape == (2, 48, 48, 4) and data["normal"].shape == (2, 48, 48, 3)
+    assert data["specular"].shape == (2, 48, 48)  # the Specular IOR Level AOV
+    recipe = meta["recipe"]["material"]
+    inside = data["rgba"][..., 3] > 0.999
+    assert np.allclose(data["specular"][inside], recipe["specular"], atol=2e-3)
+    if "sky" in names:  # the sun-and-sky world, baked to the map its lit views were rendered under
+        from near_engine.datagen.lights import SKY_HEIGHT, SKY_MEAN
+        from near_engine.envmap import EnvMap
+
+        sky = EnvMap.read(folder / "sky.exr")
+        assert sky.pixels.shape == (SKY_HEIGHT, 2 * SKY_HEIGHT, 3)
+        assert np.allclose(sky.mean_radiance().mean(), SKY_MEAN, rtol=0.05)
+        brightest = np.unravel_index(sky.pixels.sum(-1).argmax(), sky.pixels.shape[:2])
+        assert brightest[0] < SKY_HEIGHT // 2  # the sun is above the horizon
+        assert sky.pixels.max() > 50 * np.median(sky.pixels)  # and far brighter than the sky
     assert data["depth"].shape == data["roughness"].shape == data["metallic"].shape == (2, 48, 48)
     assert data["lit_rgba"].shape == (len(names), 1, 48, 48, 4)
     manifest = json.loads((dataset_dir / "manifest.json").read_text())

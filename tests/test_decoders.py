@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -108,14 +107,12 @@ def _run(iad, lad, slat, seed: int = 1):
     return h, reg, lad(h, reg, light, cam)
 
 
-def test_tiny_forward_shapes_dtypes_and_speed() -> None:
+def test_tiny_forward_shapes_and_dtypes() -> None:
+    """Shapes and dtypes only: speed is measured by benchmarks/bench_frame.py, never asserted."""
     iad, lad = _tiny()
     slat = _slat(8)
     with torch.no_grad():
-        _run(iad, lad, _slat(8, seed=3))  # warm-up (kernels)
-        start = time.perf_counter()
         h, reg, out = _run(iad, lad, slat)
-        elapsed = time.perf_counter() - start
     n = len(slat)
     assert h.feats.shape == (n, 32) and h.feats.dtype == torch.float32 and torch.equal(h.coords, slat.coords)
     assert reg.shape == (2, 4, 32) and torch.equal(reg[0], reg[1]) and torch.equal(reg[0], iad.reg_tokens[0])
@@ -123,7 +120,6 @@ def test_tiny_forward_shapes_dtypes_and_speed() -> None:
     assert {k: tuple(v.shape) for k, v in out.items()} == {"gs": (n, 14 * g), "pbr": (n, 3 * g), "scale": (n, 3 * g),
                                                           "rgb": (n, 35 * g)}
     assert all(torch.isfinite(v).all() for v in out.values())
-    assert elapsed < 1.0, f"tiny IAD + LAD on {n} voxels took {elapsed:.3f} s"
 
 
 def _window_cells(coords: torch.Tensor, window: int, shift: int) -> torch.Tensor:

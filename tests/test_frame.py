@@ -1,7 +1,8 @@
 """Per-frame NeAR rendering (`near_engine.frame`): light tokens -> LAD -> Gaussians -> shading -> two passes.
 
 Every test uses `random_weights("near-tiny", seed)`: seeded, UNTRAINED networks. They check shapes, ranges, wiring,
-invariances and gradients, never image quality (the renders are noise).
+invariances and gradients, never image quality (the renders are noise). near-tiny has the PBR shading core, so every
+frame also takes the asset's priors (material latents, voxel normals) and the prefiltered light.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from near_engine.envmap import EnvMap
 from near_engine.frame import (
     BACKGROUND_DEPTH,
     PassGaussians,
+    VoxelPriors,
     decode_gaussians,
     light_planes,
     light_tokens,
     rasterize_passes,
 )
+from near_engine.ibl import IBLLight, prefilter
 from near_engine.sparse import SparseTensor
 
 WIDTH, HEIGHT, PLANES = 64, 48, 64
@@ -36,11 +39,20 @@ def networks():
 
 @pytest.fixture(scope="module")
 def asset():
-    """About 300 voxels in a blob around the grid centre, with random latents."""
+    """About 300 voxels in a blob around the grid centre: random LH latents next to random material latents (what
+    near-tiny's IAD reads)."""
     g = torch.Generator().manual_seed(0)
     coords = torch.unique(torch.randint(25, 39, (420, 3), generator=g), dim=0)[:300]
-    feats = torch.randn(coords.shape[0], 8, generator=g)
+    feats = torch.cat([torch.randn(coords.shape[0], 8, generator=g), torch.rand(coords.shape[0], 6, generator=g)], 1)
     return SparseTensor.from_list([(coords, feats)], 64)
+
+
+def _priors(asset: SparseTensor) -> VoxelPriors:
+    return VoxelPriors.of(asset.coords[:, 1:].numpy(), 64, asset.feats[:, 8:].numpy())
+
+
+def _ibl(env: EnvMap) -> IBLLight:
+    return IBLLight.for_frame(prefilter(env), env.rotation_z, strength=env.strength)
 
 
 def _env(seed: int, **kwargs) -> EnvMap:
@@ -55,7 +67,8 @@ def _camera(eye=(1.3, -1.1, 0.7), target=(0.0, 0.0, 0.0)) -> Camera:
 def _render(networks, asset, env, camera, background=None, **kwargs):
     h, registers = networks["decoder"](asset)
     tokens = light_tokens(networks["hdri_encoder"], env, size=PLANES)
-    frame = decode_gaussians(networks, h, registers, tokens, camera_position=camera.position)
+    frame = decode_gaussians(networks, h, registers, tokens, camera_position=camera.position, priors=_priors(asset),
+                             ibl=_ibl(env))
     return frame, rasterize_passes(frame.pass_gaussians(), camera, background, **kwargs)
 
 
@@ -77,15 +90,15 @@ def test_light_tokens_shape_and_strength(networks) -> None:
     assert torch.equal(light_planes(env.with_settings(strength=4.0), size=PLANES), light_planes(scaled, size=PLANES))
 
 
-def test_pass_shapes_and_ranges(rendered) -> None:
+def test_pass_shapes_and_ranges(rendered) -> None:  # near-tiny: 300 voxels x 4 Gaussians
     frame, passes = rendered
     widths = {"combined": 4, "color": 3, "shadow": 1, "lit_alpha": 1, "lit_depth": 1, "base_color": 3,
-              "roughness": 1, "metallic": 1, "normal": 3, "depth": 1, "alpha": 1}
+              "roughness": 1, "metallic": 1, "specular": 1, "normal": 3, "depth": 1, "alpha": 1}
     assert set(passes) == set(widths)
     for name, k in widths.items():
         assert passes[name].shape == (HEIGHT, WIDTH, k), name
         assert torch.isfinite(passes[name]).all(), name
-    assert len(frame) == 300 * 16 and frame.radiance.shape == (len(frame), 3)
+    assert len(frame) == 300 * 4 and frame.radiance.shape == (len(frame), 3)
     for name in ("alpha", "lit_alpha", "roughness", "metallic", "shadow"):
         assert passes[name].min() >= 0 and passes[name].max() <= 1 + 1e-6, name
     alpha = passes["alpha"][..., 0]
@@ -129,7 +142,7 @@ def test_projected_context_and_feature_tensor_inputs_match(networks, asset, rend
         tokens = light_tokens(networks["hdri_encoder"], _env(1), size=PLANES)
         context = networks["renderer"].project_context(registers, tokens)
         other = decode_gaussians(networks, h.feats, None, context, asset.coords[:, 1:], 64,
-                                 camera_position=camera.position)
+                                 camera_position=camera.position, priors=_priors(asset), ibl=_ibl(_env(1)))
     assert torch.allclose(other.radiance, frame.radiance, atol=1e-5)
     assert torch.allclose(other.intrinsic.means, frame.intrinsic.means)
 
@@ -146,10 +159,7 @@ def test_gradients_reach_every_network_through_the_lit_colour(networks, asset) -
         assert any(g is not None and g.abs().sum() > 0 for g in grads.values()), f"no gradient reaches {key}"
         assert all(g is None or torch.isfinite(g).all() for g in grads.values()), key
         missing = sorted(n for n, g in grads.items() if g is None)
-        if key == "renderer":  # roughness/metallic/pbr1 feed only the intrinsic pass, as in the official renderer
-            assert all(n.startswith("pbr_out_layer.") for n in missing), missing
-        else:
-            assert not missing, (key, missing)
+        assert not missing, (key, missing)  # the PBR core shades with roughness, metallic and pbr1 too
     for net in networks.values():
         net.zero_grad(set_to_none=True)
 
@@ -217,3 +227,8 @@ def test_bad_inputs(networks, asset) -> None:
         decode_gaussians(networks, h, registers, tokens, camera_position=(math.nan, 0.0, 0.0))
     with pytest.raises(KeyError):
         decode_gaussians({"renderer": networks["renderer"]}, h, registers, tokens, camera_position=(0, 0, 2))
+    with pytest.raises(ValueError, match="PBR"):  # the PBR core without the asset's priors and the light
+        decode_gaussians(networks, h, registers, tokens, camera_position=(0, 0, 2))
+    wrong = VoxelPriors(torch.zeros(3, 6), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="priors"):
+        decode_gaussians(networks, h, registers, tokens, camera_position=(0, 0, 2), priors=wrong, ibl=_ibl(_env(1)))

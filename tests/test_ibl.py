@@ -141,3 +141,19 @@ def test_brdf_table_is_a_valid_albedo():
     assert float(e_ss.max()) <= 1.01  # importance sampling noise at grazing views
     assert float(e_ss[-1, 0]) > 0.95  # smooth surface seen head-on: everything reflected (F0 = 1)
     assert float(e_ss[16, -1]) < 0.9  # rough surfaces lose energy to multiple scattering without compensation
+
+
+def test_an_untrained_pbr_shading_mlp_is_the_identity_on_the_pbr_terms():
+    from near_engine.ibl import ShadingTerms
+    from near_engine.models.shading import ShadingMLP
+
+    torch.manual_seed(0)
+    mlp = ShadingMLP(input_dim=32, output_dim=5, hidden_dim=32, activation="silu", core="pbr")
+    terms = ShadingTerms(torch.rand(40, 3), torch.rand(40, 3))
+    out = mlp(torch.randn(40, 32), torch.randn(40, 3), terms)
+    assert torch.allclose(out[:, :3], terms.radiance, atol=1e-6)
+    assert torch.allclose(out[:, 3:], torch.full((40, 2), 0.5))  # the visibility factors start at 1 (stored / 2)
+    with pytest.raises(ValueError, match="PBR"):
+        mlp(torch.randn(40, 32), torch.randn(40, 3))
+    with pytest.raises(ValueError, match="core"):
+        ShadingMLP(core="magic")

@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.cycles, pytest.mark.timeout(300)]
 
 RES, SIZE = 16, 16
 # One object, 3 uniform views (2 of them also lit by one training HDRI), 32 px renders trained at 16 px.
-DATA = DatagenConfig(objects=1, views=3, hdri_views=2, hdris_per_object=1, seed=7,
+DATA = DatagenConfig(objects=1, views=3, hdri_views=2, hdris_per_object=1, skies_per_object=0, seed=7,
                      render=RenderSettings(size=32, samples=2, denoise=False))
 
 
@@ -42,7 +42,8 @@ def _network_config() -> dict:
     return config
 
 
-CONFIG = TrainConfig(steps=8, lr=3e-3, warmup=2, size=SIZE, light_size=32, seed=3, network_config=_network_config())
+CONFIG = TrainConfig(steps=8, lr=3e-3, warmup=2, size=SIZE, light_size=32, seed=3, network_config=_network_config(),
+                     images_per_step=3, uniform_images=1)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,13 @@ def obj(data_dir) -> TrainObject:
     o = load_training_object(folder, SIZE, RES)
     assert o.rgba.shape == (3, SIZE, SIZE, 4) and len(o.lights) == 1 and o.lit_views == [0, 2]
     assert o.lit_rgba.shape == (1, 2, SIZE, SIZE, 4) and o.cameras[0].width == SIZE
+    # the material latents lifted from the G-buffers are the recipe's (constant per object; the base colour may be a
+    # procedural texture, so only its range is checked)
+    recipe = json.loads((folder / "meta.json").read_text())["recipe"]["material"]
+    assert o.materials.shape == (len(o.coords), 6)
+    assert np.allclose(np.median(o.materials[:, 3:], axis=0), [recipe["roughness"], recipe["metallic"],
+                                                                recipe["specular"]], atol=0.02)
+    assert 0 <= o.materials[:, :3].min() and o.materials[:, :3].max() <= 1
     return o
 
 

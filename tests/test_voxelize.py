@@ -87,3 +87,23 @@ def test_bad_meshes_are_refused_with_clear_messages():
         voxelize_mesh(v, np.zeros((0, 3), int))
     with pytest.raises(NearError, match="indices"):
         voxelize_mesh(v, t + 4)
+
+
+def test_voxel_normals_of_a_sphere_shell_and_a_plane_are_the_surface_normals():
+    from near_engine.voxelize import voxel_normals
+
+    res = 64
+    grid = np.stack(np.meshgrid(*(np.arange(res),) * 3, indexing="ij"), -1).reshape(-1, 3)
+    centres = (grid + 0.5) / res - 0.5
+    shell = grid[np.abs(np.linalg.norm(centres, axis=1) - 0.35) < 0.6 / res]
+    normals = voxel_normals(shell, res)
+    radial = (shell + 0.5) / res - 0.5
+    radial /= np.linalg.norm(radial, axis=1, keepdims=True)
+    cosines = np.abs((normals * radial).sum(1))
+    assert normals.dtype == np.float32 and np.allclose(np.linalg.norm(normals, axis=1), 1, atol=1e-5)
+    assert np.percentile(cosines, 5) > 0.99  # sign is the renderer's (towards the camera)
+    plane = grid[grid[:, 2] == 20]
+    assert np.allclose(np.abs(voxel_normals(plane, res)[:, 2]), 1, atol=1e-6)
+    lone = np.array([[5, 5, 5]])  # no neighbours: a fallback direction, still unit
+    assert np.allclose(np.linalg.norm(voxel_normals(lone, res), axis=1), 1)
+    assert voxel_normals(np.zeros((0, 3), np.int32), res).shape == (0, 3)

@@ -20,7 +20,9 @@ IMPORTERS = {".obj": "obj", ".gltf": "gltf", ".glb": "gltf", ".ply": "ply", ".bl
 def import_mesh(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Import `path` into a fresh empty scene and normalize it; returns its (vertices, triangles) in asset space.
 
-    The scene keeps the normalized objects (with their materials), ready for `render.render_views`.
+    The scene keeps the normalized objects (with their materials), ready for `render.render_views`; every material
+    also writes its base colour, roughness, metallic and Specular IOR Level to the G-buffer AOVs
+    (`objects.add_material_aovs`), so the mesh's own materials become its material latents.
     """
     import bpy
 
@@ -51,6 +53,9 @@ def import_mesh(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         obj.parent = None
         obj.matrix_world = normalize @ placed
     bpy.context.view_layer.update()
+    from .objects import add_material_aovs
+
+    add_material_aovs(objects)
     parts = [mesh_arrays(obj) for obj in objects]
     offsets = np.cumsum([0] + [len(v) for v, _ in parts[:-1]])
     return (np.concatenate([v for v, _ in parts]),
