@@ -72,3 +72,18 @@ def test_encode_mesh_command_writes_an_asset(weights, mesh, tmp_path) -> None:
     asset = read_asset(tmp_path / "box.near")
     vertices, triangles = import_mesh(mesh)
     np.testing.assert_array_equal(asset.coords, voxelize_mesh(vertices, triangles, 64))
+
+
+def test_the_mesh_materials_become_its_material_latents(weights, mesh, tmp_path) -> None:
+    """A red rough metal from an MTL file, and a mesh without materials (Blender's default grey dielectric)."""
+    red = tmp_path / "red.obj"
+    (tmp_path / "red.mtl").write_text("newmtl red\nKd 0.8 0.1 0.1\nPr 0.3\nPm 1.0\n")
+    red.write_text("mtllib red.mtl\nusemtl red\n" + mesh.read_text())
+    asset = encode_mesh(red, weights, views=4, size=32, samples=2, log=lambda _: None)
+    base, material = asset.extras["base_color"], asset.extras["material"]
+    assert base.shape == (asset.num_voxels, 3) and material.shape == (asset.num_voxels, 3)
+    np.testing.assert_allclose(np.median(base, 0), [0.8, 0.1, 0.1], atol=0.03)
+    np.testing.assert_allclose(np.median(material, 0)[:2], [0.3, 1.0], atol=0.03)
+    plain = encode_mesh(mesh, weights, views=4, size=32, samples=2, log=lambda _: None)
+    np.testing.assert_allclose(np.median(plain.extras["base_color"], 0), [0.8, 0.8, 0.8], atol=0.03)
+    np.testing.assert_allclose(np.median(plain.extras["material"], 0), [0.5, 0.0, 0.5], atol=0.03)

@@ -157,3 +157,16 @@ def test_an_untrained_pbr_shading_mlp_is_the_identity_on_the_pbr_terms():
         mlp(torch.randn(40, 32), torch.randn(40, 3))
     with pytest.raises(ValueError, match="core"):
         ShadingMLP(core="magic")
+
+
+def test_gradients_stay_finite_at_the_poles_and_at_full_roughness():
+    """Normals and views straight up or down (where atan2 and acos have no slope) and roughness 1 (where the
+    dominant-direction lean has an infinite one) must not give NaN gradients: one NaN poisons a whole training run."""
+    light = IBLLight.for_frame(prefilter(_sky(16)))
+    normals = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, -1.0], [0.0, 0.0, 1.0]], requires_grad=True)
+    views = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, -1.0], [0.6, 0.0, 0.8]], requires_grad=True)
+    roughness = torch.tensor([[1.0], [0.0], [0.5]], requires_grad=True)
+    base, _, metallic, level = _materials(3, 0.5, 0.5, 0.5, 0.5)
+    shade(base, roughness, metallic, level, normals, views, light).radiance.sum().backward()
+    for tensor in (normals, views, roughness):
+        assert torch.isfinite(tensor.grad).all(), tensor.grad

@@ -210,7 +210,8 @@ class Trainer:
     def train_step(self, samples: Sequence[Sample] | None = None) -> dict[str, float]:
         """One optimizer step on `samples` (default: `self.samples(self.step)`); returns the loss terms and lr.
 
-        The gradients of the step stay in the parameters' `.grad` (after clipping) until the next step.
+        The gradients of the step stay in the parameters' `.grad` (after clipping) until the next step. A step whose
+        gradient is not finite updates nothing (its `grad_norm` says so).
         """
         samples = self.samples(self.step) if samples is None else samples
         self.optimizer.zero_grad(set_to_none=True)
@@ -218,7 +219,10 @@ class Trainer:
         terms["loss"].backward()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+        else:  # a non-finite loss or gradient must not poison the weights: skip the update, keep the schedule
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
         return {**{k: float(v.detach()) for k, v in terms.items()}, "grad_norm": float(grad_norm), "lr": lr}
