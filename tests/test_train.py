@@ -76,9 +76,9 @@ def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
 def test_a_few_steps_overfit_one_view(obj):
     trainer = Trainer(CONFIG, [obj])
     sample = [Sample(obj, 0, 0)]
-    losses = [trainer.train_step(sample)["loss"] for _ in range(5)]
+    losses = [trainer.train_step(sample)["loss"] for _ in range(8)]
     assert all(np.isfinite(losses))
-    assert min(losses[3:]) < 0.9 * losses[0], losses
+    assert min(losses[5:]) < 0.9 * losses[0], losses
 
 
 def test_resume_repeats_an_uninterrupted_run_exactly(obj, tmp_path):
@@ -138,7 +138,7 @@ def test_init_from_weights_and_checkpoints_from_before_exposure(obj, tmp_path):
     trained = Trainer(CONFIG, [obj])
     trained.train_step()
     trained.export(tmp_path / "weights")
-    tuned = Trainer(replace(CONFIG, weights=LossWeights(exposure=4.0)), [obj])
+    tuned = Trainer(replace(CONFIG, weights=LossWeights(exposure=2.0)), [obj])
     # Other run settings, same networks: every tensor loads; a fresh optimizer and schedule.
     assert tuned.init_networks(tmp_path / "weights") == []
     tuned.export(tmp_path / "tuned")  # its note says where it started, and counts the steps of both runs
@@ -156,13 +156,14 @@ def test_init_from_weights_and_checkpoints_from_before_exposure(obj, tmp_path):
     after = _params(changed)
     for name in after:
         assert torch.equal(after[name], (fresh if name in skipped else a)[name]), name
-    # A checkpoint written before LossWeights had `exposure` resumes under its default (1: the loss it trained with).
+    # A checkpoint written before LossWeights had `exposure` resumes under exposure 1 (the loss it trained with), not
+    # under today's default.
     trained.save_checkpoint(tmp_path / "checkpoint.pt")
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     old = json.loads(state["config"])
     del old["weights"]["exposure"]
     torch.save({**state, "config": json.dumps(old)}, tmp_path / "old.pt")
-    resumed = Trainer(CONFIG, [obj])
+    resumed = Trainer(replace(CONFIG, weights=replace(CONFIG.weights, exposure=1.0)), [obj])
     resumed.load_checkpoint(tmp_path / "old.pt")
     assert resumed.step == 1 and resumed.started_from is None
     with pytest.raises(NearError, match="other settings"):

@@ -81,7 +81,9 @@ class TrainConfig:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "TrainConfig":
         """The config `to_json` wrote; fields added since take their defaults (which reproduce older runs)."""
-        return cls(**{**data, "weights": LossWeights(**data.get("weights", {}))})
+        # loss settings added since: the values older runs trained with (not today's defaults)
+        weights = {"exposure": 1.0, "pbr": 0.3, **data.get("weights", {})}
+        return cls(**{"images_per_step": 1, "uniform_images": 0, **data, "weights": LossWeights(**weights)})
 
     def __post_init__(self) -> None:
         if self.inputs not in INPUTS:

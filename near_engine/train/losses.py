@@ -1,11 +1,14 @@
 """NeAR's stage-2 losses (reference §2.5), without LPIPS: its VGG/AlexNet weights cannot be downloaded here.
 
-    L = L1(log1p) + 0.2 (1 - SSIM) + 0.3 L_pbr + 1 L_alpha + 1e4 L_vol + 1e-3 L_opacity
+    L = L1(log1p) + 0.2 (1 - SSIM) + w_pbr L_pbr + 1 L_alpha + 1e4 L_vol + 1e-3 L_opacity
+
+with the reference's w_pbr = 0.3 and exposure 1; near-tiny trains with w_pbr = 1 and exposure 4 (`LossWeights`).
 
 * reconstruction: L1 between log1p(exposure * colour) of the predicted and the Cycles lit colour (premultiplied,
   linear HDR; exposure 1 is the reference's loss), and
   D-SSIM on gamma-2.2 images clipped to [0, 1] (the released code's choice; the paper uses AgX);
-* L_pbr: L1 of the intrinsic pass's base colour, roughness and metallic against the G-buffers (0.5 each, as the code)
+* L_pbr: L1 of the intrinsic pass's base colour, roughness, metallic (and specular level where the data has it)
+  against the G-buffers (0.5 each, as the code)
   and of its unit normal against Cycles' normal where the object covers the pixel (0.5; the paper found normal losses
   hurt at full scale, so it is a separate term and weight);
 * L_alpha: L1 of the lit and intrinsic alphas against Cycles' alpha (the silhouette);
