@@ -245,30 +245,26 @@ def intrinsic_gaussians(coords: torch.Tensor, gs_out: torch.Tensor, pbr_out: tor
     means = (centres[:, None, :] + offset).reshape(-1, 3)
     identity = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=gs_out.dtype, device=gs_out.device)
     roughness, metallic, pbr1 = _split(pbr_out, [1, 1, 1], g)
-    if material_prior is not None:
+    base = SH_C0 * (base * lr["_base_color"])
+    roughness, metallic, pbr1 = roughness * lr["_roughness"], metallic * lr["_metallic"], pbr1 * lr["_pbr1"]
+    if material_prior is None:
+        base = base + 0.5
+    else:
         if material_prior.shape != (gs_out.shape[0], MATERIAL_CHANNELS):
             raise ValueError(f"material_prior must be [V, {MATERIAL_CHANNELS}], got {tuple(material_prior.shape)}")
         prior = material_prior.to(gs_out).repeat_interleave(g, dim=0)  # [V * G, 6]
         logits = _logit(prior[:, 3:6])
-        return IntrinsicGaussians(
-            means=means,
-            quats=F.normalize(rot * lr["_rotation"] + identity, dim=-1),
-            scales=_scale_activation(scale * lr["_scaling"], config),
-            opacities=torch.tanh(opacity[:, 0] * lr["_opacity"] + math.atanh(config.opacity_bias)),
-            base_color=torch.clamp_min(prior[:, :3] + SH_C0 * (base * lr["_base_color"]), 0.0),
-            roughness=torch.sigmoid(logits[:, 0:1] + roughness * lr["_roughness"]),
-            metallic=torch.sigmoid(logits[:, 1:2] + metallic * lr["_metallic"]),
-            pbr1=torch.sigmoid(logits[:, 2:3] + pbr1 * lr["_pbr1"]),
-        )
+        base = base + prior[:, :3]
+        roughness, metallic, pbr1 = roughness + logits[:, 0:1], metallic + logits[:, 1:2], pbr1 + logits[:, 2:3]
     return IntrinsicGaussians(
         means=means,
         quats=F.normalize(rot * lr["_rotation"] + identity, dim=-1),
         scales=_scale_activation(scale * lr["_scaling"], config),
         opacities=torch.tanh(opacity[:, 0] * lr["_opacity"] + math.atanh(config.opacity_bias)),
-        base_color=torch.clamp_min(SH_C0 * (base * lr["_base_color"]) + 0.5, 0.0),
-        roughness=torch.sigmoid(roughness * lr["_roughness"]),
-        metallic=torch.sigmoid(metallic * lr["_metallic"]),
-        pbr1=torch.sigmoid(pbr1 * lr["_pbr1"]),
+        base_color=torch.clamp_min(base, 0.0),
+        roughness=torch.sigmoid(roughness),
+        metallic=torch.sigmoid(metallic),
+        pbr1=torch.sigmoid(pbr1),
     )
 
 
