@@ -76,6 +76,7 @@ from .models.gaussian_heads import (
     IntrinsicGaussians,
     LitParameters,
     heads_to_gaussians,
+    facing_camera,
     shading_normals,
 )
 from .models.tokenizer import tokenizer_input
@@ -89,7 +90,9 @@ __all__ = [
     "DEFAULT_MATERIAL",
     "FrameGaussians",
     "PassGaussians",
+    "INPUTS",
     "VoxelPriors",
+    "ablation_inputs",
     "decoder_input",
     "material_latents",
     "light_planes",
@@ -130,6 +133,23 @@ def material_latents(extras: Mapping[str, np.ndarray], count: int) -> np.ndarray
             raise ValueError(f"the asset's {name} latent is {value.shape}, expected ({count}, {channels})")
         parts.append(value)
     return np.concatenate(parts, 1)
+
+
+#: What a decoder may read, for the paper's input ablation (`train.loop.TrainConfig.inputs`).
+INPUTS: tuple[str, ...] = ("lh+material", "lh", "shaded", "material")
+
+
+def ablation_inputs(latent: torch.Tensor, materials: torch.Tensor, inputs: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (latent, material latents) a decoder trained on `inputs` reads: a latent left out becomes zeros, left-out
+    material latents become `DEFAULT_MATERIAL`. Training and rendering both go through here."""
+    if inputs not in INPUTS:
+        raise ValueError(f"inputs must be one of {', '.join(INPUTS)}, got {inputs!r}")
+    if inputs == "material":
+        latent = torch.zeros_like(latent)
+    if "material" not in inputs:
+        materials = torch.tensor(DEFAULT_MATERIAL, dtype=materials.dtype, device=materials.device).expand_as(
+            materials).contiguous()
+    return latent, materials
 
 
 def decoder_input(latent: torch.Tensor, materials: torch.Tensor | None, latent_channels: int) -> torch.Tensor:
@@ -333,10 +353,9 @@ def decode_gaussians(
         lit_normals = shading_normals(g.quats, lit.scales, cam, g.means, normal_flip_offset)
         shaded = shading(lit.features, lit_normals)
         return FrameGaussians(g, lit, normals, lit_normals, shaded[:, :3], shaded[:, 3:], cam)
-    normals = priors.normals.to(g.means).repeat_interleave(config.num_gaussians, dim=0)
-    to_camera = cam.reshape(1, 3) - g.means
-    normals = torch.where((normals * to_camera).sum(-1, keepdim=True) < 0, -normals, normals)
-    view = torch.nn.functional.normalize(to_camera, dim=-1)
+    voxel = priors.normals.to(g.means).repeat_interleave(config.num_gaussians, dim=0)
+    normals = facing_camera(voxel, cam, g.means)
+    view = torch.nn.functional.normalize(cam.reshape(1, 3) - g.means, dim=-1)
     # The materials enter the PBR terms detached: they are intrinsic and learn from the G-buffers alone, so lighting
     # errors are fixed where they belong (visibility factors, interreflection term) and not by darkening the base
     # colour, which is what the relit loss drove them to (a -0.03 shift of every base colour after 175 steps).

@@ -170,19 +170,23 @@ class IBLLight:
         return IBLLight(prefiltered, torch.from_numpy(rotation.astype(np.float32)), float(strength))
 
 
-def _sample_equirect(image: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """Bilinear lookup [N, 3] of an equirect image [h, 2h, 3] at unit directions [N, 3] in its frame, wrapping at the
-    u seam (Cycles' convention: u = 0.5 - atan2(y, x) / 2 pi, row 0 at +Z)."""
-    height, width = image.shape[0], image.shape[1]
-    padded = torch.cat([image[:, -1:], image, image[:, :1]], 1).permute(2, 0, 1)[None]  # [1, 3, h, w + 2]
+def _equirect_coords(directions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, row) in [0, 1] of unit directions [N, 3] in a map's frame (Cycles' convention: u = 0.5 - atan2(y, x) /
+    2 pi, row 0 at +Z). Computed once per direction and shared by every map it is looked up in."""
     # atan2 and acos have infinite or undefined slopes at the poles: keep the lookup a hair away from them
     x = torch.where(directions[:, :2].abs().sum(-1) < 1e-7, torch.full_like(directions[:, 0], 1e-7),
                     directions[:, 0])
     u = 0.5 - torch.atan2(directions[:, 1], x) / (2 * math.pi)
-    row = torch.acos(directions[:, 2].clamp(-1.0 + 1e-6, 1.0 - 1e-6)) / math.pi  # 0 at the top
-    x = (u * width + 1.0) / (width + 2) * 2 - 1
-    y = row * 2 - 1
-    grid = torch.stack([x, y], -1)[None, None].to(image.dtype)
+    row = torch.acos(directions[:, 2].clamp(-1.0 + 1e-6, 1.0 - 1e-6)) / math.pi
+    return u, row
+
+
+def _sample_equirect(image: torch.Tensor, coords: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Bilinear lookup [N, 3] of an equirect image [h, 2h, 3] at `_equirect_coords`, wrapping at the u seam."""
+    u, row = coords
+    width = image.shape[1]
+    padded = torch.cat([image[:, -1:], image, image[:, :1]], 1).permute(2, 0, 1)[None]  # [1, 3, h, w + 2]
+    grid = torch.stack([(u * width + 1.0) / (width + 2) * 2 - 1, row * 2 - 1], -1)[None, None].to(image.dtype)
     out = F.grid_sample(padded, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out[0, :, 0].T
 
@@ -238,11 +242,12 @@ def shade(base_color: torch.Tensor, roughness: torch.Tensor, metallic: torch.Ten
     a, b = _lut(n_dot_v, rough)
     f0_dielectric = (DIELECTRIC_F0_PER_LEVEL * specular_level).clamp(0.0, 1.0).expand_as(base_color)
     f0 = torch.lerp(f0_dielectric, base_color, metallic)
-    irradiance = _sample_equirect(pre.diffuse.to(normals), normals @ to_map.T)
+    irradiance = _sample_equirect(pre.diffuse.to(normals), _equirect_coords(normals @ to_map.T))
     diffuse = base_color * (1 - metallic) * (1 - _specular_albedo(f0_dielectric, a, b, multiscatter)) * irradiance
     alpha = (rough * rough)[:, None]
     towards_normal = (1 - alpha) * (torch.sqrt((1 - alpha).clamp_min(1e-6)) + alpha)  # Lagarde 2014: a rough lobe leans to the normal
-    mirror = F.normalize(torch.lerp(normals, reflect(view_dirs, normals), towards_normal), dim=-1) @ to_map.T
+    mirror = _equirect_coords(F.normalize(torch.lerp(normals, reflect(view_dirs, normals), towards_normal), dim=-1)
+                              @ to_map.T)
     levels = torch.stack([_sample_equirect(level.to(normals), mirror) for level in pre.specular], 0)  # [K, N, 3]
     position = torch.nan_to_num(rough) * (len(ROUGHNESS_LEVELS) - 1)  # the levels are evenly spaced in roughness
     lower = position.floor().clamp(0, len(ROUGHNESS_LEVELS) - 2)

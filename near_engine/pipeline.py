@@ -59,9 +59,9 @@ from .envmap import EnvMap
 from .errors import AssetError, CheckpointError, NearError
 from .frame import (
     BACKGROUND_DEPTH,
-    DEFAULT_MATERIAL,
     PassGaussians,
     VoxelPriors,
+    ablation_inputs,
     decode_gaussians,
     decoder_input,
     light_tokens,
@@ -69,14 +69,13 @@ from .frame import (
     rasterize_passes,
 )
 from .ibl import IBLLight, PrefilteredLight, prefilter
+from .models.gaussian_heads import MATERIAL_CHANNELS
 from .sparse import SparseTensor
 
 __all__ = ["PASSES", "Scene", "LRUCache", "NearPipeline", "object_light_rotation"]
 
 #: The passes `render` can return: [H, W, k] float32, scene-linear (see `near_engine.frame.rasterize_passes`).
 PASSES: tuple[str, ...] = ("combined", "depth", "alpha", "base_color", "roughness", "metallic", "normal", "shadow")
-#: Channels the PBR core's decoder reads besides the asset's latent: its material latents.
-MATERIAL_INPUT_CHANNELS = len(DEFAULT_MATERIAL)
 
 
 @dataclass
@@ -237,12 +236,12 @@ class NearPipeline:
         """The IAD output of `asset` and, with the PBR core, its voxel priors (material latents and normals)."""
         decoder = self.networks["decoder"]
         extra = decoder.latent_channels - asset.channels
-        if (extra not in (0, MATERIAL_INPUT_CHANNELS if self.pbr_core else 0)
+        if (extra not in (0, MATERIAL_CHANNELS if self.pbr_core else 0)
                 or asset.resolution != decoder.resolution):
             raise AssetError(
                 f"this asset ({asset.channels} latent channels on a {asset.resolution}^3 grid, made with "
                 f"'{asset.model or 'unknown weights'}') does not fit the loaded weights, which expect "
-                f"{decoder.latent_channels - (MATERIAL_INPUT_CHANNELS if self.pbr_core else 0)} channels on a "
+                f"{decoder.latent_channels - (MATERIAL_CHANNELS if self.pbr_core else 0)} channels on a "
                 f"{decoder.resolution}^3 grid: re-encode it with these weights")
 
         def compute() -> tuple[SparseTensor, torch.Tensor, VoxelPriors | None]:
@@ -254,18 +253,20 @@ class NearPipeline:
                     materials = material_latents(asset.extras, asset.num_voxels)
                 except ValueError as exc:
                     raise AssetError(f"this asset's material latents cannot be used: {exc}") from None
-                if "material" not in self.inputs:
-                    materials = np.tile(np.asarray(DEFAULT_MATERIAL, np.float32), (asset.num_voxels, 1))
-                if self.inputs == "material":
-                    feats = torch.zeros_like(feats)
                 priors = VoxelPriors.of(asset.coords, asset.resolution, materials, self.device)
+                try:
+                    feats, used = ablation_inputs(feats, priors.materials, self.inputs)
+                except ValueError as exc:
+                    raise CheckpointError(f"the weights' pipeline.json: {exc}") from None
+                priors = VoxelPriors(used, priors.normals)
                 feats = decoder_input(feats, priors.materials, decoder.latent_channels)
             h, registers = decoder(SparseTensor.from_list([(coords, feats)], asset.resolution))
             return h, registers, priors
 
         return self.iad_cache.get((asset.fingerprint(), self.weights_id, self.inputs), compute)
 
-    def _prefiltered(self, envmap: EnvMap) -> PrefilteredLight:
+    def prefiltered_light(self, envmap: EnvMap) -> PrefilteredLight:
+        """The split-sum terms of `envmap`'s image (`ibl.prefilter`), cached by image content."""
         key = self._image_hash(envmap.pixels)
         return self.ibl_cache.get(key, lambda: prefilter(envmap).to(self.device))
 
@@ -292,7 +293,7 @@ class NearPipeline:
                 h, registers, priors = self._iad(asset)
                 tokens = self._light(envmap, object_light_rotation(envmap.rotation_z, m))
                 camera_in_asset = (np.linalg.inv(m) @ np.append(camera.position, 1.0))[:3]
-                ibl = (IBLLight.for_frame(self._prefiltered(envmap), envmap.rotation_z, m[:3, :3])
+                ibl = (IBLLight.for_frame(self.prefiltered_light(envmap), envmap.rotation_z, m[:3, :3])
                        if self.pbr_core else None)
                 frame = decode_gaussians(self.networks, h, registers, tokens, camera_position=camera_in_asset,
                                          priors=priors, ibl=ibl)

@@ -250,3 +250,17 @@ def test_the_lit_colour_does_not_train_the_materials(networks, asset) -> None:
     assert base_rows.weight.grad is not None and base_rows.weight.grad.abs().sum() > 0
     for net in networks.values():
         net.zero_grad(set_to_none=True)
+
+
+def test_ablation_inputs_leave_out_what_the_decoder_was_trained_without() -> None:
+    from near_engine.frame import DEFAULT_MATERIAL, ablation_inputs
+
+    latent, materials = torch.randn(5, 8), torch.rand(5, 6)
+    same = ablation_inputs(latent, materials, "lh+material")
+    assert torch.equal(same[0], latent) and torch.equal(same[1], materials)
+    lh = ablation_inputs(latent, materials, "lh")
+    assert torch.equal(lh[0], latent) and torch.equal(lh[1], torch.tensor(DEFAULT_MATERIAL).expand(5, 6))
+    only = ablation_inputs(latent, materials, "material")
+    assert torch.equal(only[0], torch.zeros(5, 8)) and torch.equal(only[1], materials)
+    with pytest.raises(ValueError, match="inputs"):
+        ablation_inputs(latent, materials, "everything")

@@ -36,7 +36,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +52,9 @@ from ..files import write_bytes_atomically
 from ..images import linear_to_srgb
 from ..pipeline import NearPipeline, Scene
 from . import metrics
+
+if TYPE_CHECKING:
+    from ..ibl import PrefilteredLight
 
 #: Table rows: key -> label.
 METHODS: dict[str, str] = {
@@ -124,10 +127,12 @@ def lambertian_radiance(envmap: EnvMap, base_color: np.ndarray, normals: np.ndar
         np.shape(base_color)).astype(np.float32)
 
 
-def oracle_pbr(envmap: EnvMap, camera: Camera, gbuffers: Mapping[str, np.ndarray], alpha: np.ndarray) -> np.ndarray:
+def oracle_pbr(envmap: EnvMap, prefiltered: "PrefilteredLight", camera: Camera, gbuffers: Mapping[str, np.ndarray],
+               alpha: np.ndarray) -> np.ndarray:
     """Premultiplied RGBA [H, W, 4]: the G-buffers (premultiplied by `alpha` [H, W, 1], as Cycles filters them)
-    divided by alpha and shaded per pixel by the PBR core (`ibl.shade`) under `envmap` seen from `camera`."""
-    from ..ibl import IBLLight, prefilter, shade
+    divided by alpha and shaded per pixel by the PBR core (`ibl.shade`) under `envmap` (whose split-sum terms are
+    `prefiltered`) seen from `camera`."""
+    from ..ibl import IBLLight, shade
 
     a = np.clip(alpha, 1e-6, None)
     covered = alpha[..., 0] > 1e-3
@@ -139,7 +144,7 @@ def oracle_pbr(envmap: EnvMap, camera: Camera, gbuffers: Mapping[str, np.ndarray
     directions = rays @ camera.camera_to_world[:3, :3].T  # world directions from the camera into the scene
     view = -directions / np.linalg.norm(directions, axis=-1, keepdims=True)
     normals = np.where((normals * view).sum(-1, keepdims=True) < 0, -normals, normals)  # as a Gaussian's flip
-    light = IBLLight.for_frame(_prefiltered(envmap), envmap.rotation_z, strength=envmap.strength)
+    light = IBLLight.for_frame(prefiltered, envmap.rotation_z, strength=envmap.strength)
     t = lambda x: torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))  # noqa: E731
     with torch.no_grad():
         radiance = shade(t(values["base_color"]).clamp(0, 1), t(values["roughness"]).clamp(0, 1),
@@ -149,18 +154,6 @@ def oracle_pbr(envmap: EnvMap, camera: Camera, gbuffers: Mapping[str, np.ndarray
     out[covered, :3] = radiance * alpha[covered]
     out[..., 3] = alpha[..., 0]
     return out
-
-
-_PREFILTERED: dict[str, object] = {}
-
-
-def _prefiltered(envmap: EnvMap):
-    """The split-sum terms of a bundled HDRI (by its file name), computed once per run."""
-    from ..ibl import prefilter
-
-    if envmap.name not in _PREFILTERED:
-        _PREFILTERED[envmap.name] = prefilter(envmap)
-    return _PREFILTERED[envmap.name]
 
 
 def material_class(roughness: float, metallic: float) -> str:
@@ -278,7 +271,8 @@ def evaluate_object(model: Model, folder: Path, hdris: Sequence[str], size: int 
                 np.linalg.norm(view_gbuffers["normal"], axis=-1, keepdims=True), 1e-9)
             predictions["lambertian_gt"] = np.concatenate(
                 [lambertian_radiance(envmap, gt_albedo, gt_normals) * view_alpha, view_alpha], axis=-1)
-            predictions["oracle_pbr"] = oracle_pbr(envmap, camera, view_gbuffers, view_alpha)
+            predictions["oracle_pbr"] = oracle_pbr(envmap, model.pipeline.prefiltered_light(envmap), camera,
+                                                   view_gbuffers, view_alpha)
             records.append({"object": meta["id"], "class": kind, "hdri": light["hdri"], "view": int(view),
                             "scores": {m: score(truth, predictions[m], background, with_flip) for m in METHODS}})
     return records

@@ -315,6 +315,12 @@ def shading_normals(quats: torch.Tensor, scales: torch.Tensor, camera_position: 
     rot = quat_to_rotmat(quats)  # [N, 3, 3]; column k is the Gaussian's k-th axis
     index = scales.argmin(dim=-1)
     axis = rot.gather(2, index[:, None, None].expand(-1, 3, 1)).squeeze(2)
+    return facing_camera(axis, camera_position, means, flip_reference_offset)
+
+
+def facing_camera(normals: torch.Tensor, camera_position: torch.Tensor, means: torch.Tensor,
+                  flip_reference_offset: float = 0.0) -> torch.Tensor:
+    """`normals` [N, 3] negated where they point away from the camera (`dot(n, camera - (means + offset)) < 0`)."""
     to_camera = camera_position.to(means).reshape(1, 3) - (means + flip_reference_offset)
-    facing = (axis * to_camera).sum(-1, keepdim=True)
-    return torch.where(facing < 0, -axis, axis)
+    facing = (normals * to_camera).sum(-1, keepdim=True)
+    return torch.where(facing < 0, -normals, normals)

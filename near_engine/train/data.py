@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from ..blender_data import blender_hdri
 from ..camera import Camera
 from ..datagen.dataset import load_object
-from ..datagen.lights import Light
-from ..datagen.lights import UNIFORM
+from ..datagen.lights import UNIFORM, Light
 from ..envmap import EnvMap
 from ..errors import NearError
 from ..frame import VoxelPriors, light_planes
@@ -44,10 +43,6 @@ class LightSource:
 
     light: Light
     envmap: EnvMap
-
-    @property
-    def key(self) -> str:
-        return self.envmap.name
 
     def planes(self, size: int) -> torch.Tensor:
         """The tokenizer's input planes [1, 9, size, size] at the light's rotation (cached per map)."""

@@ -42,7 +42,7 @@ from ..bundled import weights_folder
 from ..configs import build_networks, get_config, save_networks
 from ..errors import NearError
 from ..files import write_atomically
-from ..frame import DEFAULT_MATERIAL, VoxelPriors, decode_gaussians, decoder_input, rasterize_passes
+from ..frame import INPUTS, VoxelPriors, ablation_inputs, decode_gaussians, decoder_input, rasterize_passes
 from ..ibl import IBLLight
 from ..progress import progress
 from ..sparse import SparseTensor
@@ -53,8 +53,6 @@ from .losses import LossWeights, stage2_losses
 __all__ = ["TrainConfig", "Trainer", "StepModel", "train", "warmup_cosine"]
 
 CHECKPOINT = "checkpoint.pt"
-#: The IAD inputs of the input ablation (`TrainConfig.inputs`).
-INPUTS: tuple[str, ...] = ("lh+material", "lh", "shaded", "material")
 
 
 @dataclass
@@ -128,20 +126,17 @@ class StepModel(nn.Module):
     def inputs(self, obj: TrainObject) -> tuple[torch.Tensor, VoxelPriors]:
         """The latent the IAD reads with the object's material latents, per `TrainConfig.inputs`."""
         nets, res, inputs = self.networks, self.config.resolution, self.config.inputs
-        weight = next(nets["encoder"].parameters())
-        if inputs == "material":
-            latent = torch.zeros(len(obj.coords), nets["encoder"].latent_channels, device=weight.device)
-        elif inputs == "shaded":
+        if inputs == "shaded":
             views = obj.lit_views
             latent = encode_views(nets, obj.coords, obj.lit_rgba[0], [obj.cameras[v] for v in views],
                                   obj.depth[views], res)
+        elif inputs == "material":  # no encoder run: ablation_inputs zeroes the latent anyway
+            weight = next(nets["encoder"].parameters())
+            latent = torch.zeros(len(obj.coords), nets["encoder"].latent_channels, device=weight.device)
         else:
             latent = encode_views(nets, obj.coords, obj.rgba, obj.cameras, obj.depth, res)
-        priors = obj.priors
-        if "material" not in inputs:
-            default = torch.tensor(DEFAULT_MATERIAL).expand_as(priors.materials).contiguous()
-            priors = VoxelPriors(default, priors.normals)
-        return latent, VoxelPriors(priors.materials.to(latent), priors.normals.to(latent))
+        latent, materials = ablation_inputs(latent, obj.priors.materials.to(latent), inputs)
+        return latent, VoxelPriors(materials, obj.priors.normals.to(latent))
 
     def object_losses(self, obj: TrainObject, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
         """Encode `obj` once, then render and compare each of its `samples`; the mean loss terms."""
@@ -151,15 +146,15 @@ class StepModel(nn.Module):
         decoder = nets["decoder"]
         h, registers = decoder(SparseTensor.from_list(
             [(coords, decoder_input(latent, priors.materials, decoder.latent_channels))], res))
-        tokens: dict[str, torch.Tensor] = {}
+        tokens: dict[object, torch.Tensor] = {}
         totals: dict[str, torch.Tensor] = {}
         for sample in samples:
             source = sample.source
-            if source.key not in tokens:
-                tokens[source.key] = nets["hdri_encoder"](source.planes(self.config.light_size).to(latent))
+            if source not in tokens:  # one tokenizer run per (map, rotation) of the step
+                tokens[source] = nets["hdri_encoder"](source.planes(self.config.light_size).to(latent))
             ibl = IBLLight.for_frame(source.prefiltered(), source.light.rotation_z)
             camera = obj.cameras[sample.camera_index]
-            frame = decode_gaussians(nets, h, registers, tokens[source.key], camera_position=camera.position,
+            frame = decode_gaussians(nets, h, registers, tokens[source], camera_position=camera.position,
                                      priors=priors, ibl=ibl)
             passes = rasterize_passes(frame.pass_gaussians(), camera)
             target = sample.target().to(latent)
