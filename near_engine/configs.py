@@ -154,9 +154,11 @@ def official_config(*, lad_blocks: int = 12, latent_channels: int = 8, cnn_out_c
 def _tiny_rep(num_gaussians: int) -> dict[str, Any]:
     """near-tiny's Gaussians: 4 per voxel instead of the official 32, so each larger and more opaque at first (the
     official scale bias 0.004 and opacity 0.1 are tuned for 32 overlapping Gaussians; with few they leave gaps, the
-    dotted look, until training grows them)."""
+    dotted look, until training grows them). The 3D filter (minimum scale) is 0.005, a third of a voxel of the 64^3
+    grid, instead of 0.0009: training at 128 px, where a voxel is about a pixel, never sees the gaps that 384 px
+    renders show between smaller Gaussians (the dotted look); at 0.005 surfaces are solid at any size."""
     rep = _renderer_rep(num_gaussians)
-    rep.update({"scaling_bias": 0.004, "opacity_bias": 0.9, "voxel_size": 1.0})
+    rep.update({"scaling_bias": 0.004, "opacity_bias": 0.9, "voxel_size": 1.0, "3d_filter_kernel_size": 0.005})
     return rep
 
 
@@ -168,7 +170,8 @@ def tiny_config(*, width: int = 64, heads: int = 2, iad_blocks: int = 2, lad_blo
     `width` is the IAD/LAD channel count and the light-token width; the IAD reads the 8-channel LH latent plus the
     6 channels of the material latents (`frame.MATERIAL_LATENTS`); the tokenizer has a 4-stage ConvNeXt of widths
     (16, 32, 64, 128) and depths (1, 1, 2, 1) and `num_tokens` (a square) light tokens; the LAD's geometry and
-    material heads start at zero (Gaussians at their voxels, materials at the material latents); the shading MLP
+    material heads start at zero (Gaussians at their voxels, materials at the material latents), and so does its
+    normal residual on the voxel normals (`normal_head`); the shading MLP
     (32 features + normal -> 2 factors and an additive term on the PBR radiance) has 32 SiLU hidden units. Its
     last layer starts at zero, so untrained, near-tiny renders as a PBR shader of its material latents.
     """
@@ -188,7 +191,7 @@ def tiny_config(*, width: int = 64, heads: int = 2, iad_blocks: int = 2, lad_blo
             "resolution": 64, "model_channels": width, "latent_channels": width, "cond_channels": width,
             "num_blocks": lad_blocks, "num_heads": heads, "mlp_ratio": 4, "pe_mode": "null",
             "qk_rms_norm_cross": False, "representation_config": _tiny_rep(num_gaussians),
-            "zero_init_heads": True}},
+            "zero_init_heads": True, "normal_head": True}},
         "neural_basis": {"name": "ShadingMLP", "args": {
             "input_dim": 32, "output_dim": 5, "hidden_dim": 32, "num_layers": 3, "activation": "silu", "w0": 30.0,
             "use_normal": True, "normal_dim": 3, "use_residual": False, "core": "pbr"}},

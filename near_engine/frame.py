@@ -355,6 +355,9 @@ def decode_gaussians(
         return FrameGaussians(g, lit, normals, lit_normals, shaded[:, :3], shaded[:, 3:], cam)
     voxel = priors.normals.to(g.means).repeat_interleave(config.num_gaussians, dim=0)
     normals = facing_camera(voxel, cam, g.means)
+    if "normal" in heads:  # near-tiny's learned correction of the coarse voxel normal (starts at zero), still facing
+        corrected = torch.nn.functional.normalize(normals + heads["normal"].reshape(-1, 3).to(normals), dim=-1)
+        normals = facing_camera(corrected, cam, g.means)
     view = torch.nn.functional.normalize(cam.reshape(1, 3) - g.means, dim=-1)
     # The materials enter the PBR terms detached: they are intrinsic and learn from the G-buffers alone, so lighting
     # errors are fixed where they belong (visibility factors, interreflection term) and not by darkening the base

@@ -264,3 +264,35 @@ def test_ablation_inputs_leave_out_what_the_decoder_was_trained_without() -> Non
     assert torch.equal(only[0], torch.zeros(5, 8)) and torch.equal(only[1], materials)
     with pytest.raises(ValueError, match="inputs"):
         ablation_inputs(latent, materials, "everything")
+
+
+def test_normal_residual_starts_at_the_voxel_normals_and_learns_from_the_normal_pass(asset) -> None:
+    """near-tiny's LAD corrects each Gaussian's voxel normal: untrained, the normals are the camera-facing voxel
+    normals exactly; a residual turns them (still unit), and the normal pass's loss reaches the head."""
+    from near_engine.configs import build_networks
+    from near_engine.models.gaussian_heads import facing_camera
+
+    torch.manual_seed(0)
+    nets = build_networks("near-tiny")
+    camera, env = _camera(), _env(1)
+    frame, _ = _render(nets, asset, env, camera)
+    voxel = _priors(asset).normals.repeat_interleave(nets["renderer"].num_gaussians, dim=0)
+    expected = facing_camera(voxel, frame.camera_position, frame.intrinsic.means)
+    assert torch.allclose(frame.normals, expected, atol=1e-6)
+
+    head = nets["renderer"].normal_out_layer
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([0.5, -0.3, 0.2]).repeat(nets["renderer"].num_gaussians))
+    frame, passes = _render(nets, asset, env, camera)
+    assert torch.allclose(torch.linalg.vector_norm(frame.normals, dim=-1), torch.ones(len(frame)), atol=1e-5)
+    turned = torch.rad2deg(torch.acos((frame.normals * expected).sum(-1).clamp(-1, 1)))
+    assert float(turned.median()) > 5.0
+    covered = passes["alpha"] > 0.5
+    (passes["normal"] * covered).sum().backward()
+    assert head.weight.grad is not None and float(head.weight.grad.abs().sum()) > 0
+
+
+def test_the_official_renderer_has_no_normal_residual() -> None:
+    from near_engine.configs import build_networks
+
+    assert build_networks("near-official", keys=("renderer",))["renderer"].normal_out_layer is None

@@ -108,6 +108,7 @@ class LightingAwareDecoder(nn.Module):
         qk_rms_norm_cross: bool = False,
         representation_config: dict[str, Any] | None = None,
         zero_init_heads: bool = False,
+        normal_head: bool = False,
     ) -> None:
         super().__init__()
         self.zero_init_heads = bool(zero_init_heads)
@@ -148,13 +149,16 @@ class LightingAwareDecoder(nn.Module):
         self.pbr_out_layer = nn.Sequential(nn.Linear(c, c), nn.GELU(), nn.Linear(c, self.head_channels["pbr"]))
         self.scale_out_layer = nn.Linear(c, self.head_channels["scale"])
         self.rgb_out_layer = nn.Linear(c, self.head_channels["rgb"])
+        # near-tiny: a per-Gaussian residual on the voxel normal (not in the official renderer; always starts at zero)
+        self.normal_out_layer = nn.Linear(c, 3 * g) if normal_head else None
         self.register_buffer("offset_perturbation", hammersley_offsets(g, rep.voxel_size))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """TRELLIS init: xavier-uniform Linear weights, zero biases (RMSNorm weights stay 1). With `zero_init_heads`
         (near-tiny) the gs, pbr and scale heads' last layers start at zero: the Gaussians start at their voxels'
-        Hammersley points with the configured scale and opacity, and the materials at the asset's material prior."""
+        Hammersley points with the configured scale and opacity, and the materials at the asset's material prior. The
+        normal residual head (`normal_head`) always starts at zero: the voxel normals as they are."""
         if self.input_layer.weight.is_meta:
             return
         for module in self.modules():
@@ -162,10 +166,12 @@ class LightingAwareDecoder(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        if self.zero_init_heads:
-            for last in (self.gs_out_layer[-1], self.pbr_out_layer[-1], self.scale_out_layer):
-                nn.init.zeros_(last.weight)
-                nn.init.zeros_(last.bias)
+        zeroed = (self.gs_out_layer[-1], self.pbr_out_layer[-1], self.scale_out_layer) if self.zero_init_heads else ()
+        if self.normal_out_layer is not None:
+            zeroed += (self.normal_out_layer,)
+        for last in zeroed:
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def view_embedding(self, tensor: SparseTensor, cam_pos: torch.Tensor) -> torch.Tensor:
         """e_v [N, C] for every voxel of `tensor`, seen from `cam_pos` [B, 3] (or [3] / [1, 3] for all elements)."""
@@ -201,7 +207,8 @@ class LightingAwareDecoder(nn.Module):
 
         `context` (from `project_context`) replaces registers and light_tokens, which may then be None.
         Returns {"gs": [N, 14G], "pbr": [N, 3G], "scale": [N, 3G], "rgb": [N, 35G]} in the input's dtype, rows in
-        `h`'s voxel order (layout in the module docstring).
+        `h`'s voxel order (layout in the module docstring), and with `normal_head` "normal" [N, 3G]: per Gaussian
+        (Gaussian-major within a voxel) a residual added to the camera-facing voxel normal.
         """
         if h.feats.ndim != 2 or h.feats.shape[1] != self.model_channels:
             raise ValueError(f"LAD expects IAD features [N, {self.model_channels}], got {tuple(h.feats.shape)}")
@@ -228,4 +235,6 @@ class LightingAwareDecoder(nn.Module):
             "scale": self.scale_out_layer(xn),
             "rgb": self.rgb_out_layer(xn),
         }
+        if self.normal_out_layer is not None:
+            out["normal"] = self.normal_out_layer(hn + e_v)
         return {k: v.to(h.feats.dtype) for k, v in out.items()}
