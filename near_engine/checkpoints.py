@@ -135,7 +135,8 @@ def read_weights_folder(folder: str | os.PathLike,
         pipeline = args
     else:
         raise CheckpointError(f"{folder} is not a weights folder: it has neither pipeline.json nor pipeline.yaml")
-    if not isinstance(models, dict) or not models or not all(isinstance(v, str) for v in models.values()):
+    if not isinstance(models, dict) or not models or not all(isinstance(k, str) and isinstance(v, str)
+                                                             for k, v in models.items()):
         raise CheckpointError(f"{folder}: the pipeline file must list its networks as models: {{key: path}}")
     entries = {}
     for key, rel in models.items():

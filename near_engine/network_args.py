@@ -122,6 +122,15 @@ class Nullable:
 
 
 @dataclass(frozen=True)
+class Scalar:
+    """Any text, finite number, true/false or null (an entry a class ignores: kept harmless, never a structure)."""
+
+    def check(self, value: Any) -> None:
+        if isinstance(value, (dict, list)) or (isinstance(value, float) and not math.isfinite(value)):
+            raise _Bad(f"must be a plain value, got {_kind(value)}")
+
+
+@dataclass(frozen=True)
 class Table:
     """A JSON object whose known keys fit their specs; other keys are refused unless `others` gives their spec."""
 
@@ -164,7 +173,7 @@ REPRESENTATION = Table({
     "scaling_bias": Real(0, 16, open_lo=True),
     "opacity_bias": Real(0, 1, open_lo=True, open_hi=True),
     "scaling_activation": OneOf(("softplus", "exp")),
-})
+}, others=Scalar())  # TRELLIS keys the renderer ignores may appear in the official files
 
 _SLAT_TRANSFORMER = {
     "resolution": RESOLUTION, "model_channels": CHANNELS, "latent_channels": Int(1, 4096),

@@ -293,6 +293,7 @@ def test_light_size_is_checked_naming_the_file(tiny_folder, tmp_path, value):
     ("hdri_encoder.json", "convnext_dims", [16, 32, "64", 128]),
     ("renderer.json", "representation_config", "bogus"),  # was an AttributeError
     ("renderer.json", "representation_config", {"num_gaussians": 10**9}),
+    ("renderer.json", "representation_config", {"num_gaussians": 2, "ignored": {"but": "not a structure"}}),
     ("neural_basis.json", "num_layers", 1e12),
     ("neural_basis.json", "num_layers", 10**12),
     ("neural_basis.json", "activation", None),
