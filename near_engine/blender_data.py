@@ -32,7 +32,7 @@ def blender_hdri(name: str) -> Path:
     Names come from data files (a data set's meta.json), so a name is a name, never a path: one that holds a
     separator, a control character or '..', or that resolves outside the HDRI folder, is refused.
     """
-    if (not isinstance(name, str) or not _HDRI_NAME.fullmatch(name)):
+    if not isinstance(name, str) or not _HDRI_NAME.fullmatch(name):
         raise NearError(f"{name!r} is not an HDRI name (letters, digits, '_', '-' and '.', not a path)")
     folder = blender_hdri_dir()
     path = folder / f"{name}.exr"

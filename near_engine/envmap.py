@@ -676,7 +676,7 @@ def _read_hdr(name: str) -> _RawImage:
 def _check_encoded_length(name: str, available: int, n_lines: int, length: int) -> None:
     """Refuse, before allocating or decoding, pixel data too short for the size the header declares.
 
-    Radiance writers since 1991 (and OIIO, Blender, stb) use the per-channel run-length scheme for scanlines of 8 to
+    Radiance's own writer and the common libraries use the per-channel run-length scheme for scanlines of 8 to
     32767 pixels; its tightest encoding is a 4-byte scanline header and 2 bytes per run of up to 127 values in each of
     the 4 channels. The obsolete scheme can repeat a pixel millions of times in 4 bytes, so a file of 96 KB could
     declare 16384 x 8192 pixels (a decompression bomb: 4.8 GB and 86 s to read); it is held to the same minimum.

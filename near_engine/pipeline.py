@@ -77,8 +77,9 @@ __all__ = ["PASSES", "Scene", "LRUCache", "NearPipeline", "object_light_rotation
 #: The passes `render` can return: [H, W, k] float32, scene-linear (see `near_engine.frame.rasterize_passes`).
 PASSES: tuple[str, ...] = ("combined", "depth", "alpha", "base_color", "roughness", "metallic", "normal", "shadow")
 
-#: Memory a render needs per pixel, all passes: measured peak RSS of `near render` (near-tiny, 5,000 voxels) grew
-#: by 135 bytes per pixel from 1024^2 to 2048^2, and 4096^2 used 4 GB; 256 covers both with a margin.
+#: Memory a render needs per pixel, all passes: the peak RSS of `near render` (near-tiny, 5,000 voxels, EXR with
+#: every pass) grew by 135 bytes per pixel from 1024^2 (0.79 GB) to 2048^2 (1.21 GB), and 4096^2 was reported at
+#: 4 GB (issue 11); 256 covers both.
 RENDER_BYTES_PER_PIXEL = 256
 #: The largest render the engine starts: 8 GiB by that estimate (e.g. 8192 x 4096; 4096 x 4096 needs 4 GiB).
 MAX_RENDER_BYTES = 8 * 2**30
