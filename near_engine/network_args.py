@@ -189,7 +189,7 @@ NETWORK_ARGS: dict[type[nn.Module], dict[str, Any]] = {
     IntrinsicAwareDecoder: _SLAT_TRANSFORMER,
     LightingAwareDecoder: {**_SLAT_TRANSFORMER, "latent_channels": CHANNELS, "zero_init_heads": Flag()},
     IlluminationTokenizer: {
-        "output_dim": CHANNELS, "num_tokens": Int(1, 16384), "cnn_out_channels": CHANNELS, "n_heads": HEADS,
+        "output_dim": CHANNELS, "num_tokens": Int(1, 4096), "cnn_out_channels": CHANNELS, "n_heads": HEADS,
         "num_transformer_layers": Int(1, 64), "rope_base": Real(1, 1e9),
         "convnext_dims": IntList(4, CHANNELS), "convnext_depths": IntList(4, Int(0, 64)),
         "num_freq_bands": Int(0, 32), "dim_feedforward": Nullable(Int(1, 32768)), "dropout": FRACTION,
