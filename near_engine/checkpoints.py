@@ -123,6 +123,8 @@ def read_weights_folder(folder: str | os.PathLike,
     official stage-1 flow model, say) still serves the ones asked for. The settings keep the full `models` listing.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{folder} is a file; a weights folder holds pipeline.json (or pipeline.yaml)")
     if not folder.is_dir():
         raise CheckpointError(f"weights folder {folder} does not exist")
     if (folder / "pipeline.json").is_file():
