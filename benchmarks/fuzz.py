@@ -249,12 +249,28 @@ def _hdr_header(data: bytes, rng: random.Random) -> tuple[bytes, str]:
     return data[:end + 2] + line + data[line_end:], f"{what} line {line.decode()!r}"
 
 
+def _exr_header(data: bytes, rng: random.Random) -> tuple[bytes, str]:
+    """An interesting integer written into one EXR header attribute's value (data window, compression, channel
+    list, attribute size...)."""
+    found = [(name, data.find(name)) for name in (b"dataWindow\0", b"displayWindow\0", b"compression\0",
+                                                   b"channels\0", b"lineOrder\0")]
+    found = [(name, at) for name, at in found if at >= 0]
+    if not found:
+        return _overwrite_int(data, rng)
+    name, at = rng.choice(found)
+    value_at = data.index(b"\0", at + len(name)) + 1  # after the type name: 4-byte size, then the value
+    offset = value_at + rng.choice((0, 4, 8, 12, 16))
+    value = rng.choice(INTERESTING_INTS)
+    packed = struct.pack("<i" if value < 0 else "<I", value) if -2**31 <= value < 2**32 else b"\xff" * 4
+    return data[:offset] + packed + data[offset + 4:], f"{name[:-1].decode()}: {value} at byte {offset}"
+
+
 BINARY_MUTATIONS = (_truncate, _flip, _overwrite_int)
 
 
 def mutate_file(reader: str, data: bytes, rng: random.Random) -> tuple[bytes, str]:
     """One mutation of a file's bytes, chosen for its format."""
-    special = {"near": [_safetensors_header], "hdr": [_hdr_header], "exr": [_overwrite_int],
+    special = {"near": [_safetensors_header], "hdr": [_hdr_header], "exr": [_exr_header],
                "safetensors": [_safetensors_header]}.get(reader, [])
     mutation = rng.choice(list(BINARY_MUTATIONS) + special * 2)
     return mutation(data, rng)
