@@ -31,6 +31,7 @@ import os
 import re
 import stat
 import struct
+import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
@@ -227,6 +228,10 @@ def _check_text(field: str, value: Any, allow_empty: bool = True) -> str:
         raise _Invalid(f"has an empty '{field}' (it must say what the latent is, e.g. '{DEFAULT_LATENT}')")
     if len(value) > MAX_TEXT_CHARS:
         raise _Invalid(f"has a '{field}' text of {len(value)} characters (at most {MAX_TEXT_CHARS})")
+    bad = next((i for i, c in enumerate(value) if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:  # Blender cuts strings at a NUL (the fingerprint would stop matching); escapes reach terminals
+        raise _Invalid(f"has a control character ({value[bad]!r}, position {bad}) in its '{field}' text; metadata "
+                       "texts are one line of printable characters")
     return value
 
 

@@ -20,6 +20,7 @@ from .errors import CheckpointError
 from .files import write_atomically
 
 MAX_LISTED = 12  # how many mismatched names an error message spells out before summarising
+MAX_JSON_DEPTH = 32  # the deepest nesting a weights-folder JSON or YAML file may have (ours and the official need 4)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"weights file {path} is a folder, not a safetensors file")
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist")
     try:
@@ -49,16 +52,21 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy `tensors` into `module` strictly: every missing, unexpected or mis-shaped tensor is named in one error.
 
-    Values are cast to each parameter's dtype, so fp16 and fp32 files (or a mix, as the official checkpoints are)
-    load alike. Entries that share storage in the module (the tokenizer's repeated layer) are simply written twice.
+    Floating-point values are cast to each parameter's precision, so fp16 and fp32 files (or a mix, as the official
+    checkpoints are) load alike; a tensor of another kind (bool or integer where the network holds floats) is refused,
+    never cast. Entries that share storage in the module (the tokenizer's repeated layer) are simply written twice.
     """
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     misshaped = sorted(f"{k} (file {list(tensors[k].shape)}, model {list(expected[k].shape)})"
                        for k in set(expected) & set(tensors) if tensors[k].shape != expected[k].shape)
+    mistyped = sorted(f"{k} (file {str(tensors[k].dtype).removeprefix('torch.')}, model "
+                      f"{str(expected[k].dtype).removeprefix('torch.')})"
+                      for k in set(expected) & set(tensors) if _kind(tensors[k].dtype) != _kind(expected[k].dtype))
     problems = [(what, names) for what, names in
-                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if names]
+                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
+                 ("of the wrong kind (only floating-point precisions are converted)", mistyped)) if names]
     if problems:
         parts = []
         for what, names in problems:
@@ -69,6 +77,15 @@ def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], sour
     with torch.no_grad():
         for name, value in expected.items():
             value.copy_(tensors[name].to(value.dtype))
+
+
+def _kind(dtype: torch.dtype) -> str:
+    """'float', 'complex', 'bool' or 'int': what a tensor's values are, whatever their precision."""
+    if dtype.is_floating_point:
+        return "float"
+    if dtype.is_complex:
+        return "complex"
+    return "bool" if dtype == torch.bool else "int"
 
 
 def save_model(folder: str | os.PathLike, name: str, module: torch.nn.Module, args: dict[str, Any]) -> None:
@@ -106,6 +123,8 @@ def read_weights_folder(folder: str | os.PathLike,
     official stage-1 flow model, say) still serves the ones asked for. The settings keep the full `models` listing.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{folder} is a file; a weights folder holds pipeline.json (or pipeline.yaml)")
     if not folder.is_dir():
         raise CheckpointError(f"weights folder {folder} does not exist")
     if (folder / "pipeline.json").is_file():
@@ -118,10 +137,15 @@ def read_weights_folder(folder: str | os.PathLike,
         pipeline = args
     else:
         raise CheckpointError(f"{folder} is not a weights folder: it has neither pipeline.json nor pipeline.yaml")
-    if not isinstance(models, dict) or not models or not all(isinstance(v, str) for v in models.values()):
+    if not isinstance(models, dict) or not models or not all(isinstance(k, str) and isinstance(v, str)
+                                                             for k, v in models.items()):
         raise CheckpointError(f"{folder}: the pipeline file must list its networks as models: {{key: path}}")
     entries = {}
     for key, rel in models.items():
+        for text in (key, rel):
+            if not text or any(ord(c) < 32 or ord(c) == 127 for c in text):
+                raise CheckpointError(f"{folder}: the pipeline file's models entry {key!r}: {rel!r} is empty or holds "
+                                      "control characters (NUL, escapes); network keys and paths are plain names")
         base = (folder / rel).resolve()
         if folder.resolve() not in base.parents:
             raise CheckpointError(f"{folder}: network '{key}' points outside the weights folder ({rel})")
@@ -132,9 +156,13 @@ def read_weights_folder(folder: str | os.PathLike,
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return _shallow(json.loads(path.read_text(encoding="utf-8")), path)
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder, not a JSON file") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} nests lists or tables more than {MAX_JSON_DEPTH} levels deep") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{path} is not readable JSON ({exc})") from None
 
@@ -143,6 +171,24 @@ def _read_yaml(path: Path) -> Any:
     import yaml
 
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        return _shallow(yaml.safe_load(path.read_text(encoding="utf-8")), path)
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder, not a YAML file") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} nests lists or tables more than {MAX_JSON_DEPTH} levels deep") from None
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
         raise CheckpointError(f"{path} is not readable YAML ({exc})") from None
+
+
+def _shallow(value: Any, path: Path) -> Any:
+    """`value` if its lists and tables nest at most MAX_JSON_DEPTH deep (checked without recursion; a YAML alias is
+    walked once, so a "billion laughs" file costs no more than its text)."""
+    stack, seen = [(value, 0)], set()
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)) and id(item) not in seen:
+            seen.add(id(item))
+            if depth >= MAX_JSON_DEPTH:
+                raise CheckpointError(f"{path} nests lists or tables more than {MAX_JSON_DEPTH} levels deep")
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return value

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -38,18 +40,48 @@ _EXR_LAYERS = {"combined": ("", "RGBA"), "depth": ("Depth.", "Z"), "alpha": ("Al
 
 
 def _parse_size(text: str) -> tuple[int, int]:
+    """WxH, each side in 1..16384, and a render whose estimated memory fits `pipeline.MAX_RENDER_BYTES`."""
+    from .pipeline import check_render_size
+
     try:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise NearError(f"--size must look like 512x512, got {text!r}") from None
     if not (0 < width <= 16384 and 0 < height <= 16384):
         raise NearError(f"--size must be between 1x1 and 16384x16384, got {text!r}")
+    check_render_size(width, height, "--size")
     return width, height
 
 
-def _cmd_render(args: argparse.Namespace) -> int:
-    import math
+def _number(lo: float, hi: float, *, whole: bool = False, open_lo: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [lo, hi] (or (lo, hi]), so `inf`, `nan` and out-of-range values get a
+    clear usage error instead of a traceback deep inside the engine."""
+    def parse(text: str) -> float:
+        try:
+            value = int(text) if whole else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if whole else ''}number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if value > hi or value < lo or (open_lo and value == lo):
+            raise argparse.ArgumentTypeError(f"must be {'above' if open_lo else 'at least'} {lo:g} and at most "
+                                             f"{hi:g}, got {text}")
+        return value
+    return parse
 
+
+def _whole(lo: int, hi: int) -> Callable[[str], float]:
+    return _number(lo, hi, whole=True)
+
+
+ANGLE = _number(-3600, 3600)  # degrees; several turns are fine, but not values that lose all precision
+STRENGTH = _number(0, 1e6)
+COUNT = _whole(1, 100_000)
+SEED = _whole(0, 2**31 - 1)
+PIXELS = _whole(1, 16384)
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
     from .asset import read_asset
     from .camera import Camera
     from .envmap import EnvMap
@@ -86,10 +118,20 @@ def _cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _printable(text: str) -> str:
+    """`text` with every control character but the line break shown as an escape (`\\x1b`), so metadata read from
+    a file cannot move the cursor, recolour or clear the user's terminal."""
+    return "".join(c if c == "\n" or c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     path = Path(args.file)
-    if not path.is_file():
+    if path.is_dir():
+        raise NearError(f"{path}: is a folder; `near info` describes one EXR/HDR image or .near asset file")
+    if not path.exists():
         raise NearError(f"{path}: no such file")
+    if not path.is_file():
+        raise NearError(f"{path}: not a regular file (a device, pipe or socket)")
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -98,11 +140,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if head[:4] == b"\x76\x2f\x31\x01" or head.startswith(b"#?"):
         from .envmap import describe_image_file
 
-        print(describe_image_file(path))
+        print(_printable(describe_image_file(path)))
     else:
         from .asset import describe_asset
 
-        print(describe_asset(path))
+        print(_printable(describe_asset(path)))
     return 0
 
 
@@ -190,26 +232,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="encode the bundled sample object, relight it under Blender's HDRIs as a "
                           "turntable next to Cycles references (images + contact sheet)")
     demo.add_argument("-o", "--output", default="out/demo", help="output folder (default: out/demo)")
-    demo.add_argument("--size", type=int, default=384, help="image width and height in pixels (default 384)")
+    demo.add_argument("--size", type=PIXELS, default=384, help="image width and height in pixels (default 384)")
     demo.add_argument("--hdri", nargs="+", default=list(DEFAULT_HDRIS),
                       help=f"names of Blender's bundled HDRIs (default: {' '.join(DEFAULT_HDRIS)})")
     demo.add_argument("--mesh", default=str(SAMPLE_MESH), help="mesh to encode (default: the bundled sample vase)")
     demo.add_argument("--weights", default=DEFAULT_WEIGHTS, help="weights folder or bundled model (default: "
                       "near-tiny)")
-    demo.add_argument("--views", type=int, default=12, help="Cycles views the latent is encoded from (default 12)")
-    demo.add_argument("--samples", type=int, default=32, help="Cycles samples per image (default 32)")
+    demo.add_argument("--views", type=COUNT, default=12, help="Cycles views the latent is encoded from (default 12)")
+    demo.add_argument("--samples", type=COUNT, default=32, help="Cycles samples per image (default 32)")
     demo.set_defaults(func=_cmd_demo)
 
     render = sub.add_parser("render", help="render a .near asset relit by an HDRI, from an orbiting camera")
     render.add_argument("asset", help="the .near asset")
     render.add_argument("--hdri", required=True, help="equirectangular environment map (.exr or .hdr)")
-    render.add_argument("--rotation", type=float, default=0.0,
+    render.add_argument("--rotation", type=ANGLE, default=0.0,
                         help="world rotation about Z in degrees, as a Blender Mapping node's Z rotation")
-    render.add_argument("--strength", type=float, default=1.0, help="world strength (Background strength)")
-    render.add_argument("--azimuth", type=float, default=30.0, help="camera azimuth in degrees, from +X towards +Y")
-    render.add_argument("--elevation", type=float, default=20.0, help="camera elevation in degrees above XY")
-    render.add_argument("--distance", type=float, default=2.0, help="camera distance from the origin")
-    render.add_argument("--fov", type=float, default=40.0, help="horizontal field of view in degrees")
+    render.add_argument("--strength", type=STRENGTH, default=1.0, help="world strength (Background strength)")
+    render.add_argument("--azimuth", type=ANGLE, default=30.0, help="camera azimuth in degrees, from +X towards +Y")
+    render.add_argument("--elevation", type=_number(-90, 90), default=20.0, help="camera elevation in degrees above XY")
+    render.add_argument("--distance", type=_number(0.2, 500), default=2.0, help="camera distance from the origin")
+    render.add_argument("--fov", type=_number(1, 179), default=40.0, help="horizontal field of view in degrees")
     render.add_argument("--size", default="512x512", help="image size WxH (default 512x512)")
     render.add_argument("--transparent", action="store_true", help="leave the background out (alpha), as "
                         "Blender's transparent film")
@@ -231,18 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
                              "strength) and a sun-and-sky world. A rerun skips finished objects; run one process per "
                              "--shard i/n.")
     datagen.add_argument("-o", "--output", required=True, help="output folder (config.json, manifest.json, objects/)")
-    datagen.add_argument("--objects", type=int, default=300, help="number of objects (default 300)")
-    datagen.add_argument("--views", type=int, default=12, help="uniform-lit views per object (default 12)")
-    datagen.add_argument("--hdri-views", type=int, default=6,
+    datagen.add_argument("--objects", type=COUNT, default=300, help="number of objects (default 300)")
+    datagen.add_argument("--views", type=COUNT, default=12, help="uniform-lit views per object (default 12)")
+    datagen.add_argument("--hdri-views", type=_whole(0, 100_000), default=6,
                          help="of those, views also rendered under each relighting (default 6)")
-    datagen.add_argument("--hdris-per-object", type=int, default=2, help="training HDRIs per object (default 2)")
+    datagen.add_argument("--hdris-per-object", type=_whole(0, 100), default=2,
+                         help="training HDRIs per object (default 2)")
     datagen.add_argument("--skies", type=int, default=1, choices=(0, 1),
                          help="sun-and-sky worlds per object, baked to an environment map (default 1)")
     datagen.add_argument("--area-light", action="store_true", help="also one random area light per object (not "
                          "used by training: it has no environment map)")
-    datagen.add_argument("--size", type=int, default=128, help="image width and height in pixels (default 128)")
-    datagen.add_argument("--samples", type=int, default=16, help="Cycles samples per pixel, denoised (default 16)")
-    datagen.add_argument("--seed", type=int, default=0, help="data set seed: object i of a seed is always the same")
+    datagen.add_argument("--size", type=PIXELS, default=128, help="image width and height in pixels (default 128)")
+    datagen.add_argument("--samples", type=COUNT, default=16, help="Cycles samples per pixel, denoised (default 16)")
+    datagen.add_argument("--seed", type=SEED, default=0, help="data set seed: object i of a seed is always the same")
     datagen.add_argument("--shard", default="0/1", help="render objects with index %% n == i (default 0/1)")
     datagen.add_argument("--meshes", nargs="+", metavar="MESH", help="render these mesh files (OBJ, glTF/GLB, PLY, "
                          ".blend) instead of procedural objects, all as validation objects: an evaluation set of "
@@ -261,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "comma-separated object ids")
     evaluate.add_argument("--hdris", nargs="+", default=["held-out"], help="'held-out' (default: the data set's "
                           "held-out HDRIs) or HDRI names")
-    evaluate.add_argument("--size", type=int, default=None, help="evaluate at this many pixels per side (a divisor "
+    evaluate.add_argument("--size", type=PIXELS, default=None, help="evaluate at this many pixels per side (a divisor "
                           "of the data set's image size; default: full size)")
     evaluate.add_argument("-o", "--output", required=True, help="REPORT.md (REPORT.json is written next to it)")
     evaluate.set_defaults(func=_cmd_eval)
@@ -274,46 +317,50 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("-o", "--output", required=True, help="ASSET.near to write")
     encode.add_argument("--weights", default=DEFAULT_WEIGHTS, help="weights folder with the image_features and "
                         "encoder networks, or a bundled model (default: near-tiny)")
-    encode.add_argument("--views", type=int, default=24, help="views on a Hammersley sphere (default 24)")
-    encode.add_argument("--size", type=int, default=256, help="view width and height in pixels (default 256)")
-    encode.add_argument("--samples", type=int, default=32, help="Cycles samples per view (default 32)")
+    encode.add_argument("--views", type=COUNT, default=24, help="views on a Hammersley sphere (default 24)")
+    encode.add_argument("--size", type=PIXELS, default=256, help="view width and height in pixels (default 256)")
+    encode.add_argument("--samples", type=COUNT, default=32, help="Cycles samples per view (default 32)")
     encode.add_argument("--shaded", metavar="HDRI", help="encode the shaded latent (ablation) from views lit by this "
                         "bundled Blender HDRI (forest, sunset, studio, city, courtyard, interior, night, sunrise)")
-    encode.add_argument("--rotation", type=float, default=0.0, help="with --shaded: the HDRI's Mapping Z rotation")
-    encode.add_argument("--strength", type=float, default=1.0, help="with --shaded: the HDRI's strength")
+    encode.add_argument("--rotation", type=ANGLE, default=0.0, help="with --shaded: the HDRI's Mapping Z rotation")
+    encode.add_argument("--strength", type=STRENGTH, default=1.0, help="with --shaded: the HDRI's strength")
     encode.set_defaults(func=_cmd_encode_mesh)
 
     tr = sub.add_parser("train", help="train near-tiny on a `near datagen` folder (torchrun-compatible, resumable)")
     tr.add_argument("--data", required=True, help="data set folder written by `near datagen`")
     tr.add_argument("--out", required=True, help="output folder: checkpoint.pt and weights/")
-    tr.add_argument("--steps", type=int, default=2000, help="total optimizer steps (default 2000)")
-    tr.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (default 5e-4)")
-    tr.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay")
-    tr.add_argument("--size", type=int, default=128, help="training image side; must divide the render size")
-    tr.add_argument("--light-size", type=int, default=128, help="side of the tokenizer's input planes")
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--steps", type=_whole(1, 10**9), default=2000, help="total optimizer steps (default 2000)")
+    tr.add_argument("--lr", type=_number(0, 1, open_lo=True), default=5e-4,
+                    help="peak AdamW learning rate (default 5e-4)")
+    tr.add_argument("--warmup", type=_whole(0, 10**9), default=100, help="linear warm-up steps before the cosine decay")
+    tr.add_argument("--size", type=PIXELS, default=128, help="training image side; must divide the render size")
+    tr.add_argument("--light-size", type=_whole(16, 1024), default=128, help="side of the tokenizer's input planes")
+    tr.add_argument("--seed", type=SEED, default=0)
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     tr.add_argument("--init-from", metavar="WEIGHTS", help="start the networks from this weights folder (e.g. an "
                     "earlier run's weights/), with a fresh optimizer and schedule")
-    tr.add_argument("--exposure", type=float, default=None, help="gain inside the colour L1's log1p (default: "
+    tr.add_argument("--exposure", type=_number(0, 1e4, open_lo=True), default=None,
+                    help="gain inside the colour L1's log1p (default: "
                     "`LossWeights.exposure`, 4; 1 is the reference's loss; see near_engine/train/losses.py)")
-    tr.add_argument("--pbr-weight", type=float, default=None, help="weight of the material and normal term against "
+    tr.add_argument("--pbr-weight", type=_number(0, 1e4), default=None,
+                    help="weight of the material and normal term against "
                     "the G-buffers (default: `LossWeights.pbr`, 1; the reference's is 0.3)")
-    tr.add_argument("--images-per-step", type=int, default=8, help="images of one object supervised per step, "
+    tr.add_argument("--images-per-step", type=_whole(1, 1024), default=8,
+                    help="images of one object supervised per step, "
                     "encoding it once (default 8)")
-    tr.add_argument("--uniform-images", type=int, default=2, help="of those, uniform-lit views (default 2)")
+    tr.add_argument("--uniform-images", type=_whole(0, 1024), default=2, help="of those, uniform-lit views (default 2)")
     tr.add_argument("--inputs", default="lh+material", help="what the decoder reads, for the input ablation: "
                     "lh+material (near-tiny, default), lh, shaded or material")
-    tr.add_argument("--log-every", type=int, default=10)
-    tr.add_argument("--checkpoint-every", type=int, default=200)
+    tr.add_argument("--log-every", type=COUNT, default=10)
+    tr.add_argument("--checkpoint-every", type=COUNT, default=200)
     tr.set_defaults(func=_cmd_train)
 
     bench = sub.add_parser("bench", help="speed measurements (print JSON)")
     bench_sub = bench.add_subparsers(dest="target", required=True)
     raster = bench_sub.add_parser("raster", help="rasterizer forward/backward on the fixed benchmark scene")
-    raster.add_argument("--gaussians", type=int, default=100_000)
-    raster.add_argument("--size", type=int, default=512)
-    raster.add_argument("--repeats", type=int, default=5, help="timed runs per figure; the best is kept")
+    raster.add_argument("--gaussians", type=_whole(0, 10**8), default=100_000)
+    raster.add_argument("--size", type=_whole(1, 4096), default=512)
+    raster.add_argument("--repeats", type=_whole(1, 1000), default=5, help="timed runs per figure; the best is kept")
     raster.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the plain NumPy splatter and print the speed-up (default on)")
     raster.add_argument("--first-call", action="store_true",
@@ -327,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except NearError as exc:
-        print(f"near: error: {exc}", file=sys.stderr)
+        print(f"near: error: {_printable(str(exc))}", file=sys.stderr)
         return 2
 
 

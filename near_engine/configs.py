@@ -40,6 +40,7 @@ from .models.iad import IntrinsicAwareDecoder
 from .models.lad import LightingAwareDecoder
 from .models.shading import ShadingMLP
 from .models.tokenizer import IlluminationTokenizer
+from .network_args import MAX_PARAMETERS, check_network_args, check_pipeline_settings
 
 # ---------------------------------------------------------------------------------------------------------------------
 # registry
@@ -236,31 +237,38 @@ def get_config(name_or_dict: str | Mapping[str, Any]) -> dict[str, dict[str, Any
 # building
 
 
-def build_network(key: str, class_name: str, args: Mapping[str, Any], device: str | torch.device = "cpu") -> nn.Module:
+def build_network(key: str, class_name: str, args: Mapping[str, Any], device: str | torch.device = "cpu", *,
+                  source: str | None = None) -> nn.Module:
     """One network from its class name and constructor args, in eval mode, on `device` ("meta": shapes only).
 
-    Arguments the constructor does not know are an error naming them (except official no-op ones left at None).
+    The args are checked against the class's table in `network_args` (types, ranges, consistency) before anything
+    is built, and the network's size is checked on the meta device against `MAX_PARAMETERS` before any memory is
+    allocated. Messages name `source` (the file the args came from) and the key. Official no-op arguments left at
+    None are dropped.
     """
+    where = f"{source or 'configuration'}: network '{key}' ({class_name})"
     if key in UNBUILT_KEYS:
         raise CheckpointError(f"network '{key}': {UNBUILT_KEYS[key]}")
     cls = resolve_class(class_name, key)
     params = inspect.signature(cls.__init__).parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     kwargs = dict(args)
     for name in _INERT_ARGS:
-        if name in kwargs and name not in params and not accepts_any:
+        if name in kwargs and name not in params:
             if kwargs[name] is not None:
-                raise CheckpointError(f"network '{key}': {name}={kwargs[name]!r} is not supported (weights are loaded "
-                                      "from the folder, never from a path inside a config)")
+                raise CheckpointError(f"{where}: {name}={kwargs[name]!r} is not supported (weights are loaded from "
+                                      "the folder, never from a path inside a config)")
             del kwargs[name]
-    unknown = sorted(k for k in kwargs if k not in params or k == "self") if not accepts_any else []
-    if unknown:
-        raise CheckpointError(f"network '{key}' ({class_name}): unknown constructor arguments: {', '.join(unknown)}")
+    check_network_args(cls, kwargs, where)
     try:
+        with torch.device("meta"):
+            size = count_parameters(cls(**kwargs))
+        if size > MAX_PARAMETERS:
+            raise CheckpointError(f"{where}: these arguments make {size:,} parameters, more than the "
+                                  f"{MAX_PARAMETERS:,} (8 GiB as float32) a network may have")
         with torch.device(device):
             module = cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"network '{key}' ({class_name}) cannot be built from its args: {exc}") from None
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        raise CheckpointError(f"{where} cannot be built from its args: {exc}") from None
     return module.eval()
 
 
@@ -316,6 +324,8 @@ def load_networks(folder: str | os.PathLike, device: str | torch.device = "cpu",
     folder = weights_folder(folder)
     settings, entries = read_weights_folder(folder, keys)
     settings = dict(settings) if isinstance(settings, dict) else {}
+    check_pipeline_settings(settings, str(folder / ("pipeline.json" if (folder / "pipeline.json").is_file()
+                                                    else "pipeline.yaml")))
     listed = list(settings.get("models", {}))
     unknown = [k for k in listed if k not in KEY_CLASSES and k not in UNBUILT_KEYS]
     if unknown:
@@ -330,7 +340,8 @@ def load_networks(folder: str | os.PathLike, device: str | torch.device = "cpu",
         if entry.class_name in UNBUILT_CLASSES:
             raise CheckpointError(f"{folder}: network '{key}' has class {entry.class_name}, which is stage 1 and is "
                                   "not built yet")
-        module = build_network(key, entry.class_name, entry.args, "cpu")
+        module = build_network(key, entry.class_name, entry.args, "cpu",
+                               source=str(entry.weights.with_suffix(".json")))
         load_weights(module, read_safetensors(entry.weights), f"network '{key}' ({entry.weights})")
         networks[key] = module.to(device)
     settings["skipped_networks"] = skipped

@@ -51,6 +51,11 @@ if TYPE_CHECKING:  # pragma: no cover
 # Refuse images wider or taller than this before allocating anything: 16K (16384 x 8192) is the largest HDRI in common
 # use and already 1.5 GiB as float32 RGB; a bigger size in a header is far more likely corruption than a real map.
 MAX_DIMENSION = 16384
+# ... and images with more pixels than that 16K map (16384 x 16384 would be 3 GiB as float32 RGB, 10 GiB at the peak
+# of reading it).
+MAX_PIXELS = 16384 * 8192
+# Reading an EXR decodes every channel of every part: at most the values of a 16K RGBA map (2 GiB as float32).
+MAX_EXR_SAMPLES = 4 * MAX_PIXELS
 
 # Negative values below -NEGATIVE_WARN_FRACTION * mean(|rgb|) warn when clamped; shallower ones are codec ringing.
 NEGATIVE_WARN_FRACTION = 0.05
@@ -349,6 +354,9 @@ def _check_size(height: int, width: int, name: str) -> None:
     if height > MAX_DIMENSION or width > MAX_DIMENSION:
         raise EnvMapError(f"{name}: {width} x {height} pixels is larger than the {MAX_DIMENSION} pixel limit per side; "
                           "downscale the map first")
+    if height * width > MAX_PIXELS:
+        raise EnvMapError(f"{name}: {width} x {height} pixels is more than the {MAX_PIXELS:,} pixels (16384 x 8192) an "
+                          "environment map may have; downscale the map first")
 
 
 def _clean_pixels(array: object, name: str) -> np.ndarray:
@@ -496,6 +504,7 @@ def _read_exr(name: str, strict: bool) -> _RawImage:
         raise _exr_fail(name, exc) from exc
     if not headers:
         raise EnvMapError(f"{name}: the OpenEXR file has no readable parts (truncated or corrupt)")
+    samples = 0
     for index, header in enumerate(headers):
         kind = str(header.get("type", ""))
         if "deep" in kind:
@@ -506,6 +515,10 @@ def _read_exr(name: str, strict: bool) -> _RawImage:
         except Exception as exc:
             raise EnvMapError(f"{name}: part {index} has no valid data window (corrupt header)") from exc
         _check_size(height, width, f"{name} (part {index})")
+        samples += height * width * len(header.get("channels", ()))
+    if samples > MAX_EXR_SAMPLES:  # every channel of every part is decoded: refuse before allocating them
+        raise EnvMapError(f"{name}: its parts and channels hold {samples:,} values, more than the {MAX_EXR_SAMPLES:,} "
+                          "(a 16384 x 8192 RGBA map) an environment map file may have; save the map alone")
     try:
         exr = OpenEXR.File(name, separate_channels=True)
         parts = [(part.name() or "", dict(part.channels), part.header) for part in exr.parts]
@@ -640,6 +653,7 @@ def _read_hdr(name: str) -> _RawImage:
     n_major, n_minor = int(n1), int(n2)
     height, width = (n_major, n_minor) if axis1 == b"Y" else (n_minor, n_major)
     _check_size(height, width, name)
+    _check_encoded_length(name, len(data) - res_end - 1, n_major, n_minor)
     rgbe = _decode_rgbe_scanlines(name, data, res_end + 1, n_major, n_minor)
     if axis1 == b"X":
         rgbe = rgbe.transpose(1, 0, 2)
@@ -657,6 +671,23 @@ def _read_hdr(name: str) -> _RawImage:
     lines += [f"  header: {ln.decode('latin-1')}" for ln in header_lines[1:] if ln.strip()]
     lines.append("colour from: RGBE (exponent header lines such as EXPOSURE are ignored, as Blender does)")
     return _RawImage(rgb, lines)
+
+
+def _check_encoded_length(name: str, available: int, n_lines: int, length: int) -> None:
+    """Refuse, before allocating or decoding, pixel data too short for the size the header declares.
+
+    Radiance's own writer and the common libraries use the per-channel run-length scheme for scanlines of 8 to
+    32767 pixels; its tightest encoding is a 4-byte scanline header and 2 bytes per run of up to 127 values in each of
+    the 4 channels. The obsolete scheme can repeat a pixel millions of times in 4 bytes, so a file of 96 KB could
+    declare 16384 x 8192 pixels (a decompression bomb: 4.8 GB and 86 s to read); it is held to the same minimum.
+    """
+    per_line = 4 + 4 * 2 * -(-length // 127) if 8 <= length < 0x8000 else 4 * length
+    need = n_lines * per_line
+    if available < need:
+        raise EnvMapError(f"{name}: Radiance HDR declares {n_lines} scanlines of {length} pixels but holds "
+                          f"{available:,} bytes of pixel data, fewer than the {need:,} even the tightest run-length "
+                          "encoding needs (truncated, corrupt, or packed with the obsolete run-length scheme, which "
+                          "is refused)")
 
 
 def _decode_rgbe_scanlines(name: str, data: bytes, pos: int, n_lines: int, length: int) -> np.ndarray:

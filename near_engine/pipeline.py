@@ -72,10 +72,27 @@ from .ibl import IBLLight, PrefilteredLight, prefilter
 from .models.gaussian_heads import MATERIAL_CHANNELS
 from .sparse import SparseTensor
 
-__all__ = ["PASSES", "Scene", "LRUCache", "NearPipeline", "object_light_rotation"]
+__all__ = ["PASSES", "Scene", "LRUCache", "NearPipeline", "object_light_rotation", "check_render_size"]
 
 #: The passes `render` can return: [H, W, k] float32, scene-linear (see `near_engine.frame.rasterize_passes`).
 PASSES: tuple[str, ...] = ("combined", "depth", "alpha", "base_color", "roughness", "metallic", "normal", "shadow")
+
+#: Memory a render needs per pixel, all passes: the peak RSS of `near render` (near-tiny, 5,000 voxels, EXR with
+#: every pass) grew by 135 bytes per pixel from 1024^2 (0.79 GB) to 2048^2 (1.21 GB), and 4096^2 was reported at
+#: 4 GB (issue 11); 256 covers both.
+RENDER_BYTES_PER_PIXEL = 256
+#: The largest render the engine starts: 8 GiB by that estimate (e.g. 8192 x 4096; 4096 x 4096 needs 4 GiB).
+MAX_RENDER_BYTES = 8 * 2**30
+
+
+def check_render_size(width: int, height: int, what: str = "the render") -> None:
+    """Refuse a render size whose estimated memory (`RENDER_BYTES_PER_PIXEL`) exceeds `MAX_RENDER_BYTES`, before
+    anything is allocated, saying how much it would need."""
+    need = int(width) * int(height) * RENDER_BYTES_PER_PIXEL
+    if need > MAX_RENDER_BYTES:
+        raise NearError(f"{what}: {width} x {height} pixels would need about {need / 2**30:.1f} GiB of memory, more "
+                        f"than the {MAX_RENDER_BYTES // 2**30} GiB limit (a render uses about "
+                        f"{RENDER_BYTES_PER_PIXEL} bytes per pixel); choose a smaller size")
 
 
 @dataclass
@@ -316,6 +333,7 @@ class NearPipeline:
         if unknown or not passes:
             raise NearError(f"unknown render pass(es) {', '.join(map(repr, unknown)) or '(none requested)'}; "
                              f"available: {', '.join(PASSES)}")
+        check_render_size(scene.camera.width, scene.camera.height)
         if not scene.objects:
             return _world_only(scene, passes)
         with self._lock, torch.no_grad():

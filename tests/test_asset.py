@@ -269,6 +269,9 @@ _F = np.zeros((2, 4), np.float32)
         (dict(coords=_C, feats=_F, latent=""), "empty 'latent'"),
         (dict(coords=_C, feats=_F, model=3), "'model' that is not text"),
         (dict(coords=_C, feats=_F, format_version=2), "format version 2"),
+        (dict(coords=_C, feats=_F, model="near\0tiny"), "control character ('\\x00', position 4) in its 'model'"),
+        (dict(coords=_C, feats=_F, source="\x1b[2Jphoto.png"), "control character ('\\x1b', position 0)"),
+        (dict(coords=_C, feats=_F, latent="lh\nslat"), "in its 'latent' text"),
     ],
 )
 def test_asset_rejects_bad_fields(kwargs, phrase):
@@ -417,6 +420,10 @@ BAD_FILES = [
     ("no resolution", _bytes_case(raw_file(good_tensors(), good_metadata(resolution=None))), "no 'resolution'"),
     ("resolution text", _bytes_case(raw_file(good_tensors(), good_metadata(resolution="big"))),
      "resolution 'big' is not a whole number"),
+    ("NUL in model", _bytes_case(raw_file(good_tensors(), good_metadata(model="near\0tiny"))),
+     "control character ('\\x00', position 4) in its 'model' text"),
+    ("escape in source", _bytes_case(raw_file(good_tensors(), good_metadata(source="\x1b]0;owned\x07"))),
+     "control character ('\\x1b', position 0) in its 'source' text"),
     ("resolution 0", _bytes_case(raw_file(good_tensors(), good_metadata(resolution="0"))), "between 1 and 1024"),
     ("resolution 4096", _bytes_case(raw_file(good_tensors(), good_metadata(resolution="4096"))),
      "between 1 and 1024"),

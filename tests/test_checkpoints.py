@@ -90,3 +90,20 @@ def test_bad_folders_and_files(tmp_path):
     _, entries = read_weights_folder(tmp_path)
     with pytest.raises(CheckpointError, match="damaged"):
         read_safetensors(entries["decoder"].weights)
+
+
+def test_a_yaml_listing_with_a_non_text_key_is_refused(tmp_path):
+    (tmp_path / "pipeline.yaml").write_text("args:\n  models:\n    1: ckpts/decoder\n")
+    with pytest.raises(CheckpointError, match="must list its networks"):
+        read_weights_folder(tmp_path)
+
+
+def test_a_folder_given_as_a_weights_file_is_named_a_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="is a folder, not a safetensors file"):
+        read_safetensors(tmp_path)
+
+
+def test_a_file_given_as_a_weights_folder_is_named_a_file(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="is a file; a weights folder holds pipeline.json"):
+        read_weights_folder(tmp_path / "model.safetensors")

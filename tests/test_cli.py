@@ -15,6 +15,7 @@ from PIL import Image
 from near_engine.asset import Asset, read_asset, write_asset
 from near_engine.cli import main
 from near_engine.envmap import EnvMap, diffuse_irradiance
+from near_engine.errors import NearError
 from near_engine.images import linear_to_srgb, write_exr, write_png
 
 
@@ -177,3 +178,64 @@ def test_render_writes_every_pass_and_matches_the_pipeline(tmp_path, capsys, ble
                                                                          fov_x_deg=40)))
     default = OpenEXR.File(str(tmp_path / "default.exr"), separate_channels=True).channels()
     np.testing.assert_allclose(default["G"].pixels, shipped["combined"][..., 1], rtol=1e-6, atol=1e-6)
+
+
+# ---- bad input at the command line gets a usage error, never a traceback (issue 11, items 3, 4 and 6)
+
+@pytest.mark.parametrize("option, value", [
+    ("--azimuth", "inf"), ("--azimuth", "nan"), ("--azimuth", "-inf"), ("--rotation", "1e300"),
+    ("--elevation", "91"), ("--distance", "0"), ("--distance", "nan"), ("--fov", "180"), ("--fov", "0"),
+    ("--strength", "-1"), ("--strength", "inf"), ("--azimuth", "north"),
+])
+def test_render_numbers_must_be_finite_and_in_range(tmp_path, capsys, option, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["render", str(tmp_path / "a.near"), "--hdri", "x.exr", f"{option}={value}", "-o", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"argument {option}:" in err and "Traceback" not in err, err
+    assert value in err
+
+
+@pytest.mark.parametrize("argv", [["demo", "--size", "0"], ["encode-mesh", "m.obj", "-o", "a.near", "--views", "1e9"],
+                                  ["train", "--data", "d", "--out", "o", "--lr", "nan"],
+                                  ["datagen", "-o", "d", "--samples", "-3"]])
+def test_other_commands_check_their_numbers(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+def test_a_render_size_past_the_memory_limit_is_refused_before_anything_loads(tmp_path, capsys):
+    assert main(["render", str(tmp_path / "missing.near"), "--hdri", "x.exr", "--size", "16384x16384",
+                 "-o", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err
+    assert "16384 x 16384 pixels would need about 64.0 GiB" in err and "8 GiB limit" in err, err
+
+
+def test_the_pipeline_refuses_a_render_past_the_memory_limit():
+    from near_engine.camera import Camera
+    from near_engine.pipeline import MAX_RENDER_BYTES, RENDER_BYTES_PER_PIXEL, NearPipeline, Scene
+
+    pipeline = NearPipeline.from_pretrained("near-tiny", device="cpu")
+    width = 8192
+    height = MAX_RENDER_BYTES // RENDER_BYTES_PER_PIXEL // width + 1  # one row past the limit
+    camera = Camera.orbit(0, 0, 2.0, width=width, height=height)
+    with pytest.raises(NearError, match="GiB limit"):
+        pipeline.render(Scene([], EnvMap.uniform(1.0), camera, transparent=True), ("alpha",))
+    small = Camera.orbit(0, 0, 2.0, width=8, height=4)
+    assert pipeline.render(Scene([], EnvMap.uniform(1.0), small), ("combined",))["combined"].shape == (4, 8, 4)
+
+
+def test_info_on_a_folder_says_folder(tmp_path, capsys):
+    assert main(["info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder" in err and "no such file" not in err, err
+
+
+def test_info_shows_control_characters_from_a_file_as_escapes(tmp_path, capsys):
+    path = tmp_path / "evil.hdr"
+    path.write_bytes(b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\nSOFTWARE=\x1b[2J\x1b]0;owned\x07\n\n-Y 1 +X 2\n"
+                     + bytes([128, 128, 128, 129]) * 2)
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "SOFTWARE=\\x1b[2J\\x1b]0;owned\\x07" in out

@@ -249,3 +249,120 @@ def test_tiny_decodes_a_5000_voxel_object():
     g = nets["renderer"].num_gaussians
     assert heads["gs"].shape == (len(shell), 14 * g) and heads["rgb"].shape == (len(shell), 35 * g)
     assert all(torch.isfinite(v).all() for v in heads.values())
+
+
+# ---- a weights folder is data from anywhere: every value is checked before anything is built (issue 11, item 2)
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """near-tiny with its encoder, seeded random weights (untrained), written once; tests copy it."""
+    folder = tmp_path_factory.mktemp("tiny")
+    save_networks(folder, random_weights("near-tiny-train", seed=6), "near-tiny-train", settings={"light_size": 64})
+    return folder
+
+
+def _edited(src: Path, dst: Path, name: str, edit) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    data = json.loads((dst / name).read_text())
+    edit(data)
+    (dst / name).write_text(json.dumps(data))
+    return dst
+
+
+def _set_arg(key: str, value):
+    def edit(data):
+        data["args"][key] = value
+    return edit
+
+
+@pytest.mark.parametrize("value", ["big", None, True, 1e9, 4096, 64.0, -1])
+def test_light_size_is_checked_naming_the_file(tiny_folder, tmp_path, value):
+    from near_engine.pipeline import NearPipeline
+
+    folder = _edited(tiny_folder, tmp_path, "pipeline.json", lambda d: d.update(light_size=value))
+    with pytest.raises(CheckpointError, match=r"pipeline\.json: setting 'light_size'"):
+        NearPipeline.from_pretrained(folder, device="cpu")
+
+
+@pytest.mark.parametrize("name, key, value", [
+    ("hdri_encoder.json", "cnn_out_channels", 3),  # was a ZeroDivisionError in a GroupNorm
+    ("hdri_encoder.json", "num_transformer_layers", 10**12),  # was building layers until memory ran out
+    ("hdri_encoder.json", "num_tokens", 17),
+    ("hdri_encoder.json", "convnext_dims", [16, 32, "64", 128]),
+    ("renderer.json", "representation_config", "bogus"),  # was an AttributeError
+    ("renderer.json", "representation_config", {"num_gaussians": 10**9}),
+    ("renderer.json", "representation_config", {"num_gaussians": 2, "ignored": {"but": "not a structure"}}),
+    ("neural_basis.json", "num_layers", 1e12),
+    ("neural_basis.json", "num_layers", 10**12),
+    ("neural_basis.json", "activation", None),
+    ("neural_basis.json", "use_normal", 1),
+    ("decoder.json", "model_channels", 63),
+    ("decoder.json", "num_heads", 0),
+    ("image_features.json", "hidden_channels", 1e6),
+    ("image_features.json", "hidden_channels", 10**6),
+])
+def test_constructor_arguments_are_checked_before_building(tiny_folder, tmp_path, name, key, value):
+    folder = _edited(tiny_folder, tmp_path, name, _set_arg(key, value))
+    with pytest.raises(CheckpointError) as err:
+        load_networks(folder, keys=tuple(json.loads((folder / "pipeline.json").read_text())["models"]))
+    assert name in str(err.value) and key in str(err.value), str(err.value)
+
+
+def test_a_network_too_large_for_memory_is_refused_on_the_meta_device(tiny_folder, tmp_path):
+    def huge(data):
+        data["args"].update(model_channels=4096, cond_channels=4096, num_blocks=64)
+    folder = _edited(tiny_folder, tmp_path, "decoder.json", huge)
+    with pytest.raises(CheckpointError, match=r"decoder\.json.*parameters, more than"):
+        load_networks(folder)
+
+
+def test_control_characters_in_network_names_are_refused(tiny_folder, tmp_path):
+    folder = _edited(tiny_folder, tmp_path, "pipeline.json", lambda d: d["models"].update(decoder="dec\0oder"))
+    with pytest.raises(CheckpointError, match="control characters"):  # was "ValueError: embedded null byte"
+        load_networks(folder)
+
+
+def test_deeply_nested_pipeline_json_is_refused(tiny_folder, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_folder, tmp_path, dirs_exist_ok=True)
+    text = (tmp_path / "pipeline.json").read_text()
+    (tmp_path / "pipeline.json").write_text(text[:-1] + ', "deep": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(CheckpointError, match=r"pipeline\.json nests"):  # was a RecursionError
+        load_networks(tmp_path)
+    (tmp_path / "pipeline.json").write_text(text[:-1] + ', "deep": ' + "[" * 40 + "]" * 40 + "}")
+    with pytest.raises(CheckpointError, match=r"more than 32 levels"):
+        load_networks(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.uint8])
+def test_weights_stored_as_bool_or_int_are_refused_not_cast(tiny_folder, tmp_path, dtype):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(tiny_folder, tmp_path, dirs_exist_ok=True)
+    path = tmp_path / "neural_basis.safetensors"
+    tensors = load_file(str(path))
+    tensors["mlp.0.weight"] = torch.ones_like(tensors["mlp.0.weight"], dtype=dtype)
+    save_file(tensors, str(path))
+    with pytest.raises(CheckpointError, match=r"mlp\.0\.weight \(file (bool|int64|uint8), model float32\)"):
+        load_networks(tmp_path)
+
+
+def test_every_registered_class_has_an_argument_table_covering_its_constructor():
+    import inspect
+
+    from near_engine.network_args import NETWORK_ARGS
+
+    for cls in set(CLASS_REGISTRY.values()):
+        accepted = {n for n in inspect.signature(cls.__init__).parameters if n != "self"}
+        assert set(NETWORK_ARGS[cls]) == accepted, cls.__name__
+
+
+
+def test_the_named_configurations_pass_their_own_checks():
+    for name in ("near-official", "near-tiny", "near-tiny-train"):
+        assert build_networks(name, "meta")  # every network through `network_args` and the parameter bound

@@ -4,6 +4,7 @@ and every kind of bad input. (The same convention is checked against real Cycles
 from __future__ import annotations
 
 import math
+import struct
 import warnings
 from pathlib import Path
 
@@ -596,6 +597,45 @@ def test_bad_hdr_files(tmp_path):
         with pytest.raises(EnvMapError, match=message) as info:
             EnvMap.read(path)
         assert str(path) in str(info.value), name
+
+
+@pytest.mark.timeout(30)
+def test_an_hdr_bomb_is_refused_before_decoding(tmp_path, capsys):
+    """96 KB of obsolete run-length data declaring 16384 x 8192 pixels: it took 86 s and 4.8 GB in `near info`."""
+    from near_engine.cli import main
+
+    line = encode_old_rle(np.full((16384, 4), 128, np.uint8))  # one pixel, then "repeat it 16383 times"
+    path = tmp_path / "bomb.hdr"
+    path.write_bytes(b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 8192 +X 16384\n" + line * 8192)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(EnvMapError, match=r"bomb\.hdr: .*8192 scanlines of 16384 pixels.*obsolete run-length"):
+        EnvMap.read(path)
+    assert main(["info", str(path)]) == 2
+    assert "fewer than the 8,552,448 even the tightest run-length encoding needs" in capsys.readouterr().err
+    # the same size, honestly run-length encoded (one run per 127 values), is not refused for its length
+    rle = encode_new_rle(np.full((16384, 4), 128, np.uint8))
+    assert len(rle) == 4 + 4 * 2 * 130
+    honest = tmp_path / "honest.hdr"
+    honest.write_bytes(b"#?RADIANCE\n\n-Y 2 +X 16384\n" + rle * 2)
+    assert EnvMap.read(honest).pixels.shape == (2, 16384, 3)
+
+
+def test_an_exr_declaring_more_values_than_a_16k_rgba_map_is_refused_before_decoding(tmp_path):
+    from near_engine.images import write_exr
+
+    channels = {f"pass{i}.{c}": np.zeros((1, 2), np.float32) for i in range(3) for c in "RGB"}
+    write_exr(tmp_path / "wide.exr", channels)
+    data = bytearray((tmp_path / "wide.exr").read_bytes())
+    at = data.index(b"dataWindow\0box2i\0") + len(b"dataWindow\0box2i\0") + 4
+    data[at:at + 16] = struct.pack("<4i", 0, 0, 16383, 8191)  # 16384 x 8192, 9 channels, no data behind it
+    (tmp_path / "wide.exr").write_bytes(bytes(data))
+    with pytest.raises(EnvMapError, match="wide.exr: its parts and channels hold 1,207,959,552 values"):
+        EnvMap.read(tmp_path / "wide.exr")
+
+
+def test_more_pixels_than_a_16k_map_are_refused():
+    with pytest.raises(EnvMapError, match="more than the 134,217,728 pixels"):
+        EnvMap.from_array(np.broadcast_to(np.float32(1), (MAX_DIMENSION, MAX_DIMENSION, 3)), name="test array")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -169,6 +169,18 @@ def default_specular(view: dict[str, np.ndarray], channel: str) -> np.ndarray:
     return 0.5 * view["A"]
 
 
+def inside(folder: Path, name: str) -> Path:
+    """`folder / name` for a name read from a data file (a light's folder): one plain path component that stays in
+    `folder` once resolved, so a meta.json cannot point the reader at files elsewhere ('../' * 11 + 'tmp/x')."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or any(ord(c) < 32 for c in name)):
+        raise NearError(f"{folder}: {name!r} is not a folder name (a data file may name folders, not paths)")
+    path = folder / name
+    if path.resolve().parent != folder.resolve():
+        raise NearError(f"{folder}: {name!r} resolves outside the object's folder")
+    return path
+
+
 def load_object(path: str | Path) -> dict:
     """One finished object for training: float32 arrays plus its metadata.
 
@@ -194,7 +206,7 @@ def load_object(path: str | Path) -> dict:
     for key, channel in (("depth", "depth.Z"), ("roughness", "roughness.V"), ("metallic", "metallic.V"),
                          ("specular", "specular.V")):
         data[key] = np.stack([v[channel] if channel in v else default_specular(v, channel) for v in views])
-    data["lit_rgba"] = np.stack([np.stack([stack_channels(read_exr_channels(folder / Light.from_json(l).name / f"view_{v:03d}.exr"),
+    data["lit_rgba"] = np.stack([np.stack([stack_channels(read_exr_channels(inside(folder, Light.from_json(l).name) / f"view_{v:03d}.exr"),
                                                   "", "RGBA") for v in meta["lit_views"]])
                                  for l in meta["lights"]])
     return data
