@@ -433,33 +433,6 @@ def test_command_line_animation_render_exits_cleanly(clean_blender, weights_fold
     assert (tmp_path / "farm_0001.exr").exists() and (tmp_path / "farm_0002.exr").exists()
 
 
-def test_convert_mesh_to_a_near_object_in_place(clean_blender, tmp_path) -> None:
-    """The operator encodes a mesh in a separate Blender and puts the NeAR object where the mesh is."""
-    scene = clean_blender
-    weights = tmp_path / "near-tiny-train-random"
-    save_networks(weights, random_weights("near-tiny-train", seed=5), "near-tiny-train", {"light_size": 64})
-    scene.near.weights_folder = str(weights)
-    bpy.ops.mesh.primitive_cube_add(size=2.0, location=(3.0, 1.0, 0.5))
-    cube = bpy.context.active_object
-    cube.scale = (1.0, 0.5, 0.25)
-    bpy.context.view_layer.update()
-    counts = _datablock_counts()
-    bpy.ops.object.near_convert_mesh(views=2, size=24, samples=1)
-    obj = bpy.context.active_object
-    assert obj is not cube and obj.near.is_near and _datablock_counts()["objects"] == counts["objects"] + 1
-    centres = np.array([np.array(obj.matrix_world) @ np.append(v.co, 1.0) for v in obj.data.vertices])[:, :3]
-    voxel = 2.0 / 64  # the cube's largest side (2 m) spans the 64-voxel grid
-    np.testing.assert_allclose(centres.min(0), [2.0, 0.5, 0.25], atol=voxel)
-    np.testing.assert_allclose(centres.max(0), [4.0, 1.5, 0.75], atol=voxel)
-
-    scene.near.weights_folder = str(tmp_path / "missing")
-    bpy.context.view_layer.objects.active = cube
-    counts = _datablock_counts()
-    with pytest.raises(RuntimeError, match="weights folder not found"):
-        bpy.ops.object.near_convert_mesh(views=2, size=24, samples=1)
-    assert _datablock_counts() == counts
-
-
 def test_resolution_percentage_rounds_as_blender_does(clean_blender, weights_folder, tmp_path) -> None:
     """100 px at 29 % is 29 px in Blender's integer arithmetic (a float product gives 28): the render must fit."""
     scene = clean_blender
