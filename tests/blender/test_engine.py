@@ -17,7 +17,7 @@ import bpy
 import numpy as np
 import OpenEXR
 import pytest
-from conftest import make_asset
+from conftest import make_asset, multilayer_exr
 from plyfile import PlyData
 
 import near_blender
@@ -88,8 +88,7 @@ def _setup(scene: bpy.types.Scene, weights_folder: Path, tmp_path: Path) -> list
     second.parent = parent
     second.location = (0.3, -0.2, 0.1)
     second.scale = (0.7, 0.7, 0.7)
-    settings = scene.render.image_settings
-    settings.file_format, settings.color_depth = "OPEN_EXR_MULTILAYER", "32"
+    multilayer_exr(scene.render.image_settings)
     scene.render.filepath = str(tmp_path / "render.exr")
     bpy.context.view_layer.update()
     return [first, second]
