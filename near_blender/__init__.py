@@ -52,3 +52,4 @@ def unregister() -> None:
     while _registered:
         _registered.pop().unregister()
     runtime.release()
+    runtime.stop_listening()

@@ -97,8 +97,9 @@ def release() -> None:
 #: from its cache) in this process: what the status line and the tests look at.
 kernel_cache: Path | None = None
 kernel_compilations = 0
-_announcers: list[Callable[[], object]] = []
-_listening = False
+#: thread id -> what to call there when numba starts compiling (numba compiles on the thread that calls a kernel).
+_announcers: dict[int, Callable[[], object]] = {}
+_listener = None
 
 
 def use_kernel_cache(extension_package: str | None) -> None:
@@ -125,14 +126,14 @@ def use_kernel_cache(extension_package: str | None) -> None:
 
 @contextlib.contextmanager
 def announce_compilation(announce: Callable[[], object]) -> Iterator[None]:
-    """Call `announce` (once) when numba starts compiling one of near_engine's kernels inside this block, so the
-    status line can say why the first render takes long; cache loads are not compilations and stay silent."""
-    global _listening
+    """Call `announce` (once) when numba starts compiling one of near_engine's kernels on this thread inside this
+    block, so the status line can say why the first render takes long; cache loads are not compilations."""
+    global _listener
     from numba.core import event
 
-    if not _listening:
-        event.register("numba:compile", _compile_listener())
-        _listening = True
+    if _listener is None:
+        _listener = _compile_listener()
+        event.register("numba:compile", _listener)
     said = []
 
     def once() -> None:
@@ -140,15 +141,16 @@ def announce_compilation(announce: Callable[[], object]) -> Iterator[None]:
             said.append(True)
             announce()
 
-    _announcers.append(once)
+    thread = threading.get_ident()
+    _announcers[thread] = once
     try:
         yield
     finally:
-        _announcers.remove(once)
+        _announcers.pop(thread, None)
 
 
 def _compile_listener():
-    """A numba event listener counting compilations of near_engine's kernels and telling the announcers."""
+    """A numba event listener counting compilations of near_engine's kernels and telling this thread's announcer."""
     from numba.core import event
 
     class CompileListener(event.Listener):
@@ -158,10 +160,19 @@ def _compile_listener():
             module = getattr(getattr(dispatcher, "py_func", None), "__module__", "") or ""
             if module.split(".")[0] == "near_engine":
                 kernel_compilations += 1
-                for announce in list(_announcers):
-                    announce()
+                _announcers.get(threading.get_ident(), lambda: None)()
 
         def on_end(self, evt) -> None:
             pass
 
     return CompileListener()
+
+
+def stop_listening() -> None:
+    """Unregister the compile listener (on unregister: a re-enabled add-on may be a fresh copy of this module)."""
+    global _listener
+    if _listener is not None:
+        from numba.core import event
+
+        event.unregister("numba:compile", _listener)
+        _listener = None

@@ -323,6 +323,19 @@ def test_missing_weights_are_a_clear_error_and_unset_weights_use_near_tiny(clean
     assert runtime.pipeline(scene).weights_id.startswith(str(bundled.BUNDLED_WEIGHTS["near-tiny"]))
 
 
+def test_loading_weights_is_said_only_when_weights_load(clean_blender, weights_folder, tmp_path, capfd) -> None:
+    """Background Blender prints the status line: "Loading weights" on the first frame, not on every frame."""
+    scene = clean_blender
+    _setup(scene, weights_folder, tmp_path)
+    runtime.release()
+    scene.frame_start, scene.frame_end = 1, 2
+    scene.render.filepath = str(tmp_path / "status_")
+    capfd.readouterr()
+    bpy.ops.render.render(animation=True)
+    out = capfd.readouterr().out
+    assert out.count("NeAR | Loading weights") == 1 and out.count("NeAR | Rendering 2 object(s)") == 2, out[-3000:]
+
+
 # ------------------------------------------------------------------------------------------------------- operators
 
 
