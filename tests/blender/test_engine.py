@@ -28,8 +28,8 @@ from near_engine import bundled
 from near_engine.asset import write_asset
 from near_engine.blender_data import blender_hdri
 from near_engine.camera import Camera
-from near_engine.configs import random_weights, save_networks
 from near_engine.envmap import EnvMap
+from near_engine.gaussians import SH_C0
 from near_engine.pipeline import NearPipeline, Scene
 
 pytestmark = pytest.mark.timeout(300)
@@ -378,6 +378,15 @@ def test_export_relit_gaussians_as_ply(clean_blender, weights_folder, tmp_path) 
     assert np.isfinite(xyz).all()
     centre = np.array(first.matrix_world)[:3, 3]
     assert np.abs(np.median(xyz, 0) - centre).max() < 0.3  # in the world, where the object is
+    # Colours: sRGB-encoded by default (what splat viewers display), scene-linear on request, the same Gaussians.
+    bpy.ops.export_scene.near_ply(filepath=str(tmp_path / "linear.ply"), color_space="LINEAR")
+    linear_vertices = PlyData.read(str(tmp_path / "linear.ply"))["vertex"]
+    shown, linear = ([0.5 + SH_C0 * np.asarray(v[f"f_dc_{i}"], np.float64) for i in range(3)]
+                     for v in (vertices, linear_vertices))
+    for srgb, lin in zip(shown, linear):
+        lin = lin.clip(0.0, 1.0)
+        np.testing.assert_allclose(srgb, np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin ** (1 / 2.4) - 0.055),
+                                   atol=1e-5)
     for obj in scene.objects:
         obj.select_set(False)
     with pytest.raises(RuntimeError, match="no NeAR objects to export"):
