@@ -70,6 +70,7 @@ class ConvertJob:
             shutil.rmtree(self.folder, ignore_errors=True)
             raise
         self.started = time.monotonic()
+        self._read = self._marks = 0  # how far the log has been read, and the stage lines found in it
 
     # ---- while it runs -------------------------------------------------------------------------------------------
 
@@ -92,9 +93,18 @@ class ConvertJob:
             raise
 
     def stage_index(self) -> int:
-        """Which of `STAGES` the encoder is in, from the stage lines in its log."""
-        marks = sum(line.startswith(STAGE_MARK) for line in self.process.tail(400).splitlines())
-        return min(marks, len(STAGES) - 1)
+        """Which of `STAGES` the encoder is in, from the stage lines in its log (read on from where the last call
+        stopped: between the stage lines Cycles prints thousands of its own)."""
+        try:
+            with open(self.process.log, "rb") as log:
+                log.seek(self._read)
+                new = log.read()
+        except OSError:
+            new = b""
+        complete = new[:new.rfind(b"\n") + 1]  # a line still being written is read next time
+        self._read += len(complete)
+        self._marks += sum(line.startswith(STAGE_MARK.encode()) for line in complete.splitlines())
+        return min(self._marks, len(STAGES) - 1)
 
     def status(self) -> str:
         stage = STAGES[self.stage_index()].format(views=self.views)
