@@ -117,6 +117,11 @@ class NearRenderEngine(bpy.types.RenderEngine):
             traceback.print_exc()
             self._fail(f"the render failed ({type(error).__name__}: {error}); the console has the details")
 
+    def _say(self, status: str) -> None:
+        """A status line that also reaches the console: Blender 5 no longer prints status lines in background."""
+        self.update_stats("", status)
+        print(status.replace(" | ", ": ", 1), flush=True)
+
     def _fail(self, message: str) -> None:
         self.error_set(f"NeAR: {message}")  # shown over the Render Result
         self.report({"ERROR"}, f"NeAR: {message}")
@@ -132,8 +137,8 @@ class NearRenderEngine(bpy.types.RenderEngine):
             self.report({"WARNING"}, message)
         rendering = f"NeAR | Rendering {len(engine_scene.objects)} object(s)"
         self.update_stats("", rendering)
-        with runtime.announce_compilation(lambda: self.update_stats("", f"{rendering}: compiling CPU kernels, "
-                                                                        "once (this takes a while)")):
+        with runtime.announce_compilation(functools.partial(self._say, f"{rendering}: compiling CPU kernels, once "
+                                                                         "(this takes a while)")):
             images = pipeline.render(engine_scene, ("combined", *passes), progress=self._progress)
         if self.test_break():
             return
