@@ -12,37 +12,44 @@ import atexit
 import importlib
 
 _MODULES = ("properties", "preferences", "engine", "operators", "ui")
-_registered = False
+#: The submodules registered so far, in order: unregister() undoes exactly these, so it is idempotent (Blender and
+#: the bpy module's exit may both call it) and cleans up after a register() that failed half-way.
+_registered: list = []
 
 
-def _modules() -> list:
-    return [importlib.import_module(f"{__name__}.{name}") for name in _MODULES]
+def _extension_package() -> str | None:
+    """The extension's package (`bl_ext.<repo>.near`) when running as an installed extension, else None."""
+    package, _, _ = __name__.rpartition(".")
+    return package if package.startswith("bl_ext.") else None
 
 
 def register() -> None:
-    global _registered
     import bpy
 
-    for module in _modules():
-        module.register()
-    _registered = True
+    from . import runtime
+
+    if _registered:
+        return
+    runtime.use_kernel_cache(_extension_package())  # before near_engine's numba kernels are imported
+    try:
+        for name in _MODULES:
+            module = importlib.import_module(f"{__name__}.{name}")
+            module.register()
+            _registered.append(module)
+    except BaseException:
+        unregister()
+        raise
     if not bpy.app.binary_path:
         # The bpy module (no Blender binary) hangs at exit while Python-defined operators are registered (a deadlock
         # in its static destructors, bpy 4.5.15): unregister first, so farm scripts that import bpy exit cleanly.
-        atexit.unregister(_unregister_at_exit)
-        atexit.register(_unregister_at_exit)
+        atexit.unregister(unregister)
+        atexit.register(unregister)
 
 
 def unregister() -> None:
-    global _registered
-    for module in reversed(_modules()):
-        module.unregister()
-    _registered = False
     from . import runtime
 
+    while _registered:
+        _registered.pop().unregister()
     runtime.release()
-
-
-def _unregister_at_exit() -> None:
-    if _registered:
-        unregister()
+    runtime.stop_listening()

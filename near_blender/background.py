@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import bpy
 
@@ -28,18 +30,57 @@ def blender_command(script: str, job: dict) -> list[str]:
     return [sys.executable, "-c", script, payload]
 
 
-def run_in_blender(script: str, job: dict, *, timeout: float, what: str,
-                   error: type[NearError] = NearError) -> subprocess.CompletedProcess:
+class BlenderProcess:
+    """`script` running in a fresh background Blender, polled instead of waited for (a modal operator keeps Blender's
+    UI responsive meanwhile). Its output goes to a log file, not a pipe: Cycles prints thousands of lines, and a full
+    pipe would stall it."""
+
+    def __init__(self, script: str, job: dict, *, log: Path, what: str, error: type[NearError] = NearError) -> None:
+        self.what, self.error, self.log = what, error, Path(log)
+        self._log_file = open(self.log, "w", encoding="utf-8", errors="replace")
+        try:
+            self._process = subprocess.Popen(blender_command(script, job), stdout=self._log_file,
+                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+        except OSError as exc:
+            self._log_file.close()
+            raise error(f"{what} could not start Blender: {exc}") from None
+
+    def poll(self) -> bool:
+        """True once the process has ended successfully; a non-zero exit is an `error` with Blender's last lines."""
+        code = self._process.poll()
+        if code is None:
+            return False
+        self._log_file.close()
+        if code != 0:
+            raise self.error(f"{self.what} failed (exit code {code}):\n{self.tail(8)}")
+        return True
+
+    def wait(self, timeout: float) -> None:
+        """Block until the process ends (scripts and tests); past `timeout` seconds it is stopped and an `error`."""
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.cancel()
+            raise self.error(f"{self.what} took longer than {timeout:g} s and was stopped") from None
+        self.poll()
+
+    def cancel(self) -> None:
+        """Stop the process (Esc, a time limit, unregister) and wait for it, so nothing is left running."""
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._log_file.close()
+
+    def tail(self, lines: int) -> str:
+        try:
+            text = self.log.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def run_in_blender(script: str, job: dict, *, timeout: float, what: str, error: type[NearError] = NearError) -> None:
     """Run `script` in a fresh Blender and wait; a timeout, a failed start or a non-zero exit is an `error` that
     says what failed (`what`, e.g. "Baking World 'X'") with the last lines Blender printed."""
-    try:
-        done = subprocess.run(blender_command(script, job), capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise error(f"{what} took longer than {timeout:g} s and was stopped") from None
-    except OSError as exc:
-        raise error(f"{what} could not start Blender: {exc}") from None
-    if done.returncode != 0:
-        tail = "\n".join((done.stderr or done.stdout or "").strip().splitlines()[-8:])
-        raise error(f"{what} failed (exit code {done.returncode}):\n{tail}")
-    return done
+    with tempfile.TemporaryDirectory(prefix="near_blender_") as folder:
+        BlenderProcess(script, job, log=Path(folder) / "blender.log", what=what, error=error).wait(timeout)

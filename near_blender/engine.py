@@ -2,7 +2,8 @@
 
 Both paths describe the scene with `scene.describe` and render it with the shared `NearPipeline` (`runtime`). Every
 user-facing problem is a `NearError`, reported through the engine instead of raised, so the user sees a message and
-the .blend is left as it was. The viewport never blocks Blender's UI thread on model work: `viewport.ViewportRenderer`
+the .blend is left as it was; any other exception in a final render is reported the same way (with its traceback on
+the console), so a failed frame is a failed render, never a saved blank frame. The viewport never blocks Blender's UI thread on model work: `viewport.ViewportRenderer`
 renders on its own thread and `view_draw` only draws the latest finished image; a World that needs a Cycles bake is
 baked on a thread of its own while the previous light stays (`ViewState`).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import traceback
 import weakref
 from typing import Callable
 
@@ -103,23 +105,41 @@ class NearRenderEngine(bpy.types.RenderEngine):
             self.register_pass(scene, renderlayer, blender_name, len(chan_id), chan_id, kind)
 
     def render(self, depsgraph: bpy.types.Depsgraph) -> None:
+        """A final render. Any failure ends as an engine error, never as an exception: Blender then sets its break
+        flag (an ERROR report does), so no frame is written, `-a` stops, and background Blender exits with 1."""
+        try:
+            self._render(depsgraph)
+        except RenderCancelled:
+            pass
+        except NearError as error:
+            self._fail(str(error))
+        except Exception as error:  # a defect: fail the render loudly instead of saving an empty frame
+            traceback.print_exc()
+            self._fail(f"the render failed ({type(error).__name__}: {error}); the console has the details")
+
+    def _say(self, status: str) -> None:
+        """A status line that also reaches the console: Blender 5 no longer prints status lines in background."""
+        self.update_stats("", status)
+        print(status.replace(" | ", ": ", 1), flush=True)
+
+    def _fail(self, message: str) -> None:
+        self.error_set(f"NeAR: {message}")  # shown over the Render Result
+        self.report({"ERROR"}, f"NeAR: {message}")
+
+    def _render(self, depsgraph: bpy.types.Depsgraph) -> None:
         scene, view_layer = depsgraph.scene, depsgraph.view_layer
         passes = enabled_passes(view_layer)
-        try:
-            self.update_stats("", "NeAR | Loading weights")
-            pipeline = runtime.pipeline(scene)
-            self.update_stats("", "NeAR | Reading the scene")
-            light = world_light(depsgraph, _bake_cache)
-            for message in light.warnings:
-                self.report({"WARNING"}, message)
-            engine_scene, _ = describe(depsgraph, render_camera(depsgraph), world=light)
-            self.update_stats("", f"NeAR | Rendering {len(engine_scene.objects)} object(s)")
+        pipeline = runtime.pipeline(scene, on_load=lambda: self.update_stats("", "NeAR | Loading weights"))
+        self.update_stats("", "NeAR | Reading the scene")
+        light = world_light(depsgraph, _bake_cache)
+        engine_scene, warnings = describe(depsgraph, render_camera(depsgraph), world=light)
+        for message in warnings:
+            self.report({"WARNING"}, message)
+        rendering = f"NeAR | Rendering {len(engine_scene.objects)} object(s)"
+        self.update_stats("", rendering)
+        with runtime.announce_compilation(functools.partial(self._say, f"{rendering}: compiling CPU kernels, once "
+                                                                         "(this takes a while)")):
             images = pipeline.render(engine_scene, ("combined", *passes), progress=self._progress)
-        except RenderCancelled:
-            return
-        except NearError as error:
-            self.report({"ERROR"}, f"NeAR: {error}")
-            return
         if self.test_break():
             return
 
@@ -130,15 +150,17 @@ class NearRenderEngine(bpy.types.RenderEngine):
                 self.add_pass(blender_name, len(chan_id), chan_id, layer=view_layer.name)
         # begin_result counts from the render border's corner, not the frame's
         result = self.begin_result(0, 0, rect.width, rect.height, layer=view_layer.name)
-        if (result.resolution_x, result.resolution_y) != (rect.width, rect.height):  # never write a wrong-sized rect
+        try:
+            if (result.resolution_x, result.resolution_y) != (rect.width, rect.height):  # never a wrong-sized rect
+                raise NearError(f"Blender expected a {result.resolution_x}x{result.resolution_y} result, "
+                                f"NeAR rendered {rect.width}x{rect.height}")
+            layer = result.layers[0]
+            layer.passes["Combined"].rect = result_rows(images["combined"])
+            for name in passes:
+                layer.passes[PASS_TABLE[name][0]].rect = result_rows(images[name])
+        except BaseException:
             self.end_result(result, cancel=True)
-            self.report({"ERROR"}, f"NeAR: Blender expected a {result.resolution_x}x{result.resolution_y} result, "
-                                   f"NeAR rendered {rect.width}x{rect.height}")
-            return
-        layer = result.layers[0]
-        layer.passes["Combined"].rect = result_rows(images["combined"])
-        for name in passes:
-            layer.passes[PASS_TABLE[name][0]].rect = result_rows(images[name])
+            raise
         self.end_result(result)
         self.update_progress(1.0)
 

@@ -83,11 +83,7 @@ def object_to_asset(obj: bpy.types.Object) -> Asset:
     if channels == 0:
         raise AssetError(f"NeAR object '{obj.name}' has lost its latent: no '{latent_attribute(0)}' attribute on its "
                          "mesh (was it edited or replaced?). Import the asset again")
-    extras: dict[str, list[tuple[int, str]]] = {}
-    for attr in names:
-        if attr.startswith(EXTRA_PREFIX):
-            key, _, column = attr[len(EXTRA_PREFIX):].rpartition(".")
-            extras.setdefault(key, []).append((int(column), attr))
+    extras = _extra_columns(obj.name, [attr for attr in names if attr.startswith(EXTRA_PREFIX)])
 
     def column(attr_name: str) -> np.ndarray:
         attr = names[attr_name]
@@ -105,9 +101,29 @@ def object_to_asset(obj: bpy.types.Object) -> Asset:
         raise AssetError(f"NeAR object '{obj.name}': its vertices are no longer on the {resolution}^3 voxel grid "
                          "(were they moved in Edit Mode or by a modifier?). Undo the edit or import the asset again")
     feats = np.stack([column(latent_attribute(c)) for c in range(channels)], axis=1)
-    extra_tables = {key: np.stack([column(a) for _, a in sorted(cols)], axis=1) for key, cols in extras.items()}
+    extra_tables = {key: np.stack([column(a) for a in cols], axis=1) for key, cols in extras.items()}
     try:
         return Asset(coords.astype(np.int64), feats, extra_tables, resolution=resolution, latent=settings.latent,
                      model=settings.model, source=settings.source)
     except AssetError as error:
         raise AssetError(f"NeAR object '{obj.name}': {error}") from None
+
+
+def _extra_columns(object_name: str, attributes: list[str]) -> dict[str, list[str]]:
+    """Extra-latent attributes (`near_x.<name>.<k>`) grouped by name, in column order 0..k-1; a renamed or missing
+    column is an `AssetError` naming the attribute (the mesh was edited: a render must not guess)."""
+    columns: dict[str, dict[int, str]] = {}
+    for attr in attributes:
+        key, _, column = attr[len(EXTRA_PREFIX):].rpartition(".")
+        if not key or not column.isdecimal() or not column.isascii():
+            raise AssetError(f"NeAR object '{object_name}': attribute '{attr}' is not an extra latent column "
+                             f"('{EXTRA_PREFIX}<name>.<column>'); rename or delete it, or import the asset again")
+        columns.setdefault(key, {})[int(column)] = attr
+    grouped = {}
+    for key, by_index in columns.items():
+        missing = sorted(set(range(max(by_index) + 1)) - set(by_index))
+        if missing:
+            raise AssetError(f"NeAR object '{object_name}': extra latent '{key}' has lost its column {missing[0]} "
+                             f"(no attribute '{extra_attribute(key, missing[0])}'); import the asset again")
+        grouped[key] = [by_index[i] for i in range(len(by_index))]
+    return grouped

@@ -1,4 +1,5 @@
-"""Operators: import a .near asset (menu and drag and drop), export the relit Gaussians as a 3DGS PLY.
+"""Operators: import a .near asset (menu and drag and drop), export the relit Gaussians as a 3DGS PLY, convert a
+mesh object into a NeAR object (`convert.ConvertJob`).
 
 Every failure is an operator report; nothing in the .blend changes when an operator fails.
 """
@@ -9,14 +10,14 @@ from pathlib import Path
 
 import bpy
 import numpy as np
-from bpy.props import BoolProperty, CollectionProperty, IntProperty, StringProperty
+from bpy.props import BoolProperty, CollectionProperty, EnumProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ExportHelper, ImportHelper
-from mathutils import Matrix
 
 from near_engine.asset import read_asset
 from near_engine.errors import NearError
 
 from . import runtime
+from .convert import STAGES, ConvertJob
 from .objects import asset_to_object, is_near_object
 from .scene import AssetCache, render_camera, world_light
 
@@ -90,6 +91,12 @@ class NEAR_OT_export_ply(bpy.types.Operator, ExportHelper):
     filter_glob: StringProperty(default="*.ply", options={"HIDDEN"})
     selected_only: BoolProperty(name="Selected Only", default=True,
                                 description="Export only the selected NeAR objects (otherwise every visible one)")
+    color_space: EnumProperty(
+        name="Colours", default="SRGB",
+        items=[("SRGB", "Display (sRGB)", "sRGB-encoded colour, clipped to [0, 1]: what splat viewers display"),
+               ("LINEAR", "Scene Linear", "Scene-linear colour clipped to [0, 1], for tools that expect linear "
+                                          "data (splat viewers show it too dark)")],
+        description="How the relit colour is stored in the PLY's SH DC coefficients")
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         from near_engine.pipeline import Scene
@@ -106,24 +113,12 @@ class NEAR_OT_export_ply(bpy.types.Operator, ExportHelper):
             world = world_light(depsgraph)
             scene = Scene(objects, world.envmap, render_camera(depsgraph))
             gaussians = runtime.pipeline(context.scene).gaussians(scene).lit
-            gaussians.write_ply(self.filepath, color_channel="color")
+            gaussians.write_ply(self.filepath, color_channel="color", color_space=self.color_space.lower())
         except (NearError, OSError) as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
         self.report({"INFO"}, f"Exported {len(gaussians)} Gaussians to {self.filepath}")
         return {"FINISHED"}
-
-
-#: Runs in a fresh Blender (see `background.blender_command`): encode the one mesh object of a .blend to a .near.
-_ENCODE_SCRIPT = r"""
-import json, sys
-job = json.loads(sys.argv[-1])
-sys.path[:0] = job["path"]
-from near_engine.asset import write_asset
-from near_engine.encode_mesh import encode_mesh
-asset = encode_mesh(job["blend"], job["weights"], views=job["views"], size=job["size"], samples=job["samples"])
-write_asset(job["output"], asset)
-"""
 
 
 class NEAR_OT_convert_mesh(bpy.types.Operator):
@@ -143,55 +138,83 @@ class NEAR_OT_convert_mesh(bpy.types.Operator):
         obj = context.active_object
         return obj is not None and obj.type == "MESH" and not is_near_object(obj)
 
-    def execute(self, context: bpy.types.Context) -> set[str]:
-        import tempfile
-
-        import near_engine
-        from near_engine.datagen.meshes import normalizing_transform
-        from near_engine.datagen.objects import mesh_arrays
-
-        from .background import run_in_blender
-
-        source = context.active_object
+    def _start(self, context: bpy.types.Context) -> ConvertJob | None:
         try:
-            weights = runtime.weights_folder(context.scene)
-            vertices, _ = mesh_arrays(source)
-            if len(vertices) == 0:
-                raise NearError(f"'{source.name}' has no vertices to encode")
-            placement = np.linalg.inv(normalizing_transform(vertices))  # asset space -> where the mesh is
-            with tempfile.TemporaryDirectory(prefix="near_encode_") as folder:
-                blend, output = Path(folder) / f"{bpy.path.clean_name(source.name)}.blend", Path(folder) / "out.near"
-                _write_mesh_alone(source, blend)
-                job = {"blend": str(blend), "weights": str(weights), "output": str(output), "views": self.views,
-                       "size": self.size, "samples": self.samples,
-                       "path": [str(Path(near_engine.__file__).parents[1])]}
-                run_in_blender(_ENCODE_SCRIPT, job, timeout=self.timeout, what=f"Encoding '{source.name}'")
-                asset = read_asset(output)
+            return ConvertJob(context.scene, context.active_object, views=self.views, size=self.size,
+                              samples=self.samples, timeout=self.timeout)
+        except NearError as error:
+            self.report({"ERROR"}, str(error))
+            return None
+
+    def _finish(self, context: bpy.types.Context, job: ConvertJob) -> set[str]:
+        try:
+            _, message = job.finish(context)
         except NearError as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
-        collection = source.users_collection[0] if source.users_collection else context.scene.collection
-        obj = asset_to_object(asset, f"{source.name} NeAR", collection)
-        obj.matrix_world = Matrix(placement.tolist())
-        source.select_set(False)
-        obj.select_set(True)
-        context.view_layer.objects.active = obj
-        self.report({"INFO"}, f"'{obj.name}': {asset.num_voxels} voxels")
+        self.report({"INFO"}, message)
         return {"FINISHED"}
 
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        """Scripts and the Redo panel: convert and wait (Blender is busy meanwhile)."""
+        job = self._start(context)
+        if job is None:
+            return {"CANCELLED"}
+        try:
+            job.wait()
+        except NearError as error:
+            self.report({"ERROR"}, str(error))
+            return {"CANCELLED"}
+        return self._finish(context, job)
 
-def _write_mesh_alone(source: bpy.types.Object, path: Path) -> None:
-    """Save `source` as it is evaluated (modifiers applied, materials kept) as the only object of a .blend, with no
-    parent and no modifier inputs, so the encoder sees this mesh and nothing else."""
-    depsgraph = bpy.context.evaluated_depsgraph_get()
-    mesh = bpy.data.meshes.new_from_object(source.evaluated_get(depsgraph))
-    alone = bpy.data.objects.new(source.name, mesh)
-    alone.matrix_world = source.matrix_world
-    try:
-        bpy.data.libraries.write(str(path), {alone}, path_remap="ABSOLUTE")
-    finally:
-        bpy.data.objects.remove(alone)
-        bpy.data.meshes.remove(mesh)
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+        """The menu: convert beside Blender, with the stage in the status bar and Esc to cancel."""
+        self._job = self._start(context)
+        if self._job is None:
+            return {"CANCELLED"}
+        wm = context.window_manager
+        self._timer = wm.event_timer_add(0.5, window=context.window)
+        wm.modal_handler_add(self)
+        wm.progress_begin(0, len(STAGES) - 1)
+        self._show(context)
+        return {"RUNNING_MODAL"}
+
+    def modal(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+        if event.type == "ESC":
+            self._job.cancel()
+            self._end(context)
+            self.report({"INFO"}, f"Converting '{self._job.source_name}' cancelled")
+            return {"CANCELLED"}
+        if event.type != "TIMER":
+            return {"PASS_THROUGH"}  # the rest of Blender stays usable meanwhile
+        try:
+            done = self._job.step()
+        except NearError as error:
+            self._end(context)
+            self.report({"ERROR"}, str(error))
+            return {"CANCELLED"}
+        if not done:
+            self._show(context)
+            return {"PASS_THROUGH"}
+        self._end(context)
+        return self._finish(context, self._job)
+
+    def cancel(self, context: bpy.types.Context) -> None:
+        """Blender ends the operator (the file is closed, Blender quits): stop the encoder with it."""
+        self._job.cancel()
+        self._end(context)
+
+    def _show(self, context: bpy.types.Context) -> None:
+        context.window_manager.progress_update(self._job.stage_index())
+        if context.workspace is not None:
+            context.workspace.status_text_set(self._job.status())
+
+    def _end(self, context: bpy.types.Context) -> None:
+        wm = context.window_manager
+        wm.event_timer_remove(self._timer)
+        wm.progress_end()
+        if context.workspace is not None:
+            context.workspace.status_text_set(None)
 
 
 def _menu_convert(self: bpy.types.Menu, context: bpy.types.Context) -> None:

@@ -122,13 +122,47 @@ def world_light(depsgraph: bpy.types.Depsgraph, bake_cache: LRUCache | None = No
     return WorldLight(envmap, warnings)
 
 
+#: Object types Cycles would draw that NeAR does not (yet): under NEAR they vanish, so a render says which.
+UNRENDERED_TYPES = {"MESH": "mesh", "CURVE": "curve", "SURFACE": "surface", "META": "metaball", "FONT": "text",
+                    "CURVES": "hair curves", "POINTCLOUD": "point cloud", "VOLUME": "volume",
+                    "GREASEPENCIL": "grease pencil", "GPENCIL": "grease pencil", "LIGHT": "light"}
+#: How many names one warning lists before it says "and N more".
+NAMED_AT_MOST = 5
+
+
+def unrendered_objects(depsgraph: bpy.types.Depsgraph) -> list[tuple[str, str]]:
+    """(name, kind) of every visible object NeAR does not render (ordinary meshes, lamps, ...), each once."""
+    found: dict[str, str] = {}
+    for instance in depsgraph.object_instances:
+        obj = instance.object
+        kind = UNRENDERED_TYPES.get(obj.type)
+        if kind is not None and not is_near_object(obj):
+            found.setdefault(obj.original.name, kind)
+    return sorted(found.items())
+
+
+def unrendered_warning(objects: list[tuple[str, str]]) -> str | None:
+    """One warning naming what the render leaves out, or None when it leaves nothing out."""
+    if not objects:
+        return None
+    named = ", ".join(f"'{name}' ({kind})" for name, kind in objects[:NAMED_AT_MOST])
+    more = f" and {len(objects) - NAMED_AT_MOST} more" if len(objects) > NAMED_AT_MOST else ""
+    return (f"NeAR renders only NeAR objects lit by the World; not rendered: {named}{more}. Convert meshes with "
+            "Object > Convert > NeAR Object; lamps have no effect")
+
+
 def describe(depsgraph: bpy.types.Depsgraph, camera: Camera, *, world: WorldLight | None = None,
              assets: AssetCache | None = None, bake_cache: LRUCache | None = None) -> tuple[Scene, list[str]]:
-    """The engine scene for this depsgraph and camera, plus warnings for the user."""
+    """The engine scene for this depsgraph and camera, plus warnings for the user (the World's, and one naming the
+    scene content NeAR does not render)."""
     world = world if world is not None else world_light(depsgraph, bake_cache)
     transparent = bool(depsgraph.scene.render.film_transparent)
-    return Scene(near_instances(depsgraph, assets), world.envmap, camera, transparent), list(world.warnings)
+    warnings = list(world.warnings)
+    dropped = unrendered_warning(unrendered_objects(depsgraph))
+    if dropped is not None:
+        warnings.append(dropped)
+    return Scene(near_instances(depsgraph, assets), world.envmap, camera, transparent), warnings
 
 
 __all__ = ["AssetCache", "BorderRect", "WorldLight", "border_rect", "describe", "near_instances", "render_camera",
-           "world_light"]
+           "unrendered_objects", "world_light"]

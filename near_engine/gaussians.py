@@ -16,6 +16,7 @@ import torch
 
 from .errors import RasterError
 from .files import write_bytes_atomically
+from .images import linear_to_srgb
 
 SH_C0 = 0.28209479177387814  # the degree-0 spherical-harmonic constant used by 3DGS PLY colours
 
@@ -84,13 +85,17 @@ class Gaussians:
             {n: torch.cat([p.channels[n] for p in parts]) for n in names},
         )
 
-    def write_ply(self, path: str | Path, color_channel: str | None = "rgb") -> None:
+    def write_ply(self, path: str | Path, color_channel: str | None = "rgb", color_space: str = "srgb") -> None:
         """Write the standard 3DGS PLY (binary little-endian) that splat viewers read.
 
         Viewers expect log scales, logit opacities, normalized wxyz quaternions (`rot_0..3`) and the colour as a
-        degree-0 SH coefficient (`f_dc_0..2`), so colours are written as (rgb - 0.5) / SH_C0. HDR colours are clipped
-        to [0, 1] first: viewers display PLY colours as display-referred.
+        degree-0 SH coefficient (`f_dc_0..2`): f_dc = (c - 0.5) / SH_C0, with c the colour they display. So by
+        default (`color_space="srgb"`) the scene-linear colour is clipped to [0, 1] and sRGB-encoded, as Blender's
+        Standard view shows it; `"linear"` writes the clipped scene-linear values instead (for tools that expect
+        linear data; viewers show them too dark).
         """
+        if color_space not in ("srgb", "linear"):
+            raise RasterError(f"PLY colour space must be 'srgb' or 'linear', got {color_space!r}")
         n = len(self)
         means = self.means.detach().cpu().double().numpy()
         quats = torch.nn.functional.normalize(self.quats.detach().double(), dim=-1).cpu().numpy()
@@ -101,6 +106,8 @@ class Gaussians:
                 raise RasterError(f"PLY colour channel {color_channel!r} needs 3 columns, "
                                   f"has {self.channels[color_channel].shape[1]}")
             rgb = self.channels[color_channel].detach().cpu().double().numpy()[:, :3].clip(0.0, 1.0)
+            if color_space == "srgb":
+                rgb = linear_to_srgb(rgb)
         else:
             rgb = np.full((n, 3), 0.5)
         columns = {

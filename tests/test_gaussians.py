@@ -114,6 +114,23 @@ def test_shapes_are_checked():
         Gaussians(g.means, g.quats, g.scales, g.opacities, {"rgb": torch.zeros(4, 3)})
 
 
+def test_ply_colour_spaces_against_closed_form(tmp_path):
+    """sRGB (default) and linear exports of known colours, HDR values clipped to 1 and negatives to 0."""
+    g = make_gaussians(5)
+    colours = torch.tensor([[0.0, 0.001, 0.0031308], [0.18, 0.5, 1.0], [2.5, -0.2, 0.04]] + [[0.2] * 3] * 2,
+                           dtype=torch.float64)
+    g = Gaussians(g.means, g.quats, g.scales, g.opacities, {"rgb": colours})
+    want = {"srgb": [[0.0, 0.01292, 0.04045], [0.461356, 0.735357, 1.0], [1.0, 0.0, 0.220916]],
+            "linear": [[0.0, 0.001, 0.0031308], [0.18, 0.5, 1.0], [1.0, 0.0, 0.04]]}
+    for space, expected in want.items():
+        g.write_ply(tmp_path / f"{space}.ply", color_space=space)
+        v = PlyData.read(str(tmp_path / f"{space}.ply"))["vertex"]
+        shown = 0.5 + SH_C0 * np.stack([v[f"f_dc_{i}"] for i in range(3)], -1)
+        np.testing.assert_allclose(shown[:3], expected, atol=2e-5)
+    with pytest.raises(RasterError, match="colour space"):
+        g.write_ply(tmp_path / "bad.ply", color_space="acescg")
+
+
 def test_ply_export_reads_back_as_standard_3dgs(tmp_path):
     g = make_gaussians(33)
     path = tmp_path / "splat.ply"
@@ -131,8 +148,12 @@ def test_ply_export_reads_back_as_standard_3dgs(tmp_path):
     np.testing.assert_allclose(xyz, g.means.numpy(), atol=1e-6)
     np.testing.assert_allclose(np.exp(np.stack([v[f"scale_{i}"] for i in range(3)], -1)), g.scales.numpy(), rtol=1e-5)
     np.testing.assert_allclose(1 / (1 + np.exp(-v["opacity"])), g.opacities.numpy(), atol=1e-6)
-    rgb = 0.5 + SH_C0 * np.stack([v[f"f_dc_{i}"] for i in range(3)], -1)
-    np.testing.assert_allclose(rgb, g.channels["rgb"].numpy(), atol=1e-6)
+    # Viewers display c = 0.5 + SH_C0 * f_dc: by default the sRGB encoding of the clipped scene-linear colour.
+    shown = 0.5 + SH_C0 * np.stack([v[f"f_dc_{i}"] for i in range(3)], -1)
+    linear = g.channels["rgb"].numpy()
+    srgb = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+    np.testing.assert_allclose(shown, srgb, atol=1e-6)
+    assert (shown > linear + 1e-3)[linear > 0.01].all()  # brighter than the linear values, as a display shows them
     q = np.stack([v[f"rot_{i}"] for i in range(4)], -1)
     np.testing.assert_allclose(np.linalg.norm(q, axis=-1), 1.0, atol=1e-6)
     # The stored quaternion is the same rotation (up to sign).

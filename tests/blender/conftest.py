@@ -44,3 +44,26 @@ def make_asset(seed: int, voxels: int = 300, channels: int = 8) -> Asset:
     coords = coords[torch.randperm(coords.shape[0], generator=g)[:voxels]]
     feats = torch.randn(coords.shape[0], channels, generator=g)
     return Asset(coords.numpy().astype(np.int32), feats.numpy(), model="near-tiny-random", source=f"test-{seed}")
+
+
+def multilayer_exr(settings: bpy.types.ImageFormatSettings) -> None:
+    """32-bit multilayer EXR output (from Blender 5.0 the format is offered only for the multilayer media type)."""
+    if hasattr(settings, "media_type"):
+        settings.media_type = "MULTI_LAYER_IMAGE"
+    settings.file_format = "OPEN_EXR_MULTILAYER"
+    settings.color_depth = "32"
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "blender5: runs part of tests/blender under the bpy 5.x module (Python 3.13); "
+                                       "opt-in with -m blender5, after tests/blender/setup_bpy5.sh")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """`blender5` tests run only when asked for (-m blender5): they need their own environment and take minutes."""
+    if "blender5" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="opt-in: ./dev.sh test tests/blender -m blender5 (after tests/blender/setup_bpy5.sh)")
+    for item in items:
+        if "blender5" in item.keywords:
+            item.add_marker(skip)

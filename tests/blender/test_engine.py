@@ -17,7 +17,7 @@ import bpy
 import numpy as np
 import OpenEXR
 import pytest
-from conftest import make_asset
+from conftest import make_asset, multilayer_exr
 from plyfile import PlyData
 
 import near_blender
@@ -28,8 +28,8 @@ from near_engine import bundled
 from near_engine.asset import write_asset
 from near_engine.blender_data import blender_hdri
 from near_engine.camera import Camera
-from near_engine.configs import random_weights, save_networks
 from near_engine.envmap import EnvMap
+from near_engine.gaussians import SH_C0
 from near_engine.pipeline import NearPipeline, Scene
 
 pytestmark = pytest.mark.timeout(300)
@@ -88,8 +88,7 @@ def _setup(scene: bpy.types.Scene, weights_folder: Path, tmp_path: Path) -> list
     second.parent = parent
     second.location = (0.3, -0.2, 0.1)
     second.scale = (0.7, 0.7, 0.7)
-    settings = scene.render.image_settings
-    settings.file_format, settings.color_depth = "OPEN_EXR_MULTILAYER", "32"
+    multilayer_exr(scene.render.image_settings)
     scene.render.filepath = str(tmp_path / "render.exr")
     bpy.context.view_layer.update()
     return [first, second]
@@ -324,6 +323,19 @@ def test_missing_weights_are_a_clear_error_and_unset_weights_use_near_tiny(clean
     assert runtime.pipeline(scene).weights_id.startswith(str(bundled.BUNDLED_WEIGHTS["near-tiny"]))
 
 
+def test_loading_weights_is_said_only_when_weights_load(clean_blender, weights_folder, tmp_path, capfd) -> None:
+    """Background Blender prints the status line: "Loading weights" on the first frame, not on every frame."""
+    scene = clean_blender
+    _setup(scene, weights_folder, tmp_path)
+    runtime.release()
+    scene.frame_start, scene.frame_end = 1, 2
+    scene.render.filepath = str(tmp_path / "status_")
+    capfd.readouterr()
+    bpy.ops.render.render(animation=True)
+    out = capfd.readouterr().out
+    assert out.count("NeAR | Loading weights") == 1 and out.count("NeAR | Rendering 2 object(s)") == 2, out[-3000:]
+
+
 # ------------------------------------------------------------------------------------------------------- operators
 
 
@@ -366,6 +378,15 @@ def test_export_relit_gaussians_as_ply(clean_blender, weights_folder, tmp_path) 
     assert np.isfinite(xyz).all()
     centre = np.array(first.matrix_world)[:3, 3]
     assert np.abs(np.median(xyz, 0) - centre).max() < 0.3  # in the world, where the object is
+    # Colours: sRGB-encoded by default (what splat viewers display), scene-linear on request, the same Gaussians.
+    bpy.ops.export_scene.near_ply(filepath=str(tmp_path / "linear.ply"), color_space="LINEAR")
+    linear_vertices = PlyData.read(str(tmp_path / "linear.ply"))["vertex"]
+    shown, linear = ([0.5 + SH_C0 * np.asarray(v[f"f_dc_{i}"], np.float64) for i in range(3)]
+                     for v in (vertices, linear_vertices))
+    for srgb, lin in zip(shown, linear):
+        lin = lin.clip(0.0, 1.0)
+        np.testing.assert_allclose(srgb, np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin ** (1 / 2.4) - 0.055),
+                                   atol=1e-5)
     for obj in scene.objects:
         obj.select_set(False)
     with pytest.raises(RuntimeError, match="no NeAR objects to export"):
@@ -431,33 +452,6 @@ def test_command_line_animation_render_exits_cleanly(clean_blender, weights_fold
     assert done.returncode == 0, done.stderr[-2000:]
     assert "THREADS ['MainThread']" in done.stdout
     assert (tmp_path / "farm_0001.exr").exists() and (tmp_path / "farm_0002.exr").exists()
-
-
-def test_convert_mesh_to_a_near_object_in_place(clean_blender, tmp_path) -> None:
-    """The operator encodes a mesh in a separate Blender and puts the NeAR object where the mesh is."""
-    scene = clean_blender
-    weights = tmp_path / "near-tiny-train-random"
-    save_networks(weights, random_weights("near-tiny-train", seed=5), "near-tiny-train", {"light_size": 64})
-    scene.near.weights_folder = str(weights)
-    bpy.ops.mesh.primitive_cube_add(size=2.0, location=(3.0, 1.0, 0.5))
-    cube = bpy.context.active_object
-    cube.scale = (1.0, 0.5, 0.25)
-    bpy.context.view_layer.update()
-    counts = _datablock_counts()
-    bpy.ops.object.near_convert_mesh(views=2, size=24, samples=1)
-    obj = bpy.context.active_object
-    assert obj is not cube and obj.near.is_near and _datablock_counts()["objects"] == counts["objects"] + 1
-    centres = np.array([np.array(obj.matrix_world) @ np.append(v.co, 1.0) for v in obj.data.vertices])[:, :3]
-    voxel = 2.0 / 64  # the cube's largest side (2 m) spans the 64-voxel grid
-    np.testing.assert_allclose(centres.min(0), [2.0, 0.5, 0.25], atol=voxel)
-    np.testing.assert_allclose(centres.max(0), [4.0, 1.5, 0.75], atol=voxel)
-
-    scene.near.weights_folder = str(tmp_path / "missing")
-    bpy.context.view_layer.objects.active = cube
-    counts = _datablock_counts()
-    with pytest.raises(RuntimeError, match="weights folder not found"):
-        bpy.ops.object.near_convert_mesh(views=2, size=24, samples=1)
-    assert _datablock_counts() == counts
 
 
 def test_resolution_percentage_rounds_as_blender_does(clean_blender, weights_folder, tmp_path) -> None:

@@ -87,7 +87,10 @@ INSTALL_SCRIPT = textwrap.dedent("""
 
     bpy.ops.render.render(write_still=True)
     assert (out / "frame.exr").is_file(), "the NEAR engine wrote no frame"
-    weights = str(importlib.import_module(addon + ".near_blender.runtime").weights_folder(scene))
+    runtime = importlib.import_module(addon + ".near_blender.runtime")
+    weights = str(runtime.weights_folder(scene))
+    compiled, cache = runtime.kernel_compilations, runtime.kernel_cache
+    bpy.ops.wm.save_as_mainfile(filepath=str(out / "scene.blend"))
 
     bpy.ops.preferences.addon_disable(module=addon)
     assert addon not in bpy.context.preferences.addons
@@ -101,8 +104,32 @@ INSTALL_SCRIPT = textwrap.dedent("""
 
     print("RESULT " + json.dumps({"site_packages": str(site), "installed": installed, "weights": weights,
                                   "near_engine_file": near_engine.__file__,
-                                  "after_disable": sorted(p.name for p in site.iterdir()) if site.is_dir() else []}))
+                                  "after_disable": sorted(p.name for p in site.iterdir()) if site.is_dir() else [],
+                                  "compiled": compiled, "kernel_cache": str(cache),
+                                  "cached_kernels": len(list(Path(str(cache)).rglob("*.nbi"))) if cache else 0}))
 """) % {"size": RENDER_SIZE}
+
+
+# Runs in a second fresh Python with the same Blender user folders (argv: output folder): enabling the add-on again
+# extracts the wheel again; the frame renders from numba's cache in the extension's user folder, compiling nothing.
+# It exits with the add-on enabled, as farm scripts do.
+REENABLE_SCRIPT = textwrap.dedent("""
+    import importlib, json, sys
+    from pathlib import Path
+
+    import bpy
+
+    out = Path(sys.argv[1])
+    addon = "bl_ext.user_default.near"
+    bpy.ops.preferences.addon_enable(module=addon)
+    bpy.ops.wm.open_mainfile(filepath=str(out / "scene.blend"))
+    scene = bpy.context.scene
+    scene.render.filepath = str(out / "again.exr")
+    bpy.ops.render.render(write_still=True)
+    runtime = importlib.import_module(addon + ".near_blender.runtime")
+    print("RESULT " + json.dumps({"compiled": runtime.kernel_compilations, "kernel_cache": str(runtime.kernel_cache),
+                                  "frame": (out / "again.exr").is_file()}))
+""")
 
 
 def blender_ext() -> Path:
@@ -187,6 +214,22 @@ def test_install_enable_render_disable(engine_only_zip: Path, tmp_path: Path):
     assert Path(facts["weights"]) == site / "near_engine" / "weights" / "near-tiny"
     # ...and disabling the add-on removed it again.
     assert "near_engine" not in facts["after_disable"], facts["after_disable"]
+
+    # numba compiled the CPU kernels once, into the extension's user folder, which disabling the add-on keeps...
+    cache = Path(facts["kernel_cache"])
+    assert cache.is_relative_to(user) and not cache.is_relative_to(site) and facts["compiled"] > 0
+    assert facts["cached_kernels"] > 0 and len(list(cache.rglob("*.nbi"))) == facts["cached_kernels"]
+    assert "NeAR: Rendering 1 object(s): compiling CPU kernels, once" in done.stdout  # why the first frame took long
+    # ...so after enabling it again (a fresh wheel, in a new session) the first render compiles nothing. That
+    # session exits with the add-on enabled, without an "Exception in module unregister()" on the way out.
+    again = subprocess.run([sys.executable, "-c", REENABLE_SCRIPT, str(out)], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    (line,) = [line for line in again.stdout.splitlines() if line.startswith("RESULT ")]
+    second = json.loads(line.removeprefix("RESULT "))
+    assert second == {"compiled": 0, "kernel_cache": str(cache), "frame": True}, second
+    assert "unregister" not in again.stderr and "bl_rna" not in again.stderr, again.stderr[-4000:]
+    assert "compiling CPU kernels" not in again.stdout and again.stdout.count("NeAR: loading weights from") == 1
 
     # The combined pass: the right size, finite, the object opaque-ish in the middle, the film transparent around.
     with OpenEXR.File(str(out / "frame.exr")) as exr:
