@@ -187,7 +187,8 @@ _SLAT_TRANSFORMER = {
 #: class -> {constructor argument: spec}. Every argument a constructor takes is listed; anything else is refused.
 NETWORK_ARGS: dict[type[nn.Module], dict[str, Any]] = {
     IntrinsicAwareDecoder: _SLAT_TRANSFORMER,
-    LightingAwareDecoder: {**_SLAT_TRANSFORMER, "latent_channels": CHANNELS, "zero_init_heads": Flag()},
+    LightingAwareDecoder: {**_SLAT_TRANSFORMER, "latent_channels": CHANNELS, "zero_init_heads": Flag(),
+                           "normal_head": Flag()},
     IlluminationTokenizer: {
         "output_dim": CHANNELS, "num_tokens": Int(1, 4096), "cnn_out_channels": CHANNELS, "n_heads": HEADS,
         "num_transformer_layers": Int(1, 64), "rope_base": Real(1, 1e9),
