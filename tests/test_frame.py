@@ -285,7 +285,7 @@ def test_normal_residual_starts_at_the_voxel_normals_and_learns_from_the_normal_
         head.bias.copy_(torch.tensor([0.5, -0.3, 0.2]).repeat(nets["renderer"].num_gaussians))
     frame, passes = _render(nets, asset, env, camera)
     assert torch.allclose(torch.linalg.vector_norm(frame.normals, dim=-1), torch.ones(len(frame)), atol=1e-5)
-    turned = torch.rad2deg(torch.acos((frame.normals * expected).sum(-1).clamp(-1, 1)))
+    turned = torch.rad2deg(torch.acos((frame.normals.detach() * expected).sum(-1).clamp(-1, 1)))
     assert float(turned.median()) > 5.0
     covered = passes["alpha"] > 0.5
     (passes["normal"] * covered).sum().backward()
