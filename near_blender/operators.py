@@ -147,8 +147,7 @@ class NEAR_OT_convert_mesh(bpy.types.Operator):
         import tempfile
 
         import near_engine
-        from near_engine.datagen.meshes import normalizing_transform
-        from near_engine.datagen.objects import mesh_arrays
+        from near_engine.cycles.meshes import mesh_arrays, normalizing_transform
 
         from .background import run_in_blender
 

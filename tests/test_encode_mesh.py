@@ -11,7 +11,7 @@ import pytest
 
 from near_engine.camera import Camera
 from near_engine.configs import random_weights, save_networks
-from near_engine.datagen.meshes import import_mesh
+from near_engine.cycles.meshes import import_mesh
 from near_engine.encode_mesh import ShadedLight, encode_mesh
 from near_engine.envmap import EnvMap
 from near_engine.errors import NearError

@@ -6,7 +6,7 @@ import bpy
 import numpy as np
 import pytest
 
-from near_engine.datagen.meshes import import_mesh, normalizing_transform
+from near_engine.cycles.meshes import import_mesh, normalizing_transform
 from near_engine.errors import NearError
 
 pytestmark = pytest.mark.timeout(120)
