@@ -100,7 +100,8 @@ def thin_shape_warning(coords: np.ndarray) -> str | None:
     if len(coords) < 2:
         return f"it covers {len(coords)} voxel(s) only: the asset will be a dot"
     centred = coords.astype(np.float64) - coords.mean(axis=0)
-    spread = np.sqrt(np.linalg.eigvalsh(centred.T @ centred / len(coords)))[::-1]  # widest direction first
+    variances = np.clip(np.linalg.eigvalsh(centred.T @ centred / len(coords)), 0, None)
+    spread = np.sqrt(variances)[::-1]  # widest direction first
     if spread[1] < LINE_SPREAD_VOXELS:
         return (f"its {len(coords)} voxels form a line (about {spread[1]:.1f} voxel across): the mesh is a line or a "
                 "sliver with almost no area, and the asset will be a thin stick")

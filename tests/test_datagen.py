@@ -237,3 +237,11 @@ def test_a_mesh_set_renders_real_meshes_as_validation_objects(tmp_path):
         run_datagen(tmp_path / "other", config, meshes=[tmp_path / "missing.obj"])
     with pytest.raises(NearError, match="other settings"):  # a mesh set is not resumed as a procedural set
         run_datagen(tmp_path, config, log=lambda *_: None)
+
+
+def test_datagen_shows_progress_not_the_cycles_log(tmp_path, capfd):
+    config = DatagenConfig(objects=1, views=2, hdri_views=1, hdris_per_object=1, skies_per_object=0, render=TINY)
+    assert run_datagen(tmp_path, config)["rendered"] == ["00000"]
+    out, err = capfd.readouterr()
+    assert "Fra:" not in out + err and "Saved:" not in out + err
+    assert "datagen 0/1: 1 objects, images: 3/3 (100%), " in err and " left" in err  # 2 uniform views + 1 lit

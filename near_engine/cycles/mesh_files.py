@@ -27,11 +27,11 @@ MAX_PLY_COUNT = 2**31 - 1  # the importer's counts are 32-bit ints
 def importer_for(path: Path) -> str:
     """The importer of `path` ("obj", "gltf", "ply", "blend") after checking that the file is what it claims to be;
     a `NearError` naming the file otherwise."""
+    if path.is_dir():
+        raise NearError(f"{path}: is a folder, not a mesh file")
     kind = IMPORTERS.get(path.suffix.lower())
     if kind is None:
         raise NearError(f"{path.name}: cannot import '{path.suffix}' meshes; use one of {', '.join(IMPORTERS)}")
-    if path.is_dir():
-        raise NearError(f"{path}: is a folder, not a mesh file")
     if not path.is_file():
         raise NearError(f"{path}: no such file")
     size = path.stat().st_size

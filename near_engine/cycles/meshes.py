@@ -18,8 +18,9 @@ from ..errors import NearError
 from .import_process import import_in_child
 from .mesh_files import importer_for
 
-#: Triangles smaller than this (in asset space, where the object is 1 across) count as having no area.
-MIN_TRIANGLE_AREA = 1e-10
+#: A mesh whose triangles add up to less area than this (in asset space, where the object is 1 across: a square
+#: 1/1000 on a side) has no surface; float32 rounding alone leaves collinear corners about 1e-8 apart.
+MIN_SURFACE_AREA = 1e-6
 
 
 def import_mesh(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -65,13 +66,13 @@ def import_mesh(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def check_surface(name: str, vertices: np.ndarray, triangles: np.ndarray) -> None:
-    """Refuse a mesh (in asset space) without a surface: no triangles, or none with area (e.g. collinear corners)."""
+    """Refuse a mesh (in asset space) without a surface: no triangles, or none with area (collinear corners)."""
     if len(triangles) == 0:
         raise NearError(f"{name}: the mesh has no faces (only points or edges): there is no surface to render or "
                         "encode")
     corners = vertices.astype(np.float64)[triangles]
     areas = 0.5 * np.linalg.norm(np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]), axis=-1)
-    if not (areas > MIN_TRIANGLE_AREA).any():
+    if not areas.sum() >= MIN_SURFACE_AREA:
         raise NearError(f"{name}: none of its {len(triangles)} triangle(s) has any area (their corners lie on a "
                         "line): there is no surface to render or encode")
 
