@@ -20,11 +20,11 @@ __all__ = ["read_channels", "read_render_passes", "stack_channels"]
 
 def read_channels(path: str | Path) -> dict[str, np.ndarray]:
     """Every channel of an EXR file by its full name, as float32 [H, W] (row 0 at the top)."""
+    if not Path(path).is_file():
+        raise NearError(f"{path}: no such image file")
     try:
         exr = OpenEXR.File(str(path), separate_channels=True)
         return {name: channel.pixels.astype(np.float32) for name, channel in exr.channels().items()}
-    except FileNotFoundError:
-        raise NearError(f"{path}: no such image file") from None
     except Exception as exc:  # the bindings raise RuntimeError or ValueError for damaged files
         raise NearError(f"{path}: not a readable OpenEXR image ({type(exc).__name__}: {exc})") from None
 

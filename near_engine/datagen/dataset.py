@@ -212,7 +212,8 @@ def load_object(path: str | Path) -> dict:
     for key, channel in (("depth", "depth.Z"), ("roughness", "roughness.V"), ("metallic", "metallic.V"),
                          ("specular", "specular.V")):
         data[key] = np.stack([v[channel] if channel in v else default_specular(v, channel) for v in views])
-    data["lit_rgba"] = np.stack([np.stack([stack_channels(read_channels(folder / Light.from_json(l).name / f"view_{v:03d}.exr"),
-                                                  "", "RGBA") for v in meta["lit_views"]])
+    data["lit_rgba"] = np.stack([np.stack([stack_channels(read_channels(folder / Light.from_json(l).name /
+                                                                        f"view_{v:03d}.exr"), "", "RGBA")
+                                           for v in meta["lit_views"]])
                                  for l in meta["lights"]])
     return data
