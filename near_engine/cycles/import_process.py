@@ -3,7 +3,8 @@ importer aborts the process on some headers) becomes a `NearError` naming the fi
 
 The child (this file run as a script, with the bpy module or a Blender binary) imports the file into an empty scene,
 unparents the meshes (keeping their world placement) and writes them with their materials and images to a .blend;
-the caller then loads that file, which Blender wrote itself. Costs about a second and a half per import.
+the caller then loads that file, which Blender wrote itself. It costs little: the bundled vase imports in 0.55 s
+this way, against 0.6 to 0.75 s in-process before (a loaded 2-core machine).
 """
 
 from __future__ import annotations
