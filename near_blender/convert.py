@@ -49,8 +49,7 @@ class ConvertJob:
     def __init__(self, scene: bpy.types.Scene, source: bpy.types.Object, *, views: int, size: int, samples: int,
                  timeout: float) -> None:
         import near_engine
-        from near_engine.datagen.meshes import normalizing_transform
-        from near_engine.datagen.objects import mesh_arrays
+        from near_engine.cycles.meshes import mesh_arrays, normalizing_transform
 
         self.source_name, self.views, self.timeout = source.name, views, timeout
         weights = runtime.weights_folder(scene)

@@ -182,7 +182,7 @@ def _cmd_datagen(args: argparse.Namespace) -> int:
     import time
 
     from .datagen import DatagenConfig, run_datagen
-    from .datagen.render import RenderSettings
+    from .cycles.settings import RenderSettings
 
     try:
         shard = tuple(int(v) for v in args.shard.split("/"))

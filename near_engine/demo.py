@@ -30,6 +30,7 @@ from .envmap import EnvMap
 from .errors import NearError
 from .files import write_bytes_atomically
 from .images import write_exr, write_png
+from .progress import Progress
 
 DEFAULT_HDRIS = ("forest", "sunset", "city")
 DEFAULT_AZIMUTHS = (0, 60, 120, 180, 240, 300)
@@ -50,16 +51,18 @@ def silhouette_iou(alpha_a: np.ndarray, alpha_b: np.ndarray) -> float:
 
 def cycles_references(mesh: Path, hdris: Sequence[str], camera: Camera, samples: int) -> dict[str, np.ndarray]:
     """Premultiplied linear RGBA [H, W, 4] Cycles renders of the normalized mesh under each HDRI (transparent film)."""
-    from .datagen.dataset import read_exr_channels, stack_channels
-    from .datagen.lights import Light
-    from .datagen.meshes import import_mesh
-    from .datagen.render import RenderSettings, render_views
+    from .cycles.lights import Light
+    from .cycles.meshes import import_mesh
+    from .cycles.render import image_count, render_views
+    from .cycles.settings import RenderSettings
+    from .exr_layers import read_channels, stack_channels
 
     import_mesh(mesh)
     lights = [Light("hdri", name, math.radians(WORLD_ROTATION_DEG), 1.0) for name in hdris]
-    with tempfile.TemporaryDirectory() as tmp:
-        render_views([camera], lights, [0], Path(tmp), RenderSettings(camera.width, samples))
-        return {light.hdri: stack_channels(read_exr_channels(Path(tmp) / light.name / "view_000.exr"), "", "RGBA")
+    with tempfile.TemporaryDirectory() as tmp, \
+            Progress("Cycles references", image_count(1, len(lights), 1)) as bar:
+        render_views([camera], lights, [0], Path(tmp), RenderSettings(camera.width, samples), bar)
+        return {light.hdri: stack_channels(read_channels(Path(tmp) / light.name / "view_000.exr"), "", "RGBA")
                 for light in lights}
 
 
@@ -95,6 +98,7 @@ def render_demo(out_dir: str | Path, size: int = 384, hdris: Sequence[str] = DEF
     summary["cycles_seconds"] = round(time.perf_counter() - start, 1)
     pipeline = NearPipeline.from_pretrained(weights, "cpu")
     rows = []
+    bar = Progress("NeAR turntable", len(hdris) * len(azimuths))
     for name in hdris:
         env = EnvMap.read(blender_hdri(name), rotation_z=math.radians(WORLD_ROTATION_DEG))
         reference_camera = turntable_camera(azimuths[0], size)
@@ -115,6 +119,7 @@ def render_demo(out_dir: str | Path, size: int = 384, hdris: Sequence[str] = DEF
                                                  "A": rgba[..., 3], "Depth.Z": depth})
             write_png(stem.with_suffix(".png"), rgb)
             tiles.append(rgb)
+            bar.advance()
             summary["frames"].append({"hdri": name, "azimuth": azimuth, "render_ms": round(ms, 1),
                                       "object_pixels": int((rgba[..., 3] > 0.5).sum())})
             if k == 0:
@@ -122,6 +127,7 @@ def render_demo(out_dir: str | Path, size: int = 384, hdris: Sequence[str] = DEF
                 scores["silhouette_iou"] = silhouette_iou(references[name][..., 3], rgba[..., 3])
                 summary["cycles"][name] = {key: round(value, 4) for key, value in scores.items()}
         rows.append(np.concatenate(tiles, axis=1))
+    bar.close()
     write_png(out / "contact_sheet.png", np.concatenate(rows, axis=0))
     summary["contact_sheet"] = str(out / "contact_sheet.png")
     write_bytes_atomically(out / "summary.json", json.dumps(summary, indent=1).encode())

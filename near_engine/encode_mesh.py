@@ -4,7 +4,10 @@ The LH latent is encoded from views under uniform white light (world colour 1, s
 illumination-homogenized latent is; the *shaded* latent (the paper's ablation) from the same views under an HDRI.
 Both use near-tiny's trained image-feature network and encoder from the weights folder (`configs.ENCODER_KEYS`).
 The material latents (`base_color`, `material`: roughness, metallic, specular level) are lifted from the same
-views' material AOVs, rendered from the mesh's own materials (`datagen.objects.add_material_aovs`).
+views' material AOVs, rendered from the mesh's own materials (`cycles.materials.add_material_aovs`).
+
+A mesh with no surface is refused (`cycles.meshes.check_surface`); one whose voxels form a line is encoded with a
+warning (`thin_shape_warning`): a few voxels across cannot hold much of an object.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from .asset import Asset
 from .configs import ENCODER_KEYS, load_networks
 from .errors import NearError
+from .progress import Progress
 
 #: Views of the object on a Hammersley sphere (radius 2, 40 degrees), as in the training data.
 DEFAULT_VIEWS = 24
@@ -39,11 +43,12 @@ def encode_mesh(mesh: str | Path, weights: str | Path, *, views: int = DEFAULT_V
                 samples: int = 32, shaded: ShadedLight | None = None, device: str = "cpu",
                 log: Callable[[str], object] = print) -> Asset:
     """The asset of the mesh file `mesh` (OBJ, glTF/GLB, PLY, .blend) encoded with the encoder in `weights`."""
-    from .datagen.cameras import view_cameras
-    from .datagen.dataset import read_exr_channels, stack_channels
-    from .datagen.lights import Light
-    from .datagen.meshes import import_mesh
-    from .datagen.render import RenderSettings, render_views
+    from .cycles.lights import Light
+    from .cycles.meshes import import_mesh
+    from .cycles.render import image_count, render_views
+    from .cycles.settings import RenderSettings
+    from .cycles.views import view_cameras
+    from .exr_layers import read_channels, stack_channels
     from .train.encode import encode_views, lift_materials
     from .voxelize import voxelize_mesh
 
@@ -55,21 +60,25 @@ def encode_mesh(mesh: str | Path, weights: str | Path, *, views: int = DEFAULT_V
     vertices, triangles = import_mesh(mesh)
     coords = voxelize_mesh(vertices, triangles, resolution)
     log(f"{mesh.name}: {len(vertices)} vertices -> {len(coords)} voxels on a {resolution}^3 grid")
+    warning = thin_shape_warning(coords)
+    if warning:
+        log(f"warning: {mesh.name}: {warning}")
     cameras = view_cameras(views, (0.5, 0.5), size)
     lights = [] if shaded is None else [Light("hdri", shaded.hdri, shaded.rotation_z, shaded.strength)]
     with tempfile.TemporaryDirectory() as tmp:
-        times = render_views(cameras, lights, list(range(views)) if lights else [], Path(tmp), RenderSettings(size,
-                                                                                                              samples))
-        log(f"rendered {len(times)} views with Cycles in {sum(times):.1f} s")
+        with Progress(f"{mesh.name}: rendering views with Cycles", image_count(views, len(lights), views)) as bar:
+            render_views(cameras, lights, list(range(views)) if lights else [], Path(tmp),
+                         RenderSettings(size, samples), bar)
         folder = Path(tmp) / (lights[0].name if lights else "uniform")
-        images = [read_exr_channels(folder / f"view_{v:03d}.exr") for v in range(views)]
-        uniform = [read_exr_channels(Path(tmp) / "uniform" / f"view_{v:03d}.exr") for v in range(views)]
+        images = [read_channels(folder / f"view_{v:03d}.exr") for v in range(views)]
+        uniform = [read_channels(Path(tmp) / "uniform" / f"view_{v:03d}.exr") for v in range(views)]
     depth = torch.from_numpy(np.stack([u["depth.Z"] for u in uniform]))
     rgba = torch.from_numpy(np.stack([stack_channels(image, "", "RGBA") for image in images]))
     gbuffers = {"base_color": np.stack([stack_channels(u, "base_color.", "RGB") for u in uniform])}
     gbuffers.update({name: np.stack([u[f"{name}.V"] for u in uniform]) for name in ("roughness", "metallic",
                                                                                    "specular")})
     alpha = np.stack([u["A"] for u in uniform])[..., None]
+    log(f"{mesh.name}: encoding the latent from {views} views")
     with torch.no_grad():
         latent = encode_views(networks, coords, rgba, cameras, depth, resolution)
     materials = lift_materials({k: torch.from_numpy(v) for k, v in gbuffers.items()}, torch.from_numpy(alpha),
@@ -79,3 +88,21 @@ def encode_mesh(mesh: str | Path, weights: str | Path, *, views: int = DEFAULT_V
                  extras={"base_color": materials[:, :3], "material": materials[:, 3:]},
                  latent="lh-slat" if shaded is None else f"shaded-slat:{shaded.hdri}",
                  model=Path(weights).name, source=f"mesh:{mesh.name}:sha256:{digest}")
+
+
+#: Voxels that spread less than this across their second-widest direction form a line, not a shape.
+LINE_SPREAD_VOXELS = 1.0
+
+
+def thin_shape_warning(coords: np.ndarray) -> str | None:
+    """What is odd about voxels `coords` [N, 3] that form a line (their spread across the second principal direction
+    is under `LINE_SPREAD_VOXELS`), or None for a shape with area or volume."""
+    if len(coords) < 2:
+        return f"it covers {len(coords)} voxel(s) only: the asset will be a dot"
+    centred = coords.astype(np.float64) - coords.mean(axis=0)
+    variances = np.clip(np.linalg.eigvalsh(centred.T @ centred / len(coords)), 0, None)
+    spread = np.sqrt(variances)[::-1]  # widest direction first
+    if spread[1] < LINE_SPREAD_VOXELS:
+        return (f"its {len(coords)} voxels form a line (about {spread[1]:.1f} voxel across): the mesh is a line or a "
+                "sliver with almost no area, and the asset will be a thin stick")
+    return None

@@ -13,13 +13,15 @@ import pytest
 pytest.importorskip("bpy")
 
 from near_engine.camera import Camera  # noqa: E402
+from near_engine.cycles.lights import UNIFORM_STRENGTH  # noqa: E402
+from near_engine.cycles.settings import RenderSettings  # noqa: E402
+from near_engine.cycles.views import hammersley_sphere, view_cameras  # noqa: E402
 from near_engine.datagen import dataset  # noqa: E402
-from near_engine.datagen.cameras import hammersley_sphere, view_cameras  # noqa: E402
 from near_engine.datagen.dataset import DatagenConfig, load_object, run_datagen  # noqa: E402
-from near_engine.datagen.lights import (HELD_OUT_HDRIS, HDRIS, UNIFORM_STRENGTH, is_validation_object,  # noqa: E402
-                                        object_lights)
+from near_engine.datagen.lights import HELD_OUT_HDRIS, HDRIS, is_validation_object, object_lights  # noqa: E402
 from near_engine.datagen.objects import MaterialRecipe, ObjectRecipe, Part, make_recipe  # noqa: E402
-from near_engine.datagen.render import RenderSettings, render_object  # noqa: E402
+from near_engine.datagen.render import render_object  # noqa: E402
+from near_engine.exr_layers import read_channels  # noqa: E402
 from near_engine.errors import NearError  # noqa: E402
 
 pytestmark = [pytest.mark.cycles, pytest.mark.timeout(300)]
@@ -32,7 +34,8 @@ CONFIG = DatagenConfig(objects=2, views=2, hdri_views=1, hdris_per_object=1, see
 def _mesh(recipe: ObjectRecipe) -> tuple[np.ndarray, np.ndarray]:
     import bpy
 
-    from near_engine.datagen.objects import build_object, mesh_arrays
+    from near_engine.cycles.meshes import mesh_arrays
+    from near_engine.datagen.objects import build_object
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
     return mesh_arrays(build_object(recipe))
@@ -102,7 +105,7 @@ def test_a_rendered_object_has_every_file_and_loads(dataset_dir):
     inside = data["rgba"][..., 3] > 0.999
     assert np.allclose(data["specular"][inside], recipe["specular"], atol=2e-3)
     if "sky" in names:  # the sun-and-sky world, baked to the map its lit views were rendered under
-        from near_engine.datagen.lights import SKY_HEIGHT, SKY_MEAN
+        from near_engine.cycles.lights import SKY_HEIGHT, SKY_MEAN
         from near_engine.envmap import EnvMap
 
         sky = EnvMap.read(folder / "sky.exr")
@@ -155,10 +158,8 @@ def _sphere(material: MaterialRecipe) -> ObjectRecipe:
 
 def _render_sphere(tmp_path: Path, material: MaterialRecipe, settings: RenderSettings = TINY) -> dict:
     cameras = view_cameras(1, (0.2, 0.4), settings.size)
-    render_object(_sphere(material), cameras, [], [], tmp_path, settings, log=lambda *_: None)
-    from near_engine.datagen.dataset import read_exr_channels
-
-    return read_exr_channels(tmp_path / "uniform" / "view_000.exr")
+    render_object(_sphere(material), cameras, [], [], tmp_path, settings)
+    return read_channels(tmp_path / "uniform" / "view_000.exr")
 
 
 def test_gbuffers_hold_the_material_values(tmp_path):
@@ -236,3 +237,11 @@ def test_a_mesh_set_renders_real_meshes_as_validation_objects(tmp_path):
         run_datagen(tmp_path / "other", config, meshes=[tmp_path / "missing.obj"])
     with pytest.raises(NearError, match="other settings"):  # a mesh set is not resumed as a procedural set
         run_datagen(tmp_path, config, log=lambda *_: None)
+
+
+def test_datagen_shows_progress_not_the_cycles_log(tmp_path, capfd):
+    config = DatagenConfig(objects=1, views=2, hdri_views=1, hdris_per_object=1, skies_per_object=0, render=TINY)
+    assert run_datagen(tmp_path, config)["rendered"] == ["00000"]
+    out, err = capfd.readouterr()
+    assert "Fra:" not in out + err and "Saved:" not in out + err
+    assert "datagen 0/1: 1 objects, images: 3/3 (100%), " in err and " left" in err  # 2 uniform views + 1 lit

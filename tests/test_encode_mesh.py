@@ -11,8 +11,8 @@ import pytest
 
 from near_engine.camera import Camera
 from near_engine.configs import random_weights, save_networks
-from near_engine.datagen.meshes import import_mesh
-from near_engine.encode_mesh import ShadedLight, encode_mesh
+from near_engine.cycles.meshes import import_mesh
+from near_engine.encode_mesh import ShadedLight, encode_mesh, thin_shape_warning
 from near_engine.envmap import EnvMap
 from near_engine.errors import NearError
 from near_engine.pipeline import NearPipeline, Scene
@@ -63,12 +63,16 @@ def test_weights_without_an_encoder_are_a_clear_error(tmp_path, mesh) -> None:
         encode_mesh(mesh, folder, views=2, size=16, samples=1, log=lambda _: None)
 
 
-def test_encode_mesh_command_writes_an_asset(weights, mesh, tmp_path) -> None:
+def test_encode_mesh_command_writes_an_asset(weights, mesh, tmp_path, capfd) -> None:
+    """...and shows its progress, not Cycles' log: no `Fra:` status lines, a progress line with the time left."""
     from near_engine.asset import read_asset
     from near_engine.cli import main
 
     assert main(["encode-mesh", str(mesh), "-o", str(tmp_path / "box.near"), "--weights", str(weights),
                  "--views", "2", "--size", "16", "--samples", "1"]) == 0
+    out, err = capfd.readouterr()
+    assert "Fra:" not in out + err and "Saved:" not in out + err
+    assert "box.obj: rendering views with Cycles: 2/2 (100%), " in err and " left" in err
     asset = read_asset(tmp_path / "box.near")
     vertices, triangles = import_mesh(mesh)
     np.testing.assert_array_equal(asset.coords, voxelize_mesh(vertices, triangles, 64))
@@ -87,3 +91,22 @@ def test_the_mesh_materials_become_its_material_latents(weights, mesh, tmp_path)
     plain = encode_mesh(mesh, weights, views=4, size=32, samples=2, log=lambda _: None)
     np.testing.assert_allclose(np.median(plain.extras["base_color"], 0), [0.8, 0.8, 0.8], atol=0.03)
     np.testing.assert_allclose(np.median(plain.extras["material"], 0), [0.5, 0.0, 0.5], atol=0.03)
+
+
+def test_a_line_of_voxels_is_flagged() -> None:
+    line = np.stack([np.arange(256), np.full(256, 5), np.full(256, 5)], axis=1)  # 256 voxels along X
+    assert "its 256 voxels form a line" in thin_shape_warning(line)
+    steps = np.cumsum(np.eye(3, dtype=int)[np.arange(189) % 3], axis=0)  # a staircase along the diagonal
+    assert "form a line" in thin_shape_warning(steps)
+    plane = np.stack(np.meshgrid(np.arange(16), np.arange(16), [0], indexing="ij"), -1).reshape(-1, 3)
+    assert thin_shape_warning(plane) is None  # a flat card has area: no warning
+    assert "1 voxel" in thin_shape_warning(np.zeros((1, 3), dtype=np.int32))
+
+
+def test_a_sliver_mesh_encodes_with_a_warning(weights, tmp_path) -> None:
+    """A triangle 1 long and 1/1000 wide has area, so it encodes, but the asset is a line: the log says so."""
+    (tmp_path / "sliver.obj").write_text("v 0 0 0\nv 1 1 1\nv 0.001 0 0\nf 1 2 3\n")
+    lines: list[str] = []
+    asset = encode_mesh(tmp_path / "sliver.obj", weights, views=1, size=16, samples=1, log=lines.append)
+    assert asset.num_voxels > 0
+    assert any(line.startswith("warning: sliver.obj: its ") and "form a line" in line for line in lines), lines

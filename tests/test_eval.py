@@ -114,7 +114,7 @@ def test_eval_reports_every_method_and_metric_on_a_tiny_dataset(tmp_path):
     from near_engine.cli import main
     from near_engine.configs import random_weights, save_networks
     from near_engine.datagen.dataset import DatagenConfig, load_object, run_datagen
-    from near_engine.datagen.render import RenderSettings
+    from near_engine.cycles.settings import RenderSettings
 
     data = tmp_path / "data"
     config = DatagenConfig(objects=10, views=2, hdri_views=1, hdris_per_object=1, seed=3,

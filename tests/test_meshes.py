@@ -6,7 +6,7 @@ import bpy
 import numpy as np
 import pytest
 
-from near_engine.datagen.meshes import import_mesh, normalizing_transform
+from near_engine.cycles.meshes import import_mesh, normalizing_transform
 from near_engine.errors import NearError
 
 pytestmark = pytest.mark.timeout(120)
@@ -86,3 +86,60 @@ def test_bad_mesh_files_are_clear_errors(tmp_path) -> None:
     (tmp_path / "broken.glb").write_bytes(b"glTF\x02\x00\x00\x00garbage")
     with pytest.raises(NearError, match="broken.glb"):
         import_mesh(tmp_path / "broken.glb")
+
+
+def test_a_damaged_blend_file_is_a_clear_error(tmp_path) -> None:
+    """62 bytes that start like a .blend: Blender's reader raises OSError ("Missing DNA block")."""
+    path = tmp_path / "damaged.blend"
+    path.write_bytes(b"BLENDER-v405" + bytes(50))
+    with pytest.raises(NearError, match="damaged.blend: Blender could not import it .*DNA"):
+        import_mesh(path)
+    (tmp_path / "text.blend").write_text("not a blend file at all")
+    with pytest.raises(NearError, match="text.blend: not a Blender file"):
+        import_mesh(tmp_path / "text.blend")
+    with pytest.raises(NearError, match="is a folder"):
+        import_mesh(tmp_path)  # a folder named like a mesh is not one either
+    (tmp_path / "dir.obj").mkdir()
+    with pytest.raises(NearError, match="dir.obj: is a folder"):
+        import_mesh(tmp_path / "dir.obj")
+
+
+def _ply(path, vertices: str, body: str, faces: str = "0", face_property: str = "uchar int") -> None:
+    path.write_text(f"ply\nformat ascii 1.0\nelement vertex {vertices}\nproperty float x\nproperty float y\n"
+                    f"property float z\nelement face {faces}\nproperty list {face_property} vertex_indices\n"
+                    f"end_header\n{body}")
+
+
+def test_a_ply_declaring_absurd_counts_is_refused_before_importing(tmp_path) -> None:
+    _ply(tmp_path / "huge.ply", "99999999999", "0 0 0\n")
+    with pytest.raises(NearError, match=r"huge.ply: the header declares 99,999,999,999 vertex elements"):
+        import_mesh(tmp_path / "huge.ply")
+    _ply(tmp_path / "short.ply", "1000", "0 0 0\n1 0 0\n")
+    with pytest.raises(NearError, match=r"short.ply: the header declares 1,000 vertex elements, but the 12 bytes"):
+        import_mesh(tmp_path / "short.ply")
+    (tmp_path / "noheader.ply").write_bytes(b"ply\nformat ascii 1.0\n" + b"x" * 70000)
+    with pytest.raises(NearError, match="noheader.ply: not a PLY file"):
+        import_mesh(tmp_path / "noheader.ply")
+    _ply(tmp_path / "triangle.ply", "3", "0 0 0\n1 0 0\n0 1 0\n3 0 1 2\n", faces="1")
+    vertices, triangles = import_mesh(tmp_path / "triangle.ply")  # a true header passes
+    assert vertices.shape == (3, 3) and triangles.shape == (1, 3)
+
+
+def test_an_importer_crash_is_an_error_naming_the_file(tmp_path) -> None:
+    """Past the header check, Blender's PLY importer still aborts on this file (32-bit stoi): in the child process
+    that is a NearError, and this process lives on."""
+    from near_engine.cycles.import_process import import_in_child
+
+    _ply(tmp_path / "crash.ply", "99999999999", "0 0 0\n")
+    with pytest.raises(NearError, match=r"crash.ply: Blender's ply importer crashed on this file \(SIGABRT\)"):
+        import_in_child(tmp_path / "crash.ply", "ply", tmp_path / "out.blend")
+    assert not (tmp_path / "out.blend").exists()
+
+
+def test_meshes_without_a_surface_are_refused(tmp_path) -> None:
+    (tmp_path / "collinear.obj").write_text("v 0 0 0\nv 1 1 1\nv 2 2 2\nf 1 2 3\n")
+    with pytest.raises(NearError, match="collinear.obj: none of its 1 triangle.* has any area"):
+        import_mesh(tmp_path / "collinear.obj")
+    _ply(tmp_path / "points.ply", "3", "0 0 0\n1 0 0\n0 1 0\n")
+    with pytest.raises(NearError, match="points.ply: the mesh has no faces|points.ply: the file holds no mesh"):
+        import_mesh(tmp_path / "points.ply")

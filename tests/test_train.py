@@ -16,7 +16,7 @@ from near_engine.asset import Asset  # noqa: E402
 from near_engine.camera import Camera  # noqa: E402
 from near_engine.configs import ENCODER_KEYS, NETWORK_KEYS, tiny_config, tiny_encoder_config  # noqa: E402
 from near_engine.datagen.dataset import DatagenConfig, run_datagen  # noqa: E402
-from near_engine.datagen.render import RenderSettings  # noqa: E402
+from near_engine.cycles.settings import RenderSettings  # noqa: E402
 from near_engine.envmap import EnvMap  # noqa: E402
 from near_engine.errors import NearError  # noqa: E402
 from near_engine.pipeline import NearPipeline, Scene  # noqa: E402

@@ -1,8 +1,8 @@
-"""Synthetic training data rendered with Blender Cycles through the bpy module (imported lazily, inside functions).
+"""Synthetic training data rendered with Blender Cycles (through `near_engine.cycles`, which imports bpy lazily).
 
-`objects` makes seeded procedural objects and materials, `lights` the lighting (uniform, HDRIs, area lights) and the
-validation splits, `cameras` the Hammersley views, `render` drives Cycles for one object, `dataset` runs a sharded,
-resumable set with a manifest and reads it back for training.
+`objects` makes seeded procedural objects and materials, `lights` the seeded lighting of each object and the
+validation splits, `cameras` the data set's record of its views, `render` builds and renders one object, `dataset`
+runs a sharded, resumable set with a manifest and reads it back for training.
 """
 
 from .dataset import DatagenConfig, load_object, run_datagen, write_manifest

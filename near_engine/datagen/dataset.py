@@ -19,14 +19,19 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import OpenEXR
 
+from ..cycles.lights import UNIFORM, Light
+from ..cycles.render import image_count
+from ..cycles.settings import RenderSettings
+from ..cycles.views import FOV_DEG, RADIUS, view_cameras
 from ..errors import NearError
+from ..exr_layers import read_channels, stack_channels
 from ..files import write_bytes_atomically
-from .cameras import FOV_DEG, RADIUS, camera_record, spread_subset, view_cameras
-from .lights import HELD_OUT_HDRIS, TRAIN_HDRIS, UNIFORM, Light, is_validation_object, object_lights
-from .objects import make_recipe
-from .render import RenderSettings, render_object
+from ..progress import Progress
+from .cameras import camera_record, spread_subset
+from .lights import HELD_OUT_HDRIS, TRAIN_HDRIS, is_validation_object, object_lights
+from .objects import ObjectRecipe, make_recipe
+from .render import render_object
 
 
 @dataclass(frozen=True)
@@ -64,13 +69,13 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def run_datagen(out: str | Path, config: DatagenConfig, shard: tuple[int, int] = (0, 1),
-                log: Callable[[str], object] = print, meshes: Sequence[str | Path] = ()) -> dict:
+                log: Callable[[str], object] | None = None, meshes: Sequence[str | Path] = ()) -> dict:
     """Render this shard's objects (index % n == i) that are not finished yet; returns the ids rendered/skipped/failed.
 
     With `meshes`, the objects are those mesh files instead of procedural ones (`config.objects` is ignored), all in
     the validation split: an evaluation set of real meshes for `near eval`. A failing object is logged to
     `errors.log` with its traceback and left without a marker; the run goes on. The manifest is rewritten after
-    every finished object.
+    every finished object. Progress (images rendered, time left) goes through `log`, or is a bar on stderr.
     """
     out = Path(out)
     i, n = shard
@@ -91,45 +96,69 @@ def run_datagen(out: str | Path, config: DatagenConfig, shard: tuple[int, int] =
             raise NearError(f"{out} holds a data set made with other settings ({stored}); use another folder")
     _write_json(config_path, settings)
     result: dict[str, list[str]] = {"rendered": [], "skipped": [], "failed": []}
+    plans = []
     for index in range(i, config.objects, n):
         folder = out / "objects" / object_id(index)
         if (folder / "done.json").is_file():
             result["skipped"].append(folder.name)
-            continue
-        shutil.rmtree(folder, ignore_errors=True)  # half-finished: start it over
-        folder.mkdir(parents=True)
-        try:
-            _render_one(folder, config, index, log, meshes[index] if meshes else None)
-            result["rendered"].append(folder.name)
-            write_manifest(out)  # always current: training and evaluation can start on a run still going
-        except Exception:  # one bad object must not stop the run: log it, leave no marker
-            result["failed"].append(folder.name)
-            with open(out / "errors.log", "a") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} object {folder.name}:\n{traceback.format_exc()}\n")
-            log(f"  {folder.name}: FAILED (see {out / 'errors.log'})")
+        else:
+            plans.append((folder, _plan(config, index, meshes[index] if meshes else None)))
+    total = sum(image_count(len(p.cameras), len(p.lights), len(p.lit_views)) for _, p in plans)
+    with Progress(f"datagen {i}/{n}: {len(plans)} objects, images", total, log=log) as bar:
+        for folder, plan in plans:
+            shutil.rmtree(folder, ignore_errors=True)  # half-finished: start it over
+            folder.mkdir(parents=True)
+            goal = bar.done + image_count(len(plan.cameras), len(plan.lights), len(plan.lit_views))
+            try:
+                _render_one(folder, plan, bar)
+                result["rendered"].append(folder.name)
+                write_manifest(out)  # always current: training and evaluation can start on a run still going
+            except Exception:  # one bad object must not stop the run: log it, leave no marker
+                result["failed"].append(folder.name)
+                with open(out / "errors.log", "a") as f:
+                    f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} object {folder.name}:\n{traceback.format_exc()}\n")
+                bar.say(f"  {folder.name}: FAILED (see {out / 'errors.log'})")
+                bar.advance(goal - bar.done)  # its unrendered images no longer count as work left
     write_manifest(out)
     return result
 
 
-def _render_one(folder: Path, config: DatagenConfig, index: int, log: Callable[[str], object],
-                mesh: Path | None = None) -> None:
-    """Render object `index` (procedural, or the file `mesh`) into `folder`: meta.json first, then images, then the
-    done.json marker."""
-    start = time.perf_counter()
-    recipe = make_recipe(config.seed, index) if mesh is None else mesh
+@dataclass(frozen=True)
+class _ObjectPlan:
+    """What one object will be: its recipe (or mesh file), split, views and lights."""
+
+    index: int
+    recipe: ObjectRecipe | Path
+    validation: bool
+    cameras: list
+    lights: list[Light]
+    lit_views: list[int]
+    settings: RenderSettings
+
+
+def _plan(config: DatagenConfig, index: int, mesh: Path | None) -> _ObjectPlan:
+    """Object `index` (procedural, or the file `mesh`) of `config`, seeded."""
     validation = mesh is not None or is_validation_object(index)
     offset = tuple(float(x) for x in np.random.default_rng([config.seed, index, 2]).random(2))
-    cameras = view_cameras(config.views, offset, config.render.size)
-    lights = object_lights(config.seed, index, config.hdris_per_object, validation, config.skies_per_object,
-                           config.area_light)
-    lit_views = spread_subset(config.views, config.hdri_views)
+    return _ObjectPlan(index, make_recipe(config.seed, index) if mesh is None else mesh, validation,
+                       view_cameras(config.views, offset, config.render.size),
+                       object_lights(config.seed, index, config.hdris_per_object, validation, config.skies_per_object,
+                                     config.area_light),
+                       spread_subset(config.views, config.hdri_views), config.render)
+
+
+def _render_one(folder: Path, plan: _ObjectPlan, progress: Progress) -> None:
+    """Render `plan` into `folder`: meta.json first, then images, then the done.json marker."""
+    start = time.perf_counter()
+    mesh = plan.recipe if isinstance(plan.recipe, Path) else None
     source = ({"mesh": mesh.name, "sha256": hashlib.sha256(mesh.read_bytes()).hexdigest()} if mesh is not None
-              else recipe.to_json())
-    meta = {"id": folder.name, "index": index, "split": "val" if validation else "train", "recipe": source,
-            "cameras": [camera_record(c) for c in cameras], "camera_radius": RADIUS, "fov_deg": FOV_DEG,
-            "uniform_light": UNIFORM.to_json(), "lights": [l.to_json() for l in lights], "lit_views": lit_views}
+              else plan.recipe.to_json())
+    meta = {"id": folder.name, "index": plan.index, "split": "val" if plan.validation else "train", "recipe": source,
+            "cameras": [camera_record(c) for c in plan.cameras], "camera_radius": RADIUS, "fov_deg": FOV_DEG,
+            "uniform_light": UNIFORM.to_json(), "lights": [l.to_json() for l in plan.lights],
+            "lit_views": plan.lit_views}
     _write_json(folder / "meta.json", meta)
-    stats = render_object(recipe, cameras, lights, lit_views, folder, config.render, log)
+    stats = render_object(plan.recipe, plan.cameras, plan.lights, plan.lit_views, folder, plan.settings, progress)
     _write_json(folder / "done.json", {**stats, "seconds_total": time.perf_counter() - start})
 
 
@@ -149,17 +178,6 @@ def write_manifest(out: str | Path) -> dict:
                 "objects": objects}
     _write_json(out / "manifest.json", manifest)
     return manifest
-
-
-def read_exr_channels(path: Path) -> dict[str, np.ndarray]:
-    """Every channel of a data-set EXR by its plain name ("R", "depth.Z", "normal.X", ...), float32 [H, W]."""
-    return {name: c.pixels.astype(np.float32) for name, c in
-            OpenEXR.File(str(path), separate_channels=True).channels().items()}
-
-
-def stack_channels(channels: dict[str, np.ndarray], prefix: str, letters: str) -> np.ndarray:
-    """The channels `prefix + letter` of one layer stacked last: [H, W, len(letters)]."""
-    return np.stack([channels[prefix + letter] for letter in letters], axis=-1)
 
 
 def default_specular(view: dict[str, np.ndarray], channel: str) -> np.ndarray:
@@ -194,7 +212,7 @@ def load_object(path: str | Path) -> dict:
         raise NearError(f"{folder}: not a finished data-set object (no done.json)")
     meta = json.loads((folder / "meta.json").read_text())
     mesh = np.load(folder / "mesh.npz")
-    views = [read_exr_channels(folder / "uniform" / f"view_{v:03d}.exr") for v in range(len(meta["cameras"]))]
+    views = [read_channels(folder / "uniform" / f"view_{v:03d}.exr") for v in range(len(meta["cameras"]))]
     data = {"meta": meta, "vertices": mesh["vertices"], "triangles": mesh["triangles"],
             "world_to_camera": np.array([c["world_to_camera"] for c in meta["cameras"]], dtype=np.float32),
             "intrinsics": np.array([[c[k] for k in ("fx", "fy", "cx", "cy")] for c in meta["cameras"]],
@@ -206,7 +224,8 @@ def load_object(path: str | Path) -> dict:
     for key, channel in (("depth", "depth.Z"), ("roughness", "roughness.V"), ("metallic", "metallic.V"),
                          ("specular", "specular.V")):
         data[key] = np.stack([v[channel] if channel in v else default_specular(v, channel) for v in views])
-    data["lit_rgba"] = np.stack([np.stack([stack_channels(read_exr_channels(inside(folder, Light.from_json(l).name) / f"view_{v:03d}.exr"),
-                                                  "", "RGBA") for v in meta["lit_views"]])
+    data["lit_rgba"] = np.stack([np.stack([stack_channels(read_channels(inside(folder, Light.from_json(l).name) /
+                                                                        f"view_{v:03d}.exr"), "", "RGBA")
+                                           for v in meta["lit_views"]])
                                  for l in meta["lights"]])
     return data

@@ -12,13 +12,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..cycles.materials import AOVS
+from ..cycles.meshes import mesh_arrays, normalized
 from ..errors import NearError
 
 PRIMITIVES = ("cube", "uv_sphere", "cylinder", "cone", "torus", "ico_sphere", "monkey")
 TEXTURES = ("plain", "noise", "voronoi", "checker", "wave")
-
-# Arbitrary Output Variables the material writes, so Cycles renders them as G-buffer passes: name -> AOV type.
-AOVS = {"base_color": "COLOR", "roughness": "VALUE", "metallic": "VALUE", "specular": "VALUE"}
 
 
 @dataclass(frozen=True)
@@ -126,7 +125,7 @@ def build_object(recipe: ObjectRecipe, name: str = "object"):
         vertices.append(v)
         triangles.append(t + offset)
         offset += len(v)
-    v, t = normalize_vertices(np.concatenate(vertices)), np.concatenate(triangles)
+    v, t = normalized(np.concatenate(vertices)), np.concatenate(triangles)
 
     mesh = bpy.data.meshes.new(name)
     mesh.from_pydata(v.tolist(), [], t.tolist())
@@ -137,34 +136,6 @@ def build_object(recipe: ObjectRecipe, name: str = "object"):
     obj = bpy.data.objects.new(name, mesh)
     bpy.context.scene.collection.objects.link(obj)
     return obj
-
-
-def normalize_vertices(vertices: np.ndarray) -> np.ndarray:
-    """Move the bounding-box centre to the origin and scale the largest side to 1 (asset space, [-0.5, 0.5]^3)."""
-    lo, hi = vertices.min(axis=0), vertices.max(axis=0)
-    extent = float((hi - lo).max())
-    if not extent > 0:
-        raise NearError("the object is degenerate: its bounding box has no size")
-    return ((vertices - (lo + hi) / 2) / extent).astype(np.float32)
-
-
-def mesh_arrays(obj) -> tuple[np.ndarray, np.ndarray]:
-    """World-space vertices (float32 [N, 3]) and triangles (int32 [M, 3]) of an object with its modifiers applied."""
-    import bpy
-
-    evaluated = obj.evaluated_get(bpy.context.evaluated_depsgraph_get())
-    mesh = evaluated.to_mesh()
-    try:
-        mesh.calc_loop_triangles()
-        v = np.empty(len(mesh.vertices) * 3, dtype=np.float32)
-        mesh.vertices.foreach_get("co", v)
-        t = np.empty(len(mesh.loop_triangles) * 3, dtype=np.int32)
-        mesh.loop_triangles.foreach_get("vertices", t)
-        m = np.array(evaluated.matrix_world, dtype=np.float64)  # current even after edits
-        v = (v.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3]).astype(np.float32)
-        return v, t.reshape(-1, 3)
-    finally:
-        evaluated.to_mesh_clear()
 
 
 def _part_mesh(part: Part) -> tuple[np.ndarray, np.ndarray]:
@@ -200,8 +171,8 @@ def _part_mesh(part: Part) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_material(recipe: MaterialRecipe, name: str = "material"):
-    """A Principled BSDF material that also writes base colour, roughness, metallic and Specular IOR Level to AOVs
-    (G-buffer passes).
+    """A Principled BSDF material that also writes base colour, roughness, metallic and Specular IOR Level to the
+    G-buffer AOVs (`cycles.materials.AOVS`).
 
     Textures are placed in Object coordinates, i.e. asset space, so they do not depend on the render's camera.
     """
@@ -225,48 +196,6 @@ def build_material(recipe: MaterialRecipe, name: str = "material"):
         else:
             aov.inputs["Value"].default_value = values[aov_name]
     return material
-
-
-#: Principled BSDF inputs behind each AOV, and what a surface without a Principled BSDF writes (Blender's defaults).
-_AOV_INPUTS = {"base_color": "Base Color", "roughness": "Roughness", "metallic": "Metallic",
-               "specular": "Specular IOR Level"}
-_AOV_DEFAULTS = {"base_color": (0.8, 0.8, 0.8, 1.0), "roughness": 0.5, "metallic": 0.0, "specular": 0.5}
-
-
-def add_material_aovs(objects) -> None:
-    """Make every material of `objects` (imported meshes) write the G-buffer AOVs of `AOVS` from its Principled
-    BSDF: a linked input (an image texture, say) is linked into the AOV, an unlinked one is written as its value.
-    A material without a Principled BSDF writes its viewport colour and Blender's default roughness, metallic and
-    specular; an object without materials gets a plain default Principled material."""
-    import bpy
-
-    for obj in objects:
-        if not obj.material_slots or all(slot.material is None for slot in obj.material_slots):
-            material = bpy.data.materials.new("near_default")
-            material.use_nodes = True
-            obj.data.materials.append(material)
-        for slot in obj.material_slots:
-            material = slot.material
-            if material is None:
-                continue
-            if not material.use_nodes:
-                material.use_nodes = True
-            tree = material.node_tree
-            bsdf = next((n for n in tree.nodes if n.type == "BSDF_PRINCIPLED"), None)
-            for name, kind in AOVS.items():
-                aov = tree.nodes.new("ShaderNodeOutputAOV")
-                aov.aov_name = name
-                target = aov.inputs["Color" if kind == "COLOR" else "Value"]
-                if bsdf is None:
-                    target.default_value = (tuple(material.diffuse_color) if name == "base_color"
-                                            else _AOV_DEFAULTS[name])
-                    continue
-                source = bsdf.inputs[_AOV_INPUTS[name]]
-                if source.is_linked:
-                    tree.links.new(source.links[0].from_socket, target)
-                else:
-                    value = source.default_value
-                    target.default_value = tuple(value) if kind == "COLOR" else float(value)
 
 
 def _base_colour_socket(recipe: MaterialRecipe, nodes, links):

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from ..blender_data import blender_hdri
 from ..camera import Camera
+from ..cycles.lights import UNIFORM, Light
 from ..datagen.dataset import load_object
-from ..datagen.lights import UNIFORM, Light
 from ..envmap import EnvMap
 from ..errors import NearError
 from ..frame import VoxelPriors, light_planes
