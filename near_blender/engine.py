@@ -22,22 +22,12 @@ import numpy as np
 from near_engine.camera import Camera
 from near_engine.envmap import EnvMap
 from near_engine.errors import NearError
+from near_engine.passes import BLENDER_PASSES, BY_NAME
 from near_engine.pipeline import LRUCache, Scene
 
 from . import runtime, world
 from .scene import AssetCache, WorldLight, border_rect, describe, near_instances, render_camera, world_light
 from .world import BakeStarted, PreparedBake
-
-#: NeAR passes beyond Combined: engine pass name -> (Blender pass name, channel ids, type, view-layer switch).
-#: Switches on `ViewLayer` are Blender's own; those on `ViewLayer.near` are ours.
-PASS_TABLE: dict[str, tuple[str, str, str, str]] = {
-    "depth": ("Depth", "Z", "VALUE", "use_pass_z"),
-    "normal": ("Normal", "XYZ", "VECTOR", "use_pass_normal"),
-    "base_color": ("Base Color", "RGB", "COLOR", "near.use_pass_base_color"),
-    "roughness": ("Roughness", "X", "VALUE", "near.use_pass_roughness"),
-    "metallic": ("Metallic", "X", "VALUE", "near.use_pass_metallic"),
-    "shadow": ("Shadow", "X", "VALUE", "near.use_pass_shadow"),
-}
 
 #: One bake cache for procedural worlds, shared by renders and viewports (bakes take seconds).
 _bake_cache = LRUCache(4)
@@ -61,13 +51,9 @@ class RenderCancelled(Exception):
 
 
 def enabled_passes(view_layer: bpy.types.ViewLayer) -> list[str]:
-    """The NeAR passes this view layer asks for, in `PASS_TABLE` order."""
-    enabled = []
-    for name, (_, _, _, switch) in PASS_TABLE.items():
-        owner, _, attr = switch.rpartition(".")
-        if getattr(view_layer.near if owner else view_layer, attr):
-            enabled.append(name)
-    return enabled
+    """The NeAR passes this view layer asks for (`passes.BLENDER_PASSES`, in table order)."""
+    owner = lambda p: view_layer.near if p.own_switch else view_layer  # noqa: E731
+    return [p.name for p in BLENDER_PASSES if getattr(owner(p), p.own_switch or p.switch)]
 
 
 def result_rows(pixels: np.ndarray) -> np.ndarray:
@@ -101,8 +87,9 @@ class NearRenderEngine(bpy.types.RenderEngine):
                              renderlayer: bpy.types.ViewLayer | None = None) -> None:
         self.register_pass(scene, renderlayer, "Combined", 4, "RGBA", "COLOR")
         for name in enabled_passes(renderlayer):
-            blender_name, chan_id, kind, _ = PASS_TABLE[name]
-            self.register_pass(scene, renderlayer, blender_name, len(chan_id), chan_id, kind)
+            p = BY_NAME[name]
+            self.register_pass(scene, renderlayer, p.blender_name, len(p.blender_letters), p.blender_letters,
+                               p.blender_type)
 
     def render(self, depsgraph: bpy.types.Depsgraph) -> None:
         """A final render. Any failure ends as an engine error, never as an exception: Blender then sets its break
@@ -145,9 +132,9 @@ class NearRenderEngine(bpy.types.RenderEngine):
 
         rect = border_rect(scene.render)
         for name in passes:
-            blender_name, chan_id, _, _ = PASS_TABLE[name]
-            if name not in ("depth", "normal"):  # Blender adds its own built-in passes from the view layer
-                self.add_pass(blender_name, len(chan_id), chan_id, layer=view_layer.name)
+            p = BY_NAME[name]
+            if p.own_switch:  # Blender adds the passes of its own switches (Z, Normal) itself
+                self.add_pass(p.blender_name, len(p.blender_letters), p.blender_letters, layer=view_layer.name)
         # begin_result counts from the render border's corner, not the frame's
         result = self.begin_result(0, 0, rect.width, rect.height, layer=view_layer.name)
         try:
@@ -157,7 +144,7 @@ class NearRenderEngine(bpy.types.RenderEngine):
             layer = result.layers[0]
             layer.passes["Combined"].rect = result_rows(images["combined"])
             for name in passes:
-                layer.passes[PASS_TABLE[name][0]].rect = result_rows(images[name])
+                layer.passes[BY_NAME[name].blender_name].rect = result_rows(images[name])
         except BaseException:
             self.end_result(result, cancel=True)
             raise

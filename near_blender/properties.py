@@ -5,6 +5,8 @@ from __future__ import annotations
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
+from near_engine.passes import BLENDER_PASSES
+
 DEVICE_ITEMS = [
     ("DEFAULT", "Default", "The device chosen in the add-on preferences"),
     ("AUTO", "Automatic", "CUDA when available, otherwise the CPU"),
@@ -50,20 +52,15 @@ class NearObjectSettings(bpy.types.PropertyGroup):
 
 
 class NearViewLayerSettings(bpy.types.PropertyGroup):
-    """Which NeAR passes a view layer writes (Depth and Normal use Blender's own switches).
+    """Which NeAR passes a view layer writes: one switch per pass of `passes.BLENDER_PASSES` that Blender has none
+    for (Depth and Normal use Blender's own).
 
     No `update` callbacks here: a Python update callback on a registered property makes the bpy module hang at exit
     (a deadlock in Blender's static destructors, seen with bpy 4.5.15), which would stall render farms.
     """
 
-    use_pass_base_color: BoolProperty(name="Base Color", default=False,
-                                      description="Albedo of the NeAR objects (scene-linear)")
-    use_pass_roughness: BoolProperty(name="Roughness", default=False,
-                                     description="Roughness of the NeAR objects")
-    use_pass_metallic: BoolProperty(name="Metallic", default=False,
-                                    description="Metallic of the NeAR objects")
-    use_pass_shadow: BoolProperty(name="Shadow", default=False,
-                                  description="Shadow the world light casts on the NeAR objects (1: unshadowed)")
+    __annotations__ = {p.own_switch: BoolProperty(name=p.label, default=False, description=p.description)
+                       for p in BLENDER_PASSES if p.own_switch}
 
 
 _classes = (NearSceneSettings, NearObjectSettings, NearViewLayerSettings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bpy
 
 from near_engine.errors import NearError
+from near_engine.passes import BLENDER_PASSES
 
 from . import runtime
 from .objects import is_near_object
@@ -66,10 +67,11 @@ class VIEWLAYER_PT_near_passes(NearPanel, bpy.types.Panel):
         layout.use_property_split = True
         view_layer = context.view_layer
         column = layout.column(heading="Include")
-        column.prop(view_layer, "use_pass_z")
-        column.prop(view_layer, "use_pass_normal")
-        for name in ("use_pass_base_color", "use_pass_roughness", "use_pass_metallic", "use_pass_shadow"):
-            column.prop(view_layer.near, name)
+        for render_pass in BLENDER_PASSES:
+            if render_pass.own_switch:
+                column.prop(view_layer.near, render_pass.own_switch)
+            else:
+                column.prop(view_layer, render_pass.switch)
 
 
 class OBJECT_PT_near(NearPanel, bpy.types.Panel):

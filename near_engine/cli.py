@@ -33,12 +33,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# How each render pass is stored in a multi-pass EXR (channel names as Blender's multilayer EXR uses them).
-_EXR_LAYERS = {"combined": ("", "RGBA"), "depth": ("Depth.", "Z"), "alpha": ("Alpha.", "V"),
-               "base_color": ("BaseColor.", "RGB"), "roughness": ("Roughness.", "V"), "metallic": ("Metallic.", "V"),
-               "normal": ("Normal.", "XYZ"), "shadow": ("Shadow.", "V")}
-
-
 def _parse_size(text: str) -> tuple[int, int]:
     """WxH, each side in 1..16384, and a render whose estimated memory fits `pipeline.MAX_RENDER_BYTES`."""
     from .pipeline import check_render_size
@@ -86,6 +80,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
     from .camera import Camera
     from .envmap import EnvMap
     from .images import write_exr, write_png
+    from .passes import exr_channels
     from .pipeline import PASSES, NearPipeline, Scene
 
     out = Path(args.output)
@@ -108,12 +103,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
         combined = images["combined"]
         write_png(out, combined[..., :3], combined[..., 3] if args.transparent else None)
     else:
-        channels = {}
-        for name in passes:
-            prefix, letters = _EXR_LAYERS[name]
-            for i, letter in enumerate(letters):
-                channels[prefix + letter] = images[name][..., i]
-        write_exr(out, channels)
+        write_exr(out, exr_channels(images))
     print(f"wrote {out} ({width}x{height}; passes: {', '.join(passes)})")
     return 0
 

@@ -82,6 +82,7 @@ from .models.gaussian_heads import (
 from .models.tokenizer import tokenizer_input
 from .raster import rasterize
 from .sparse import SparseTensor
+from .passes import gaussian_channels
 from .voxelize import voxel_normals
 
 __all__ = [
@@ -105,10 +106,6 @@ __all__ = [
 BACKGROUND_DEPTH = 1.0e10
 #: The official normal flip compares the camera with the unshifted [0, 1] Gaussian positions (see module docstring).
 NORMAL_FLIP_OFFSET = 0.5
-#: Channel names and widths of the two rasterized passes.
-INTRINSIC_CHANNELS: tuple[tuple[str, int], ...] = (("base_color", 3), ("roughness", 1), ("metallic", 1),
-                                                   ("specular", 1), ("normal", 3))
-LIT_CHANNELS: tuple[tuple[str, int], ...] = (("color", 3), ("shadow", 1))
 _NORMAL_SPACES = ("world", "view", "camera")
 #: Extra latents (`Asset.extras`) of near-tiny's material latents, with their channels.
 MATERIAL_LATENTS: tuple[tuple[str, int], ...] = (("base_color", 3), ("material", 3))  # material: rough, metal, spec
@@ -232,7 +229,8 @@ class FrameGaussians:
         return self.intrinsic.means.shape[0]
 
     def pass_gaussians(self) -> "PassGaussians":
-        """The two rasterizable Gaussian batches (asset space): channels of `INTRINSIC_CHANNELS` / `LIT_CHANNELS`."""
+        """The two rasterizable Gaussian batches (asset space): the intrinsic batch carries the "intrinsic" passes
+        of `passes.PASSES`, the lit batch the lit colour and the "lit" passes."""
         g = self.intrinsic
         opacities = g.opacities.clamp_min(0.0)  # gsplat skips alpha < 1/255; negative tanh opacities never show
         intrinsic = Gaussians(g.means, g.quats, g.scales, opacities, {
@@ -414,37 +412,40 @@ def rasterize_passes(
     if normal_space not in _NORMAL_SPACES:
         raise ValueError(f"normal_space must be one of {_NORMAL_SPACES}, got {normal_space!r}")
     gi, gl = gaussians.intrinsic, gaussians.lit
-    normals = _normals_to(gi.channels["normal"], normal_space, camera)
-    channels_i = torch.cat([gi.channels["base_color"], gi.channels["roughness"], gi.channels["metallic"],
-                            gi.channels["specular"], normals], -1)
-    channels_l = torch.cat([gl.channels["color"], gl.channels["shadow"]], -1)
-    out_i = rasterize(gi.means, gi.quats, gi.scales, gi.opacities, channels_i, camera, backend=backend)
-    out_l = rasterize(gl.means, gl.quats, gl.scales, gl.opacities, channels_l, camera, backend=backend)
+    intrinsic = [p.name for p in gaussian_channels("intrinsic")]
+    lit = ["color", *(p.name for p in gaussian_channels("lit"))]
+    values = {**gi.channels, "normal": _normals_to(gi.channels["normal"], normal_space, camera)}
+    out_i = rasterize(gi.means, gi.quats, gi.scales, gi.opacities, torch.cat([values[n] for n in intrinsic], -1),
+                      camera, backend=backend)
+    out_l = rasterize(gl.means, gl.quats, gl.scales, gl.opacities, torch.cat([gl.channels[n] for n in lit], -1),
+                      camera, backend=backend)
+    out = {**_split_channels(out_i.channels, intrinsic, gi.channels), **_split_channels(out_l.channels, lit,
+                                                                                        gl.channels)}
 
     alpha, lit_alpha = out_i.alpha, out_l.alpha
-    normal = out_i.channels[..., 6:9]
+    normal = out["normal"]
     length = torch.linalg.vector_norm(normal, dim=-1, keepdim=True)
     covered = length > 1e-12
-    normal = torch.where(covered, normal / torch.where(covered, length, torch.ones_like(length)),
-                         torch.zeros_like(normal))
+    out["normal"] = torch.where(covered, normal / torch.where(covered, length, torch.ones_like(length)),
+                                torch.zeros_like(normal))
     far = torch.full_like(out_i.depth, BACKGROUND_DEPTH)
-    color = out_l.channels[..., :3]
+    color = out["color"]
     bg = _background_tensor(background, camera, color)
     if bg is None:
         combined = torch.cat([color, lit_alpha], -1)
     else:
         combined = torch.cat([color + (1.0 - lit_alpha) * bg, torch.ones_like(lit_alpha)], -1)
     return {
+        **out,
         "combined": combined,
-        "color": color,
-        "shadow": out_l.channels[..., 3:4],
         "lit_alpha": lit_alpha,
         "lit_depth": torch.where(lit_alpha > 0, out_l.depth, far),
-        "base_color": out_i.channels[..., 0:3],
-        "roughness": out_i.channels[..., 3:4],
-        "metallic": out_i.channels[..., 4:5],
-        "specular": out_i.channels[..., 5:6],
-        "normal": normal,
         "depth": torch.where(alpha > 0, out_i.depth, far),
         "alpha": alpha,
     }
+
+
+def _split_channels(stacked: torch.Tensor, names: Sequence[str], like: Mapping[str, torch.Tensor]
+                    ) -> dict[str, torch.Tensor]:
+    """Rasterized [H, W, sum k] channels -> {name: [H, W, k]}, k the width of the per-Gaussian channel `like[name]`."""
+    return dict(zip(names, torch.split(stacked, [like[n].shape[-1] for n in names], dim=-1)))

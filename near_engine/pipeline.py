@@ -70,12 +70,13 @@ from .frame import (
 )
 from .ibl import IBLLight, PrefilteredLight, prefilter
 from .models.gaussian_heads import MATERIAL_CHANNELS
+from .passes import BY_NAME, PASS_NAMES
 from .sparse import SparseTensor
 
 __all__ = ["PASSES", "Scene", "LRUCache", "NearPipeline", "object_light_rotation", "check_render_size"]
 
 #: The passes `render` can return: [H, W, k] float32, scene-linear (see `near_engine.frame.rasterize_passes`).
-PASSES: tuple[str, ...] = ("combined", "depth", "alpha", "base_color", "roughness", "metallic", "normal", "shadow")
+PASSES: tuple[str, ...] = PASS_NAMES  # `passes.PASSES`: the one table
 
 #: Memory a render needs per pixel, all passes: the peak RSS of `near render` (near-tiny, 5,000 voxels, EXR with
 #: every pass) grew by 135 bytes per pixel from 1024^2 (0.79 GB) to 2048^2 (1.21 GB), and 4096^2 was reported at
@@ -355,8 +356,7 @@ def _scale_radiance(gaussians: PassGaussians, strength: float) -> PassGaussians:
 def _world_only(scene: Scene, passes: Sequence[str]) -> dict[str, np.ndarray]:
     """The passes of a scene with no objects: the background (or nothing), empty depth and intrinsics."""
     h, w = scene.camera.height, scene.camera.width
-    sizes = {"combined": 4, "base_color": 3, "normal": 3}
-    out = {name: np.zeros((h, w, sizes.get(name, 1)), np.float32) for name in passes}
+    out = {name: np.zeros((h, w, BY_NAME[name].channels), np.float32) for name in passes}
     if "combined" in out and not scene.transparent:
         out["combined"][..., :3] = scene.envmap.background(scene.camera)
         out["combined"][..., 3] = 1.0
