@@ -46,11 +46,21 @@ OUTCOMES = ("ok", "error", "traceback", "hang", "crash")
 MEMORY_LIMIT = 6 * 2**30
 INTERESTING_INTS = (0, 1, 2, 3, 7, 8, 255, 256, 4096, 16383, 16384, 65535, 2**31 - 1, 2**31, 2**32 - 1, 2**63 - 1,
                     -1, -2**31, -2**63)
+
+
+def _nested(depth: int) -> list:
+    """[[...[0]...]], `depth` lists deep."""
+    value: list = [0]
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 JSON_VALUES: tuple[Callable[[random.Random], Any], ...] = (
     lambda r: "bogus", lambda r: "", lambda r: None, lambda r: True, lambda r: False, lambda r: 0, lambda r: -1,
     lambda r: 3, lambda r: 0.5, lambda r: 1e9, lambda r: 1e308, lambda r: 10**12, lambda r: 2**64, lambda r: 4096,
     lambda r: [], lambda r: {}, lambda r: [1, 2, 3], lambda r: "a\0b", lambda r: "\x1b[2J", lambda r: "../" * 11,
-    lambda r: r.choice(INTERESTING_INTS), lambda r: [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[0]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]],
+    lambda r: r.choice(INTERESTING_INTS), lambda r: _nested(36),
 )
 
 

@@ -3,9 +3,10 @@
 Both paths describe the scene with `scene.describe` and render it with the shared `NearPipeline` (`runtime`). Every
 user-facing problem is a `NearError`, reported through the engine instead of raised, so the user sees a message and
 the .blend is left as it was; any other exception in a final render is reported the same way (with its traceback on
-the console), so a failed frame is a failed render, never a saved blank frame. The viewport never blocks Blender's UI thread on model work: `viewport.ViewportRenderer`
-renders on its own thread and `view_draw` only draws the latest finished image; a World that needs a Cycles bake is
-baked on a thread of its own while the previous light stays (`ViewState`).
+the console), so a failed frame is a failed render, never a saved blank frame. The viewport never blocks Blender's UI
+thread on model work: `viewport.ViewportRenderer` renders on its own thread and `view_draw` only draws the latest
+finished image; a World that needs a Cycles bake is baked on a thread of its own while the previous light stays
+(`ViewState`).
 """
 
 from __future__ import annotations

@@ -105,8 +105,8 @@ class NEAR_OT_export_ply(bpy.types.Operator, ExportHelper):
         selected = {obj.name for obj in context.selected_objects} if self.selected_only else None
         assets = AssetCache()
         try:
-            objects = [(assets.asset(inst.object), np.array(inst.matrix_world, dtype=np.float64)) for inst in depsgraph.object_instances
-                       if is_near_object(inst.object)
+            objects = [(assets.asset(inst.object), np.array(inst.matrix_world, dtype=np.float64))
+                       for inst in depsgraph.object_instances if is_near_object(inst.object)
                        and (selected is None or inst.object.original.name in selected)]
             if not objects:
                 raise NearError("no NeAR objects to export: select one (or turn off Selected Only)")

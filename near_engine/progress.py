@@ -13,13 +13,14 @@ from typing import Callable, Iterable, Iterator, Sequence, TextIO, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["Progress", "progress"]
+__all__ = ["Progress", "duration", "progress"]
 
 BAR_WIDTH = 24
 REDRAW_SECONDS = 0.2  # a terminal bar is redrawn at most this often (and always at the end)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """A duration as 1m05s, or as 2h03m from an hour on."""
     seconds = int(round(seconds))
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
@@ -57,8 +58,8 @@ class Progress:
         """The line "stage: k/n (p%), elapsed, time left"."""
         elapsed = time.perf_counter() - self._start
         percent = 100 * self.done // self.total if self.total else 100
-        left = f"{_duration(elapsed / self.done * (self.total - self.done))} left" if self.done else "ETA unknown"
-        return f"{self.stage}: {self.done}/{self.total} ({percent}%), {_duration(elapsed)} elapsed, {left}"
+        left = f"{duration(elapsed / self.done * (self.total - self.done))} left" if self.done else "ETA unknown"
+        return f"{self.stage}: {self.done}/{self.total} ({percent}%), {duration(elapsed)} elapsed, {left}"
 
     def say(self, line: str) -> None:
         """Print `line` (through `log`, or on the stream above the bar)."""

@@ -44,6 +44,8 @@ def configure_cycles(scene, settings: RenderSettings) -> None:
     render.resolution_percentage = 100
     render.film_transparent = True
     render.use_persistent_data = True  # keep the BVH between the views of one object
+    if hasattr(render.image_settings, "media_type"):  # Blender 5: a multilayer EXR is a media type of its own
+        render.image_settings.media_type = "MULTI_LAYER_IMAGE"
     render.image_settings.file_format = "OPEN_EXR_MULTILAYER"
     render.image_settings.color_depth = "32"
     scene.view_settings.view_transform = "Standard"

@@ -51,6 +51,7 @@ from ..errors import NearError
 from ..files import write_bytes_atomically
 from ..images import linear_to_srgb
 from ..pipeline import NearPipeline, Scene
+from ..progress import progress
 from . import metrics
 
 if TYPE_CHECKING:
@@ -322,8 +323,7 @@ def run_eval(data: str | Path, weights: str | Path, output: str | Path, *, objec
     model = Model.load(weights, device)
     with_flip = metrics.flip_available()
     records = []
-    for folder in folders:
-        log(f"  evaluating {folder.name} ...")
+    for folder in progress(folders, "evaluating held-out objects", log if log is not print else None):
         records += evaluate_object(model, folder, list(hdris), size, with_flip)
     table = summarize(records)
     report = {"data": str(data), "weights": str(weights), "objects": [f.name for f in folders],

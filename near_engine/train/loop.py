@@ -44,7 +44,7 @@ from ..errors import NearError
 from ..files import write_atomically
 from ..frame import INPUTS, VoxelPriors, ablation_inputs, decode_gaussians, decoder_input, rasterize_passes
 from ..ibl import IBLLight
-from ..progress import progress
+from ..progress import duration, progress
 from ..sparse import SparseTensor
 from .data import Sample, TrainObject, list_objects, load_training_object
 from .encode import encode_views
@@ -332,8 +332,9 @@ def train(data: str | Path, out: str | Path, config: TrainConfig, *, resume: boo
             if rank == 0 and (trainer.step % log_every == 0 or trainer.step == config.steps):
                 images = ((trainer.step - first_step) * world_size * config.images_per_step
                           / (time.perf_counter() - start))
-                log(f"step {trainer.step:6d}  " + "  ".join(f"{k} {v:.4g}" for k, v in last.items())
-                    + f"  {images:.2f} images/s")
+                left = (config.steps - trainer.step) * (time.perf_counter() - start) / (trainer.step - first_step)
+                log(f"step {trainer.step:6d}/{config.steps}  " + "  ".join(f"{k} {v:.4g}" for k, v in last.items())
+                    + f"  {images:.2f} images/s, {duration(left)} left")
             if rank == 0 and (trainer.step % checkpoint_every == 0 or trainer.step == config.steps):
                 trainer.save_checkpoint(out / CHECKPOINT)  # and usable weights, should the run stop here
                 trainer.export(out / "weights", {"objects": [o.id for o in objects], "world_size": world_size})
