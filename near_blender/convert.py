@@ -31,7 +31,8 @@ job = json.loads(sys.argv[-1])
 sys.path[:0] = job["path"]
 from near_engine.asset import write_asset
 from near_engine.encode_mesh import encode_mesh
-stage = lambda message: print("NEAR_STAGE " + str(message), flush=True)
+def stage(message):  # a warning is a message, not a stage: it goes to the log as it is
+    print(("" if str(message).startswith("warning:") else "NEAR_STAGE ") + str(message), flush=True)
 stage("started")
 asset = encode_mesh(job["blend"], job["weights"], views=job["views"], size=job["size"], samples=job["samples"],
                     log=stage)
@@ -39,7 +40,7 @@ write_asset(job["output"], asset)
 """
 STAGE_MARK = "NEAR_STAGE "
 #: What the user reads, by how many stage lines the encoder has printed so far: none, "started", the voxel count,
-#: "rendered N views" (encode_mesh's log messages).
+#: "encoding the latent" (encode_mesh's log messages; its warnings are not stages).
 STAGES = ("starting Blender", "voxelizing the mesh", "rendering {views} views with Cycles", "encoding the views")
 
 
@@ -60,7 +61,10 @@ class ConvertJob:
         self.folder = Path(tempfile.mkdtemp(prefix="near_convert_"))
         try:
             blend, self.output = self.folder / "mesh.blend", self.folder / "out.near"
-            _write_mesh_alone(source, blend)
+            try:
+                _write_mesh_alone(source, blend)
+            except (RuntimeError, OSError) as error:  # Blender's library writer: a full disk, no permission
+                raise NearError(f"could not prepare '{source.name}' for encoding: {error}") from None
             job = {"blend": str(blend), "weights": str(weights), "output": str(self.output), "views": views,
                    "size": size, "samples": samples, "path": [str(Path(near_engine.__file__).parents[1])]}
             self.process = BlenderProcess(_ENCODE_SCRIPT, job, log=self.folder / "encode.log",

@@ -14,6 +14,7 @@ import numpy as np
 from .bundled import DEFAULT_WEIGHTS, SAMPLE_MESH
 from .demo import DEFAULT_HDRIS
 from .errors import NearError
+from .passes import PASS_NAMES, exr_channels
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -80,7 +81,6 @@ def _cmd_render(args: argparse.Namespace) -> int:
     from .camera import Camera
     from .envmap import EnvMap
     from .images import write_exr, write_png
-    from .passes import exr_channels
     from .pipeline import PASSES, NearPipeline, Scene
 
     out = Path(args.output)
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--transparent", action="store_true", help="leave the background out (alpha), as "
                         "Blender's transparent film")
     render.add_argument("--passes", nargs="*", default=[], help="passes for EXR output besides combined (default: "
-                        "all of depth alpha base_color roughness metallic normal shadow)")
+                        f"all of {' '.join(PASS_NAMES[1:])})")
     render.add_argument("--weights", default=DEFAULT_WEIGHTS, help="weights folder (ours or the official NeAR layout) "
                         "or a bundled model (default: near-tiny, which ships with near_engine)")
     render.add_argument("-o", "--output", required=True, help="OUT.exr (all passes, scene-linear) or OUT.png "

@@ -80,9 +80,9 @@ from .models.gaussian_heads import (
     shading_normals,
 )
 from .models.tokenizer import tokenizer_input
+from .passes import gaussian_channels
 from .raster import rasterize
 from .sparse import SparseTensor
-from .passes import gaussian_channels
 from .voxelize import voxel_normals
 
 __all__ = [
@@ -347,6 +347,8 @@ def decode_gaussians(
                                                   priors.materials if pbr_core else None)
     g, lit = gaussians.intrinsic, gaussians.lit
     if not pbr_core:
+        if "normal" in heads:
+            raise ValueError("the LAD's normal_head corrects voxel normals, which only the PBR shading core uses")
         normals = shading_normals(g.quats, g.scales, cam, g.means, normal_flip_offset)
         lit_normals = shading_normals(g.quats, lit.scales, cam, g.means, normal_flip_offset)
         shaded = shading(lit.features, lit_normals)

@@ -21,7 +21,8 @@ __all__ = ["RenderPass", "PASSES", "PASS_NAMES", "BY_NAME", "BLENDER_PASSES", "e
 class RenderPass:
     """One render pass. `blender_name` is None for passes Blender's render result does not get (alpha is Combined's
     own; the specular level is an engine pass only). `switch` is the view-layer property that enables it: Blender's
-    own (`use_pass_z`) or ours on `ViewLayer.near` (`near.use_pass_base_color`); None for Combined (always on)."""
+    own (`use_pass_z`) or ours on `ViewLayer.near` (`near.use_pass_base_color`); None for Combined (always on) and the engine-only
+    passes (alpha, specular)."""
 
     name: str
     channels: int

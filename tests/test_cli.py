@@ -189,7 +189,8 @@ def test_render_writes_every_pass_and_matches_the_pipeline(tmp_path, capsys, ble
 ])
 def test_render_numbers_must_be_finite_and_in_range(tmp_path, capsys, option, value):
     with pytest.raises(SystemExit) as exit_info:
-        main(["render", str(tmp_path / "a.near"), "--hdri", "x.exr", f"{option}={value}", "-o", str(tmp_path / "o.png")])
+        main(["render", str(tmp_path / "a.near"), "--hdri", "x.exr", f"{option}={value}", "-o",
+              str(tmp_path / "o.png")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and f"argument {option}:" in err and "Traceback" not in err, err
     assert value in err

@@ -2,7 +2,8 @@
 
 Re-implements NeAR's `SLatGaussianRenderer` (`trellis/models/structured_latent_vae/renderer_gs.py`, trunk
 `SparseTransformerCrossViewRegisterBase` in `base.py`, commit 163c214); `state_dict()` equals the official
-checkpoint's names and shapes (reference/checkpoints/near_renderer.json). Forward, as `SLatGaussianRenderer.forward`:
+checkpoint's names and shapes (reference/checkpoints/near_renderer.json) unless near-tiny's `normal_head` adds its
+`normal_out_layer`. Forward, as `SLatGaussianRenderer.forward`:
 
     xyz   = (voxel index + 0.5) / resolution            in [0, 1]^3 (NOT the +-0.5 asset cube: an official quirk)
     ob    = xyz - cam_pos;  dist = |ob|;  view = ob / dist
@@ -24,6 +25,7 @@ Inside each block of k values per Gaussian the values are Gaussian-major: `block
     "pbr"   [N,  3G]: _roughness G | _metallic G | _pbr1 G
     "scale" [N,  3G]: _scaling_view 3G
     "rgb"   [N, 35G]: _rgb 32G (colour feature) | _shadow G | _hdri1 G | _hdri2 G
+    "normal" [N, 3G]: with `normal_head` only (near-tiny): per Gaussian a residual on its voxel's normal
 
 `split_heads` cuts these into named [N, G, k] views. The official `to_representation` then multiplies each field by
 `representation_config["lr"][name]`, and for `_xyz` adds the buffer `offset_perturbation` [G, 3] (atanh of a

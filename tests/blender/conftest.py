@@ -63,7 +63,8 @@ def pytest_collection_modifyitems(config, items) -> None:
     """`blender5` tests run only when asked for (-m blender5): they need their own environment and take minutes."""
     if "blender5" in (config.getoption("markexpr") or ""):
         return
-    skip = pytest.mark.skip(reason="opt-in: ./dev.sh test tests/blender -m blender5 (after tests/blender/setup_bpy5.sh)")
+    skip = pytest.mark.skip(reason="opt-in: ./dev.sh test tests/blender -m blender5 "
+                                   "(after tests/blender/setup_bpy5.sh)")
     for item in items:
         if "blender5" in item.keywords:
             item.add_marker(skip)
