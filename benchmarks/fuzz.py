@@ -86,11 +86,13 @@ class Outcome:
 # seed files, written with the project's own writers
 
 
-def _rgbe_rle(line: bytes, width: int) -> bytes:
-    """One scanline in the per-channel run-length scheme (runs of 3+ equal values, literals otherwise)."""
+def rgbe_rle(line: "Any") -> bytes:
+    """One scanline of RGBE bytes [W, 4] in the per-channel run-length scheme (runs of 3+ equal values, literals
+    otherwise). Also the test suite's encoder of such files (tests/test_envmap.py)."""
+    width = len(line)
     out = bytearray([2, 2, width >> 8, width & 255])
     for channel in range(4):
-        values = line[channel::4]
+        values = line[:, channel].tobytes()
         i = 0
         while i < width:
             run = 1
@@ -111,7 +113,7 @@ def _rgbe_rle(line: bytes, width: int) -> bytes:
 def write_hdr(path: Path, rgbe: "Any", rle: bool = True) -> None:
     """A Radiance HDR file of RGBE bytes [H, W, 4] (top row first), run-length encoded or flat."""
     h, w = rgbe.shape[:2]
-    body = b"".join(_rgbe_rle(row.tobytes(), w) if rle else row.tobytes() for row in rgbe)
+    body = b"".join(rgbe_rle(row) if rle else row.tobytes() for row in rgbe)
     path.write_bytes(f"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\nSOFTWARE=fuzz\n\n-Y {h} +X {w}\n".encode() + body)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import OpenEXR
 import pytest
 
+from benchmarks.fuzz import rgbe_rle
 from near_engine.camera import Camera
 from near_engine.envmap import (
     MAX_DIMENSION,
@@ -501,28 +502,6 @@ def rgbe_to_float(px: np.ndarray) -> np.ndarray:
     return np.where(e > 0, px[..., :3] * np.ldexp(1.0, e - 136), 0.0).astype(np.float32)
 
 
-def encode_new_rle(line: np.ndarray) -> bytes:
-    w = line.shape[0]
-    out = bytearray([2, 2, w >> 8, w & 255])
-    for c in range(4):
-        data = line[:, c].tolist()
-        i = 0
-        while i < w:
-            run = 1
-            while i + run < w and run < 127 and data[i + run] == data[i]:
-                run += 1
-            if run >= 3:
-                out += bytes([128 + run, data[i]])
-                i += run
-            else:
-                j = i
-                while j < w and j - i < 128 and not (j + 2 < w and data[j] == data[j + 1] == data[j + 2]):
-                    j += 1
-                out += bytes([j - i]) + bytes(data[i:j])
-                i = j
-    return bytes(out)
-
-
 def encode_old_rle(line: np.ndarray) -> bytes:
     out = bytearray()
     i, w = 0, line.shape[0]
@@ -544,7 +523,7 @@ def encode_old_rle(line: np.ndarray) -> bytes:
 def write_hdr(path: Path, scanlines: np.ndarray, resolution: str, encoding: str, extra_header: str = "") -> Path:
     body = bytearray()
     for line in scanlines:
-        body += {"flat": lambda ln: ln.tobytes(), "rle": encode_new_rle, "old": encode_old_rle}[encoding](line)
+        body += {"flat": lambda ln: ln.tobytes(), "rle": rgbe_rle, "old": encode_old_rle}[encoding](line)
     head = f"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n{extra_header}\n{resolution}\n".encode()
     path.write_bytes(head + bytes(body))
     return path
@@ -613,7 +592,7 @@ def test_an_hdr_bomb_is_refused_before_decoding(tmp_path, capsys):
     assert main(["info", str(path)]) == 2
     assert "fewer than the 8,552,448 even the tightest run-length encoding needs" in capsys.readouterr().err
     # the same size, honestly run-length encoded (one run per 127 values), is not refused for its length
-    rle = encode_new_rle(np.full((16384, 4), 128, np.uint8))
+    rle = rgbe_rle(np.full((16384, 4), 128, np.uint8))
     assert len(rle) == 4 + 4 * 2 * 130
     honest = tmp_path / "honest.hdr"
     honest.write_bytes(b"#?RADIANCE\n\n-Y 2 +X 16384\n" + rle * 2)
