@@ -1,0 +1,148 @@
+"""A user's photo -> the square, matted RGBA the lift consumes, prepared as NeAR's official pipeline prepares it.
+
+The object's alpha comes from the image when it has one. An image without alpha gets a simple offline cut-out: when
+its border is one colour (a studio backdrop), pixels close to that colour are background; any other background is
+refused with a message that names the fix (an image with alpha). The object is then cropped to a square of 1.2x its
+bounding box, matted on black (RGB premultiplied by alpha) and resized.
+
+Colours come back scene-linear (8/16-bit images are decoded with the sRGB EOTF; EXR is already linear).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import NearError
+from ..images import srgb_to_linear
+
+#: The largest photo read (pixels); bounds memory before decoding (4 float32 channels: 1 GiB).
+MAX_PIXELS = 64 * 1024 * 1024
+#: Crop margin around the object's bounding box, as the official pipeline crops.
+CROP_MARGIN = 1.2
+#: An image border whose colours spread less than this (linear RGB, per channel standard deviation) is a backdrop.
+BACKDROP_SPREAD = 0.03
+#: Pixels within this distance of the backdrop colour (linear RGB) are background.
+BACKDROP_DISTANCE = 0.08
+
+
+class ImageError(NearError):
+    """A photo that cannot be read or prepared."""
+
+
+def read_photo(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
+    """The photo at `path` as straight (not premultiplied) linear RGBA float32 [H, W, 4], and whether it had alpha."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such image file")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: the file is empty")
+    if path.suffix.lower() == ".exr":
+        return _read_exr(path)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            _check_size(path, image.width, image.height)
+            image.load()
+            has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+            depth16 = image.mode in ("I;16", "I;16B", "I;16L", "I")
+            if depth16:  # 16-bit greyscale
+                grey = np.asarray(image, dtype=np.float32) / 65535.0
+                rgba = np.concatenate([np.repeat(grey[..., None], 3, -1), np.ones_like(grey)[..., None]], -1)
+            else:
+                rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise ImageError(f"{path}: not an image this reads (PNG, JPEG, EXR, ...): {error}") from None
+    rgba[..., :3] = srgb_to_linear(rgba[..., :3])
+    return rgba, has_alpha
+
+
+def _check_size(path: Path, width: int, height: int) -> None:
+    if width < 1 or height < 1:
+        raise ImageError(f"{path}: the image has no pixels ({width}x{height})")
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"{path}: {width}x{height} is more than the {MAX_PIXELS // 2**20} megapixels the lift reads; "
+                         "scale the photo down")
+
+
+def _read_exr(path: Path) -> tuple[np.ndarray, bool]:
+    import OpenEXR
+
+    try:
+        with OpenEXR.File(str(path), separate_channels=True, header_only=True) as header_file:
+            (x0, y0), (x1, y1) = header_file.header()["dataWindow"]
+            _check_size(path, int(x1) - int(x0) + 1, int(y1) - int(y0) + 1)
+        with OpenEXR.File(str(path), separate_channels=True) as exr:
+            channels = exr.channels()
+            missing = [c for c in "RGB" if c not in channels]
+            if missing:
+                raise ImageError(f"{path}: the EXR has no {', '.join(missing)} channel(s) (it has "
+                                 f"{', '.join(sorted(channels)) or 'none'})")
+            rgb = [np.asarray(channels[c].pixels, dtype=np.float32) for c in "RGB"]
+            alpha = channels.get("A")
+            a = np.asarray(alpha.pixels, dtype=np.float32) if alpha is not None else np.ones_like(rgb[0])
+    except ImageError:
+        raise
+    except Exception as error:  # OpenEXR raises plain RuntimeError/TypeError on damaged files
+        raise ImageError(f"{path}: not a readable OpenEXR image: {error}") from None
+    rgba = np.stack(rgb + [a], -1)
+    if not np.isfinite(rgba).all():
+        raise ImageError(f"{path}: the EXR holds NaN or infinite values")
+    if alpha is not None:  # EXR colours are premultiplied; straighten them
+        rgba[..., :3] = np.where(a[..., None] > 1e-6, rgba[..., :3] / np.maximum(a[..., None], 1e-6), 0.0)
+    return np.clip(rgba, 0.0, None), alpha is not None
+
+
+def backdrop_alpha(rgb: np.ndarray) -> np.ndarray:
+    """The object's alpha [H, W] in linear `rgb` [H, W, 3] shot on a one-colour backdrop (the image border's colour);
+    an `ImageError` naming the fix when the border is not one colour."""
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    if border.std(axis=0).max() > BACKDROP_SPREAD:
+        raise ImageError("the photo has no alpha and its background is not one plain colour, so the object cannot be "
+                         "cut out; use an image with alpha (a PNG or EXR with a transparent background)")
+    distance = np.linalg.norm(rgb - np.median(border, axis=0), axis=-1)
+    return np.clip((distance - 0.5 * BACKDROP_DISTANCE) / (0.5 * BACKDROP_DISTANCE), 0.0, 1.0).astype(np.float32)
+
+
+def prepare_photo(path: str | os.PathLike, size: int = 518) -> np.ndarray:
+    """The photo at `path` cropped to 1.2x the object's box, square, matted on black, resized to `size`: premultiplied
+    linear RGBA float32 [size, size, 4]."""
+    if not 8 <= size <= 4096:
+        raise ImageError(f"the prepared image size must be 8 to 4096 pixels, got {size}")
+    rgba, has_alpha = read_photo(path)
+    alpha = rgba[..., 3] if has_alpha else backdrop_alpha(rgba[..., :3])
+    rows, cols = np.nonzero(alpha > 0.5)
+    if len(rows) == 0:
+        raise ImageError(f"{path}: the image's alpha is empty (nothing is opaque), so there is no object to lift")
+    if len(rows) == alpha.size and not has_alpha:
+        raise ImageError(f"{path}: the whole image differs from its border colour; use an image with alpha")
+    centre = np.array([(rows.min() + rows.max() + 1) / 2, (cols.min() + cols.max() + 1) / 2])
+    side = CROP_MARGIN * max(rows.max() + 1 - rows.min(), cols.max() + 1 - cols.min())
+    premultiplied = np.concatenate([rgba[..., :3] * alpha[..., None], alpha[..., None]], -1)
+    return _crop_square(premultiplied, centre, side, size)
+
+
+def _crop_square(image: np.ndarray, centre: np.ndarray, side: float, size: int) -> np.ndarray:
+    """The square of `side` pixels centred on `centre` (row, col) of `image` [H, W, C], zero outside the image,
+    resampled to `size` x `size` by area averaging (box filter) over each output pixel's footprint."""
+    import torch
+    import torch.nn.functional as F
+
+    step = side / size
+    coords = centre[:, None] - side / 2 + (np.arange(size) + 0.5) * step  # output pixel centres (row, col)
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
+    if step > 1:  # shrink first so each output pixel averages its footprint
+        factor = int(np.floor(step))
+        x = F.avg_pool2d(x, factor, ceil_mode=True)
+        coords = coords / factor  # pooled pixel units (pixel j covers [j, j + 1))
+        height, width = x.shape[2], x.shape[3]
+    else:
+        height, width = image.shape[0], image.shape[1]
+    rows = torch.from_numpy(2 * coords[0] / height - 1).float()
+    cols = torch.from_numpy(2 * coords[1] / width - 1).float()
+    grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij")[::-1], -1)[None]
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out[0].permute(1, 2, 0).numpy().astype(np.float32)
