@@ -50,7 +50,7 @@ def read_photo(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
             has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
             depth16 = image.mode in ("I;16", "I;16B", "I;16L", "I")
             if depth16:  # 16-bit greyscale
-                grey = np.asarray(image, dtype=np.float32) / 65535.0
+                grey = np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
                 rgba = np.concatenate([np.repeat(grey[..., None], 3, -1), np.ones_like(grey)[..., None]], -1)
             else:
                 rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
