@@ -117,8 +117,6 @@ def prepare_photo(path: str | os.PathLike, size: int = 518) -> np.ndarray:
     rows, cols = np.nonzero(alpha > 0.5)
     if len(rows) == 0:
         raise ImageError(f"{path}: the image's alpha is empty (nothing is opaque), so there is no object to lift")
-    if len(rows) == alpha.size and not has_alpha:
-        raise ImageError(f"{path}: the whole image differs from its border colour; use an image with alpha")
     centre = np.array([(rows.min() + rows.max() + 1) / 2, (cols.min() + cols.max() + 1) / 2])
     side = CROP_MARGIN * max(rows.max() + 1 - rows.min(), cols.max() + 1 - cols.min())
     premultiplied = np.concatenate([rgba[..., :3] * alpha[..., None], alpha[..., None]], -1)
@@ -127,7 +125,7 @@ def prepare_photo(path: str | os.PathLike, size: int = 518) -> np.ndarray:
 
 def _crop_square(image: np.ndarray, centre: np.ndarray, side: float, size: int) -> np.ndarray:
     """The square of `side` pixels centred on `centre` (row, col) of `image` [H, W, C], zero outside the image,
-    resampled to `size` x `size` by area averaging (box filter) over each output pixel's footprint."""
+    resampled to `size` x `size`: box-averaged by the whole part of the shrink factor, then bilinear."""
     import torch
     import torch.nn.functional as F
 
