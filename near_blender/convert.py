@@ -30,7 +30,7 @@ import json, sys
 job = json.loads(sys.argv[-1])
 sys.path[:0] = job["path"]
 from near_engine.asset import write_asset
-from near_engine.encode_mesh import encode_mesh
+from near_engine.lift.mesh import encode_mesh
 def stage(message):  # a warning is a message, not a stage: it goes to the log as it is
     print(("" if str(message).startswith("warning:") else "NEAR_STAGE ") + str(message), flush=True)
 stage("started")

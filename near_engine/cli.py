@@ -205,13 +205,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_encode_mesh(args: argparse.Namespace) -> int:
     from .asset import write_asset
-    from .encode_mesh import ShadedLight, encode_mesh
+    from .lift.mesh import ShadedLight, encode_mesh
 
     shaded = None if args.shaded is None else ShadedLight(args.shaded, args.rotation, args.strength)
     asset = encode_mesh(args.mesh, args.weights, views=args.views, size=args.size, samples=args.samples,
                         shaded=shaded)
     write_asset(args.output, asset)
     print(f"{args.output}: {asset.num_voxels} voxels, {asset.channels}-channel {asset.latent} latent")
+    return 0
+
+
+def _cmd_train_lift(args: argparse.Namespace) -> int:
+    from .train.lift import LiftConfig, train_lift
+
+    config = LiftConfig(steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed)
+    result = train_lift(args.data, args.out, args.weights, config, resume=not args.restart)
+    print(f"{args.out}/weights: lift networks after {result['step']} steps")
     return 0
 
 
@@ -344,6 +353,20 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--log-every", type=COUNT, default=10)
     tr.add_argument("--checkpoint-every", type=COUNT, default=200)
     tr.set_defaults(func=_cmd_train)
+
+    lift_tr = sub.add_parser("train-lift", help="train near-tiny's lift regressor (one lit photo -> the even "
+                             "latents) on a `near datagen` folder (resumable)")
+    lift_tr.add_argument("--data", required=True, help="data set folder written by `near datagen`")
+    lift_tr.add_argument("--out", required=True, help="output folder: lift_checkpoint.pt, objects/ (cached targets) "
+                         "and weights/ (WEIGHTS with the lift networks added)")
+    lift_tr.add_argument("--weights", default=DEFAULT_WEIGHTS, help="the renderer's weights, whose mesh encoder "
+                         "makes the targets and starts the regressor (default: near-tiny)")
+    lift_tr.add_argument("--steps", type=_whole(1, 10**9), default=3000, help="total optimizer steps (default 3000)")
+    lift_tr.add_argument("--lr", type=_number(0, 1, open_lo=True), default=3e-4, help="peak AdamW learning rate")
+    lift_tr.add_argument("--batch", type=_whole(1, 1024), default=4, help="photos per step (default 4)")
+    lift_tr.add_argument("--seed", type=SEED, default=0)
+    lift_tr.add_argument("--restart", action="store_true", help="start over instead of resuming OUT's checkpoint")
+    lift_tr.set_defaults(func=_cmd_train_lift)
 
     bench = sub.add_parser("bench", help="speed measurements (print JSON)")
     bench_sub = bench.add_subparsers(dest="target", required=True)

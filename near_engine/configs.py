@@ -82,6 +82,8 @@ KEY_CLASSES: dict[str, type[nn.Module]] = {
     "neural_basis": ShadingMLP,
     "image_features": ImageFeatures,
     "encoder": LatentEncoder,
+    "lift_features": ImageFeatures,
+    "lift_encoder": LatentEncoder,
 }
 
 # Official constructor arguments that have no effect on the network and that some of our classes do not accept.

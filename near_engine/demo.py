@@ -71,7 +71,7 @@ def render_demo(out_dir: str | Path, size: int = 384, hdris: Sequence[str] = DEF
                 mesh: str | Path = SAMPLE_MESH, views: int = 12, samples: int = 32,
                 log: Callable[[str], object] = print) -> dict:
     """Run the main job into `out_dir`; returns the summary (also written as summary.json)."""
-    from .encode_mesh import encode_mesh
+    from .lift.mesh import encode_mesh
     from .eval.tasks import score
     from .pipeline import NearPipeline, Scene
 

@@ -52,7 +52,7 @@ def test_shipped_weights_relight_the_vase_like_cycles(tmp_path):
     """Vase under the held-out city HDRI, 64 px: the trained near-tiny matches Cycles' silhouette and colours; an
     empty frame, a flat grey object with Cycles' own silhouette, and the untrained networks all score lower."""
     from near_engine.demo import WORLD_ROTATION_DEG, cycles_references, silhouette_iou, turntable_camera
-    from near_engine.encode_mesh import encode_mesh
+    from near_engine.lift.mesh import encode_mesh
 
     camera = turntable_camera(30, 64)
     reference = cycles_references(bundled.SAMPLE_MESH, ["city"], camera, samples=8)["city"]

@@ -12,7 +12,7 @@ import pytest
 from near_engine.camera import Camera
 from near_engine.configs import random_weights, save_networks
 from near_engine.cycles.meshes import import_mesh
-from near_engine.encode_mesh import ShadedLight, encode_mesh, thin_shape_warning
+from near_engine.lift.mesh import ShadedLight, encode_mesh, thin_shape_warning
 from near_engine.envmap import EnvMap
 from near_engine.errors import NearError
 from near_engine.pipeline import NearPipeline, Scene

@@ -20,7 +20,7 @@ def _disc_rgba(size=200, centre=(80, 120), radius=30, colour=(200, 40, 40)):
 def test_alpha_png_is_cropped_square_around_the_object_and_matted_on_black(tmp_path):
     path = tmp_path / "disc.png"
     Image.fromarray(_disc_rgba()).save(path)
-    out = prepare_photo(path, size=64)
+    out = prepare_photo(path, size=64).rgba
     assert out.shape == (64, 64, 4)
     alpha = out[..., 3]
     # The disc (diameter 61 px) fills 1/1.2 of the crop: its opaque width is about 64/1.2 = 53 px, centred.
@@ -38,7 +38,7 @@ def test_backdrop_photo_without_alpha_is_cut_out(tmp_path):
     rgb = np.where(rgba[..., 3:] > 0, rgba[..., :3], np.uint8(235))  # white studio backdrop
     path = tmp_path / "disc.jpg"
     Image.fromarray(rgb).save(path, quality=95)
-    alpha = prepare_photo(path, size=48)[..., 3]
+    alpha = prepare_photo(path, size=48).rgba[..., 3]
     assert alpha[24, 24] > 0.9 and alpha[0, 0] == 0
     assert abs((alpha[24] > 0.5).sum() - 48 / 1.2) <= 2
 
@@ -61,7 +61,7 @@ def test_greyscale_palette_and_16_bit_pngs_read(tmp_path, mode):
         Image.fromarray(rgba[..., :3]).convert(mode).save(path)
     image, has_alpha = read_photo(path)
     assert image.shape == (200, 200, 4) and not has_alpha and np.isfinite(image).all()
-    assert prepare_photo(path, size=32)[16, 16, 3] > 0.9  # the disc on its plain black backdrop is found
+    assert prepare_photo(path, size=32).rgba[16, 16, 3] > 0.9  # the disc on its plain black backdrop is found
 
 
 def test_exr_with_alpha_is_straightened_and_prepared(tmp_path):
@@ -70,7 +70,7 @@ def test_exr_with_alpha_is_straightened_and_prepared(tmp_path):
     path = tmp_path / "disc.exr"
     OpenEXR.File({"compression": OpenEXR.ZIP_COMPRESSION},
                  {c: np.ascontiguousarray(rgba[..., i]) for i, c in enumerate("RGBA")}).write(str(path))
-    out = prepare_photo(path, size=32)
+    out = prepare_photo(path, size=32).rgba
     assert out[16, 16, 3] > 0.99 and out[16, 16, 0] > 0.5
 
 

@@ -21,7 +21,7 @@ from near_engine.envmap import EnvMap  # noqa: E402
 from near_engine.errors import NearError  # noqa: E402
 from near_engine.pipeline import NearPipeline, Scene  # noqa: E402
 from near_engine.train.data import Sample, TrainObject, list_objects, load_training_object  # noqa: E402
-from near_engine.train.encode import encode_views  # noqa: E402
+from near_engine.lift.encode import encode_views  # noqa: E402
 from near_engine.train.losses import LossWeights  # noqa: E402
 from near_engine.train.loop import TrainConfig, Trainer  # noqa: E402
 from train_ddp_worker import ddp_worker, free_port, params  # noqa: E402

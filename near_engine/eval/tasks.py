@@ -19,7 +19,7 @@ the Cycles image:
   physics alone, which the networks must beat by learning shadows and occlusion.
 
 The NeAR rows encode the object as `near encode-mesh` does: the LH latent from the uniform-lit views and, for weights
-that read them, the material latents lifted from the views' material G-buffers (`train.encode.lift_materials`). Each
+that read them, the material latents lifted from the views' material G-buffers (`lift.encode.lift_materials`). Each
 evaluated object is also reported alone with its material class (glossy or rough, metal or dielectric).
 
 **Compositing.** The data set's images have a transparent film. Every prediction and the ground truth are composited
@@ -101,7 +101,7 @@ class Model:
                gbuffers: Mapping[str, np.ndarray] | None = None, alpha: np.ndarray | None = None) -> Asset:
         """The asset encoded from premultiplied views `rgba` [V, H, W, 4] with their cameras and depth [V, H, W];
         with `gbuffers` (name -> [V, H, W(, k)] of views with `alpha` [V, H, W, 1]) also its material latents."""
-        from ..train.encode import encode_views, lift_materials
+        from ..lift.encode import encode_views, lift_materials
 
         with torch.no_grad():
             feats = encode_views(self.encoders, coords, torch.from_numpy(np.ascontiguousarray(rgba)), list(cameras),

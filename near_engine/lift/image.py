@@ -11,10 +11,12 @@ Colours come back scene-linear (8/16-bit images are decoded with the sRGB EOTF; 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..camera import Camera
 from ..errors import NearError
 from ..images import srgb_to_linear
 
@@ -107,20 +109,45 @@ def backdrop_alpha(rgb: np.ndarray) -> np.ndarray:
     return np.clip((distance - 0.5 * BACKDROP_DISTANCE) / (0.5 * BACKDROP_DISTANCE), 0.0, 1.0).astype(np.float32)
 
 
-def prepare_photo(path: str | os.PathLike, size: int = 518) -> np.ndarray:
-    """The photo at `path` cropped to 1.2x the object's box, square, matted on black, resized to `size`: premultiplied
-    linear RGBA float32 [size, size, 4]."""
-    if not 8 <= size <= 4096:
-        raise ImageError(f"the prepared image size must be 8 to 4096 pixels, got {size}")
+@dataclass(frozen=True)
+class PreparedPhoto:
+    """A photo prepared for the lift: `rgba` [S, S, 4] premultiplied linear, matted on black, and where that square
+    lies in the source image (`centre` (row, col) and `side`, in source pixels), which `crop_camera` turns into the
+    camera of the square."""
+
+    rgba: np.ndarray
+    centre: np.ndarray
+    side: float
+
+    def crop_camera(self, camera: Camera) -> Camera:
+        """The camera that sees the square, given the `camera` of the whole source image (same pose and lens)."""
+        scale = self.rgba.shape[0] / self.side
+        top, left = self.centre - self.side / 2
+        size = self.rgba.shape[0]
+        return Camera(size, size, camera.fx * scale, camera.fy * scale, (camera.cx - left) * scale,
+                      (camera.cy - top) * scale, camera.world_to_camera, camera.near, camera.far, camera.orthographic)
+
+
+def prepare_photo(path: str | os.PathLike, size: int = 518) -> PreparedPhoto:
+    """The photo at `path` cropped to 1.2x the object's box, square, matted on black, resized to `size`."""
     rgba, has_alpha = read_photo(path)
     alpha = rgba[..., 3] if has_alpha else backdrop_alpha(rgba[..., :3])
-    rows, cols = np.nonzero(alpha > 0.5)
+    premultiplied = np.concatenate([rgba[..., :3] * alpha[..., None], alpha[..., None]], -1)
+    return crop_object(premultiplied, size, str(path))
+
+
+def crop_object(rgba: np.ndarray, size: int, name: str = "the image") -> PreparedPhoto:
+    """Premultiplied RGBA [H, W, 4] -> the 1.2x square around its opaque pixels (alpha > 0.5), resized to `size`.
+
+    The one crop both the lift and its training use, so a photo and a training view are framed alike."""
+    if not 8 <= size <= 4096:
+        raise ImageError(f"the prepared image size must be 8 to 4096 pixels, got {size}")
+    rows, cols = np.nonzero(rgba[..., 3] > 0.5)
     if len(rows) == 0:
-        raise ImageError(f"{path}: the image's alpha is empty (nothing is opaque), so there is no object to lift")
+        raise ImageError(f"{name}: the image's alpha is empty (nothing is opaque), so there is no object to lift")
     centre = np.array([(rows.min() + rows.max() + 1) / 2, (cols.min() + cols.max() + 1) / 2])
     side = CROP_MARGIN * max(rows.max() + 1 - rows.min(), cols.max() + 1 - cols.min())
-    premultiplied = np.concatenate([rgba[..., :3] * alpha[..., None], alpha[..., None]], -1)
-    return _crop_square(premultiplied, centre, side, size)
+    return PreparedPhoto(_crop_square(rgba, centre, side, size), centre, float(side))
 
 
 def _crop_square(image: np.ndarray, centre: np.ndarray, side: float, size: int) -> np.ndarray:

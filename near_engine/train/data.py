@@ -26,7 +26,7 @@ from ..errors import NearError
 from ..frame import VoxelPriors, light_planes
 from ..ibl import PrefilteredLight, prefilter
 from ..voxelize import voxelize_mesh
-from .encode import lift_materials
+from ..lift.encode import lift_materials
 
 __all__ = ["TrainObject", "Sample", "list_objects", "load_training_object", "hdri", "hdri_planes", "LightSource"]
 

@@ -47,7 +47,7 @@ from ..ibl import IBLLight
 from ..progress import duration, progress
 from ..sparse import SparseTensor
 from .data import Sample, TrainObject, list_objects, load_training_object
-from .encode import encode_views
+from ..lift.encode import encode_views
 from .losses import LossWeights, stage2_losses
 
 __all__ = ["TrainConfig", "Trainer", "StepModel", "train", "warmup_cosine"]

@@ -21,10 +21,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .asset import Asset
-from .configs import ENCODER_KEYS, load_networks
-from .errors import NearError
-from .progress import Progress
+from ..asset import Asset
+from ..configs import ENCODER_KEYS, load_networks
+from ..errors import NearError
+from ..progress import Progress
 
 #: Views of the object on a Hammersley sphere (radius 2, 40 degrees), as in the training data.
 DEFAULT_VIEWS = 24
@@ -43,14 +43,14 @@ def encode_mesh(mesh: str | Path, weights: str | Path, *, views: int = DEFAULT_V
                 samples: int = 32, shaded: ShadedLight | None = None, device: str = "cpu",
                 log: Callable[[str], object] = print) -> Asset:
     """The asset of the mesh file `mesh` (OBJ, glTF/GLB, PLY, .blend) encoded with the encoder in `weights`."""
-    from .cycles.lights import Light
-    from .cycles.meshes import import_mesh
-    from .cycles.render import image_count, render_views
-    from .cycles.settings import RenderSettings
-    from .cycles.views import view_cameras
-    from .exr_layers import read_channels, stack_channels
-    from .train.encode import encode_views, lift_materials
-    from .voxelize import voxelize_mesh
+    from ..cycles.lights import Light
+    from ..cycles.meshes import import_mesh
+    from ..cycles.render import image_count, render_views
+    from ..cycles.settings import RenderSettings
+    from ..cycles.views import view_cameras
+    from ..exr_layers import read_channels, stack_channels
+    from .encode import encode_views, lift_materials
+    from ..voxelize import voxelize_mesh
 
     if views < 1 or size < 8 or samples < 1:
         raise NearError(f"encode-mesh needs at least 1 view, 8 px and 1 sample (got {views}, {size}, {samples})")

@@ -1,0 +1,105 @@
+"""near-tiny's stage 1 proper: one photo under unknown light + the voxels -> the LH latent and the material latents.
+
+NeAR trains its flow model on pairs (a view of an object under random light -> the latent its uniformly lit views
+encode to): the network learns to take the light *out*. near-tiny learns the same map with a direct regressor, the
+mesh encoder's two networks trained again on one lit view:
+
+* `lift_features` (an `ImageFeatures`) runs on the prepared photo;
+* its maps are lifted onto the voxels the photo sees (`models.encoder.lift_features`, visibility from the voxels'
+  own z-buffer, `views.voxel_depth`), next to each voxel's unit direction towards the camera (where a highlight or a
+  shadow sits depends on it);
+* `lift_encoder` (a `LatentEncoder` with 8 + 6 outputs) spreads that over all voxels, the hidden back included, and
+  returns the LH latent (8) and the material latents (base colour, roughness, metallic, specular level).
+
+Both start from the trained mesh encoder (`init_from_encoder`): at step 0 the regressor *is* the mesh encoder run on
+the lit photo, which is the "no homogenization" ablation of `near eval`; training moves it to the even latent.
+A regressor and not a flow: on two cores a 12-step sampler costs 12 network passes per lift and its training needs
+many more steps to converge than a regression of the same network (the issue note gives the measurement).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..camera import Camera
+from ..models.encoder import ImageFeatures, LatentEncoder, lift_features
+from ..sparse import SparseTensor
+from .views import VISIBILITY_TOLERANCE_VOXELS, voxel_depth, voxel_points
+
+__all__ = ["LIFT_KEYS", "LATENT_CHANNELS", "MATERIAL_CHANNELS", "lift_inputs", "predict_latents", "init_from_encoder"]
+
+#: The networks of near-tiny's regressor in a weights folder.
+LIFT_KEYS: tuple[str, ...] = ("lift_features", "lift_encoder")
+LATENT_CHANNELS = 8
+MATERIAL_CHANNELS = 6  # base colour (3), roughness, metallic, specular level: `frame.MATERIAL_LATENTS`
+#: Per-voxel inputs besides the image features: the unit direction from the voxel to the camera (asset space).
+DIRECTION_CHANNELS = 3
+
+
+def lift_inputs(image_features: nn.Module, coords: np.ndarray, photo: torch.Tensor, camera: Camera,
+                resolution: int) -> torch.Tensor:
+    """Per-voxel inputs [N, C + 3] of the regressor: photo features where the photo sees the voxel (zero elsewhere),
+    then the voxel -> camera direction. `photo` [S, S, 4] premultiplied linear RGBA, `camera` its camera."""
+    weight = next(image_features.parameters())
+    maps = image_features(normalize_exposure(photo.to(weight))[None])
+    depth = torch.from_numpy(voxel_depth(coords, resolution, camera))[None].to(weight)
+    points = torch.from_numpy(voxel_points(coords, resolution)).to(weight)
+    lifted = lift_features(maps, points, [camera], depth, tolerance=VISIBILITY_TOLERANCE_VOXELS / resolution)
+    towards = torch.from_numpy(camera.position).to(weight) - points
+    return torch.cat([lifted, towards / towards.norm(dim=-1, keepdim=True).clamp_min(1e-9)], -1)
+
+
+#: The mean colour of an object's pixels after `normalize_exposure` (about that of a mid-grey object under the
+#: uniform light the LH latent is encoded under): a photo's exposure says nothing about the object.
+EXPOSURE_MEAN = 0.3
+
+
+def normalize_exposure(photo: torch.Tensor) -> torch.Tensor:
+    """Premultiplied RGBA [S, S, 4] with its colour scaled so the object's mean colour is `EXPOSURE_MEAN`."""
+    alpha = photo[..., 3:]
+    mean = photo[..., :3].sum() / (3 * alpha.sum()).clamp_min(1e-6)
+    return torch.cat([photo[..., :3] * (EXPOSURE_MEAN / mean.clamp_min(1e-6)), alpha], -1)
+
+
+def predict_latents(networks: Mapping[str, nn.Module], coords: np.ndarray, photo: torch.Tensor, camera: Camera,
+                    resolution: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LH latent [N, 8], material latents [N, 6] in [0, 1] at inference) of the voxels `coords` from one photo.
+    Differentiable in the networks; the materials are clamped only when no gradient is needed."""
+    inputs = lift_inputs(networks["lift_features"], coords, photo, camera, resolution)
+    coords_t = torch.as_tensor(np.asarray(coords), dtype=torch.int32, device=inputs.device)
+    out = networks["lift_encoder"](SparseTensor.from_list([(coords_t, inputs)], resolution)).feats
+    latent, materials = out[:, :LATENT_CHANNELS], out[:, LATENT_CHANNELS:]
+    if not torch.is_grad_enabled():
+        materials = materials.clamp(0.0, 1.0)
+    return latent, materials
+
+
+def lift_network_args(encoder_args: Mapping) -> dict:
+    """The constructor args of the regressor's encoder, from those of the mesh encoder it starts from."""
+    return {**encoder_args, "in_channels": int(encoder_args["in_channels"]) + DIRECTION_CHANNELS,
+            "latent_channels": LATENT_CHANNELS + MATERIAL_CHANNELS}
+
+
+def init_from_encoder(image_features: ImageFeatures, encoder: LatentEncoder, encoder_args: Mapping,
+                      default_material: tuple[float, ...]) -> dict[str, nn.Module]:
+    """The regressor at step 0: copies of the mesh encoder's networks, the direction inputs weighted zero and the
+    material outputs at `default_material` (so its first latent is the mesh encoder's on the lit photo)."""
+    import copy
+
+    features = copy.deepcopy(image_features)
+    lifted = LatentEncoder(**lift_network_args(encoder_args))
+    state = lifted.state_dict()
+    for name, value in encoder.state_dict().items():
+        target = state[name]
+        if target.shape == value.shape:
+            target.copy_(value)
+        else:  # wider input or output: copy the mesh encoder's block, zero the rest
+            target.zero_()
+            target[tuple(slice(0, n) for n in value.shape)].copy_(value)
+    state["out_layer.bias"][LATENT_CHANNELS:] = torch.tensor(default_material)
+    lifted.load_state_dict(state)
+    return {"lift_features": features, "lift_encoder": lifted}

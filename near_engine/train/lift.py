@@ -1,0 +1,210 @@
+"""Training near-tiny's lift regressor (`lift.regressor`): one lit view -> the object's even latents.
+
+Pairs, as NeAR's `SLatI2E` data set pairs them: the input is one view of a training object under one of its lights
+(an HDRI, a baked sky, or the uniform light itself), prepared exactly as a user's photo is (`image.crop_object` at
+`LIFT_SIZE`, exposure normalized, the camera fitted from the voxels as for a photo: `views.fit_crop_camera`); the
+targets are what the trained mesh encoder makes of the object's 12 uniformly lit views (the LH latent,
+`encode.encode_views`) and its material latents from the G-buffers (`encode.lift_materials`). Targets are computed
+once per object. The loss is the mean squared error of the LH latent, each channel divided by its variance over the
+training voxels, plus the L1 error of the material latents.
+
+Resumable: `out/lift_checkpoint.pt` holds the networks, the optimizer and the step; the weights are written into
+`out/weights/` (a copy of the renderer's weights folder with the lift networks added) at every checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..camera import Camera
+from ..checkpoints import read_model_entry, save_model
+from ..configs import ENCODER_KEYS, load_networks
+from ..errors import NearError
+from ..files import write_atomically
+from ..frame import DEFAULT_MATERIAL
+from ..lift.encode import encode_views
+from ..lift.image import crop_object
+from ..lift.regressor import LATENT_CHANNELS, LIFT_KEYS, init_from_encoder, lift_network_args, predict_latents
+from ..lift.views import fit_crop_camera
+from ..progress import duration, progress
+from .data import list_objects, load_training_object
+from .loop import warmup_cosine
+
+__all__ = ["LiftConfig", "LiftObject", "load_lift_object", "lift_photo", "train_lift", "LIFT_SIZE"]
+
+#: The prepared photo's size for near-tiny's lift (its image features are half that: one per voxel of 64^3).
+LIFT_SIZE = 128
+CHECKPOINT = "lift_checkpoint.pt"
+
+
+@dataclass
+class LiftConfig:
+    steps: int = 3000
+    lr: float = 3e-4
+    warmup: int = 50
+    batch: int = 4  # photos per step, each of another object
+    material_weight: float = 1.0
+    uniform_fraction: float = 0.15  # of the photos, those under the uniform light
+    seed: int = 0
+
+
+@dataclass
+class LiftObject:
+    """A training object reduced to what the lift needs: voxels, its photos with cameras, and its targets."""
+
+    id: str
+    coords: np.ndarray
+    photos: list[tuple[torch.Tensor, Any]]  # (prepared photo [S, S, 4], its crop camera), lit views first
+    lit_count: int
+    latent: torch.Tensor  # [N, 8] the mesh encoder's LH latent
+    materials: torch.Tensor  # [N, 6]
+
+
+def lift_photo(image: torch.Tensor | np.ndarray, view_camera, coords: np.ndarray, resolution: int
+               ) -> tuple[torch.Tensor, Any]:
+    """A rendered view [H, W, 4] -> (the photo as the lift prepares it, its crop camera fitted from the voxels)."""
+    prepared = crop_object(np.asarray(image, dtype=np.float32), LIFT_SIZE)
+    return torch.from_numpy(prepared.rgba), fit_crop_camera(view_camera, coords, resolution, LIFT_SIZE)
+
+
+def load_lift_object(folder: str | Path, encoders: dict, resolution: int = 64, size: int = 128,
+                     cache: Path | None = None) -> LiftObject:
+    """One finished data-set object with its lift targets (the mesh encoder run once on its uniform views), read
+    from `cache/<id>.pt` when an earlier run stored it there (it holds no code: tensors and numbers only)."""
+    cached = None if cache is None else cache / f"{Path(folder).name}.pt"
+    if cached is not None and cached.is_file():
+        state = torch.load(cached, map_location="cpu", weights_only=True)
+        cameras = [Camera(int(c[0]), int(c[1]), *map(float, c[2:6]), w2c.numpy())
+                   for c, w2c in zip(state["intrinsics"].tolist(), state["world_to_camera"])]
+        return LiftObject(state["id"], state["coords"].numpy(), list(zip(state["photos"], cameras)),
+                          int(state["lit_count"]), state["latent"], state["materials"])
+    obj = load_training_object(folder, size, resolution)
+    with torch.no_grad():
+        latent = encode_views(encoders, obj.coords, obj.rgba, obj.cameras, obj.depth, resolution)
+    photos = [lift_photo(obj.lit_rgba[light, k], obj.cameras[view], obj.coords, resolution)
+              for light in range(obj.lit_rgba.shape[0]) for k, view in enumerate(obj.lit_views)]
+    lit_count = len(photos)
+    photos += [lift_photo(obj.rgba[v], obj.cameras[v], obj.coords, resolution) for v in range(len(obj.cameras))]
+    result = LiftObject(obj.id, obj.coords, photos, lit_count, latent, torch.from_numpy(obj.materials))
+    if cached is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        state = {"id": result.id, "coords": torch.from_numpy(result.coords), "lit_count": lit_count,
+                 "photos": torch.stack([p for p, _ in photos]), "latent": latent, "materials": result.materials,
+                 "intrinsics": torch.tensor([[c.width, c.height, c.fx, c.fy, c.cx, c.cy] for _, c in photos],
+                                            dtype=torch.float64),
+                 "world_to_camera": torch.from_numpy(np.stack([c.world_to_camera for _, c in photos]))}
+        write_atomically(cached, lambda f: torch.save(state, f))
+    return result
+
+
+def lift_losses(networks, obj: LiftObject, photo: int, latent_scale: torch.Tensor, resolution: int
+                ) -> dict[str, torch.Tensor]:
+    image, camera = obj.photos[photo]
+    latent, materials = predict_latents(networks, obj.coords, image, camera, resolution)
+    return {"latent": (((latent - obj.latent) ** 2) / latent_scale).mean(),
+            "material": (materials - obj.materials).abs().mean()}
+
+
+def export_lift(folder: Path, renderer_weights: Path, networks, encoder_args: dict, note: dict) -> None:
+    """`folder`: the renderer's weights folder with the lift networks added (their pipeline.json entries too)."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(renderer_weights, tmp, ignore=shutil.ignore_patterns(*(f"{k}.*" for k in LIFT_KEYS)))
+    feature_args = read_model_entry("image_features", renderer_weights / "image_features").args
+    save_model(tmp, "lift_features", networks["lift_features"], feature_args)
+    save_model(tmp, "lift_encoder", networks["lift_encoder"], lift_network_args(encoder_args))
+    pipeline = json.loads((tmp / "pipeline.json").read_text())
+    pipeline["models"].update({k: k for k in LIFT_KEYS})
+    pipeline["lift"] = note
+    (tmp / "pipeline.json").write_text(json.dumps(pipeline, indent=1))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def train_lift(data: str | Path, out: str | Path, renderer_weights: str | Path, config: LiftConfig, *,
+               resume: bool = True, log_every: int = 20, checkpoint_every: int = 200,
+               log: Callable[[str], object] = print) -> dict[str, Any]:
+    """Train the lift regressor on the training objects of `data`, starting from the mesh encoder in
+    `renderer_weights`; writes `out/lift_checkpoint.pt` and `out/weights/`."""
+    from ..bundled import weights_folder
+
+    renderer_weights = Path(weights_folder(renderer_weights))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    encoders, _ = load_networks(renderer_weights, "cpu", keys=ENCODER_KEYS)
+    for net in encoders.values():
+        net.requires_grad_(False)
+    resolution = int(encoders["encoder"].resolution)
+    encoder_args = read_model_entry("encoder", Path(renderer_weights) / "encoder").args
+    folders = list_objects(data, "train")
+    objects = [load_lift_object(f, encoders, resolution, cache=out / "objects")
+               for f in progress(folders, "loading objects", log)]
+    all_latents = torch.cat([o.latent for o in objects])
+    latent_scale = all_latents.var(0).clamp_min(1e-4)
+    networks = torch.nn.ModuleDict(init_from_encoder(encoders["image_features"], encoders["encoder"], encoder_args,
+                                                     DEFAULT_MATERIAL))
+    optimizer = torch.optim.AdamW(networks.parameters(), lr=config.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup, config.steps))
+    step = 0
+    if resume and (out / CHECKPOINT).is_file():
+        state = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
+        networks.load_state_dict(state["networks"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        step = int(state["step"])
+        log(f"resumed at step {step}")
+    log(f"{len(objects)} objects, {len(all_latents)} voxels; training the lift from step {step} to {config.steps}")
+    note = {"data": str(Path(data).name), "objects": [o.id for o in objects], "config": asdict(config)}
+    start, first, last = time.perf_counter(), step, {}
+    while step < config.steps:
+        rng = np.random.default_rng([config.seed, step])
+        chosen = rng.choice(len(objects), size=min(config.batch, len(objects)), replace=False)
+        optimizer.zero_grad()
+        terms: dict[str, float] = {}
+        for index in chosen:
+            obj = objects[int(index)]
+            uniform = rng.random() < config.uniform_fraction or obj.lit_count == 0
+            photo = int(rng.integers(obj.lit_count, len(obj.photos)) if uniform else rng.integers(obj.lit_count))
+            losses = lift_losses(networks, obj, photo, latent_scale, resolution)
+            total = (losses["latent"] + config.material_weight * losses["material"]) / len(chosen)
+            total.backward()
+            for k, v in losses.items():
+                terms[k] = terms.get(k, 0.0) + float(v.detach()) / len(chosen)
+        torch.nn.utils.clip_grad_norm_(networks.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        step += 1
+        last = terms
+        if step % log_every == 0 or step == config.steps:
+            left = (config.steps - step) * (time.perf_counter() - start) / (step - first)
+            log(f"lift step {step:5d}/{config.steps}  " + "  ".join(f"{k} {v:.4f}" for k, v in terms.items())
+                + f"  {duration(left)} left")
+        if step % checkpoint_every == 0 or step == config.steps:
+            state = {"networks": networks.state_dict(), "optimizer": optimizer.state_dict(),
+                     "schedule": schedule.state_dict(), "step": step}
+            write_atomically(out / CHECKPOINT, lambda f: torch.save(state, f))
+            export_lift(out / "weights", Path(renderer_weights), networks, encoder_args, {**note, "steps": step})
+    return {"last": last, "step": step, "seconds": time.perf_counter() - start}
+
+
+def check_lift_weights(folder: str | Path) -> None:
+    """Raise a clear error when a weights folder has no lift networks (trained with `near train-lift`)."""
+    pipeline = json.loads((Path(folder) / "pipeline.json").read_text())
+    missing = [k for k in LIFT_KEYS if k not in pipeline.get("models", {})]
+    if missing:
+        raise NearError(f"{folder}: these weights have no lift networks ({', '.join(missing)}); train them with "
+                        "`near train-lift` or use weights that include them")
+
+
+__all__ += ["check_lift_weights", "LATENT_CHANNELS"]
