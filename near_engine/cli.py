@@ -215,6 +215,23 @@ def _cmd_encode_mesh(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lift(args: argparse.Namespace) -> int:
+    from .asset import write_asset
+    from .lift import LiftRequest, lift_image
+    from .progress import Progress
+
+    request = LiftRequest(args.image, args.weights, args.geometry, args.mesh, args.mesh_rotation, args.elevation,
+                          args.seed)
+    with Progress(f"lifting {Path(args.image).name}", 100) as bar:
+        def report(stage: str, done: float) -> None:
+            bar.stage = f"lifting {Path(args.image).name}: {stage}"
+            bar.advance(max(0, round(100 * done) - bar.done))
+        asset = lift_image(request, report)
+    write_asset(args.output, asset)
+    print(f"{args.output}: {asset.num_voxels} voxels ({request.source} geometry), LH latent and material latents")
+    return 0
+
+
 def _cmd_train_lift(args: argparse.Namespace) -> int:
     from .train.lift import LiftConfig, train_lift
 
@@ -353,6 +370,27 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--log-every", type=COUNT, default=10)
     tr.add_argument("--checkpoint-every", type=COUNT, default=200)
     tr.set_defaults(func=_cmd_train)
+
+    lift = sub.add_parser("lift", help="lift one photo of an object into a relightable .near asset",
+                          description="Prepares the photo (its alpha, or a one-colour backdrop cut out; a 1.2x square "
+                          "crop matted on black), takes the voxels from a mesh (--mesh), near-tiny's own geometry "
+                          "model, the silhouette inflated, or the official TRELLIS structure flow, and regresses the "
+                          "illumination-homogenized latent and the material latents from the photo. The photo is "
+                          "taken to show the object as Blender's Front view does (from -Y) at --elevation degrees; "
+                          "turn a mesh with --mesh-rotation until its front view matches the photo.")
+    lift.add_argument("image", help="the photo: PNG (8/16-bit, grey, palette; alpha used), JPEG or EXR")
+    lift.add_argument("-o", "--output", required=True, help="ASSET.near to write")
+    lift.add_argument("--mesh", help="take the geometry from this mesh file (OBJ, glTF/GLB, PLY, .blend)")
+    lift.add_argument("--geometry", choices=("mesh", "own", "inflate", "trellis"), default=None,
+                      help="where the voxels come from (default: mesh with --mesh, else own)")
+    lift.add_argument("--mesh-rotation", type=ANGLE, default=0.0, help="turn the mesh about Z by this many degrees "
+                      "before matching it to the photo")
+    lift.add_argument("--elevation", type=_number(-89, 89), default=0.0,
+                      help="the photo camera's elevation in degrees (default 0)")
+    lift.add_argument("--weights", default=DEFAULT_WEIGHTS, help="weights folder with the lift networks, or a "
+                      "bundled model (default: near-tiny)")
+    lift.add_argument("--seed", type=SEED, default=0, help="seed of the sampled stages (the official flows)")
+    lift.set_defaults(func=_cmd_lift)
 
     lift_tr = sub.add_parser("train-lift", help="train near-tiny's lift regressor (one lit photo -> the even "
                              "latents) on a `near datagen` folder (resumable)")

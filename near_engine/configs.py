@@ -35,6 +35,7 @@ from .checkpoints import load_weights, read_safetensors, read_weights_folder, sa
 from .errors import CheckpointError
 from .files import write_atomically
 from .models.encoder import ImageFeatures, LatentEncoder
+from .lift.occupancy import SlabNet
 from .models.gaussian_heads import MATERIAL_CHANNELS
 from .models.iad import IntrinsicAwareDecoder
 from .models.lad import LightingAwareDecoder
@@ -66,6 +67,7 @@ CLASS_REGISTRY: dict[str, type[nn.Module]] = {
     "ShadingMLP": ShadingMLP,
     "ImageFeatures": ImageFeatures,
     "LatentEncoder": LatentEncoder,
+    "SlabNet": SlabNet,
 }
 
 #: The training-only networks of near-tiny (mesh views -> LH latent); rendering never loads them.
@@ -84,6 +86,7 @@ KEY_CLASSES: dict[str, type[nn.Module]] = {
     "encoder": LatentEncoder,
     "lift_features": ImageFeatures,
     "lift_encoder": LatentEncoder,
+    "occupancy": SlabNet,
 }
 
 # Official constructor arguments that have no effect on the network and that some of our classes do not accept.

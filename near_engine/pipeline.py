@@ -219,7 +219,25 @@ class NearPipeline:
             kwargs["light_size"] = int(settings["light_size"])
         if isinstance(settings.get("inputs"), str) and "inputs" not in kwargs:
             kwargs["inputs"] = settings["inputs"]
-        return cls(networks, _folder_id(folder), resolved, **kwargs)
+        pipeline = cls(networks, _folder_id(folder), resolved, **kwargs)
+        pipeline.folder = Path(folder)
+        return pipeline
+
+    #: The weights folder `from_pretrained` read (None for networks passed in): `lift` reads its lift networks.
+    folder: Path | None = None
+
+    def lift(self, image: str | Path, *, mesh: Any = None, geometry: str | None = None, mesh_rotation: float = 0.0,
+             elevation: float = 0.0, seed: int = 0, progress: Callable[[str, float], object] | None = None,
+             cancel: Callable[[], bool] | None = None) -> Asset:
+        """Stage 1: a photo -> a relightable asset for these weights (prepare image, sample structure, sample
+        latent; see `near_engine.lift`)."""
+        from .lift import LiftRequest, lift_image
+
+        if self.folder is None:
+            raise NearError("this pipeline was built from networks, not a weights folder: lift with "
+                            "`near_engine.lift.lift_image` and a weights folder")
+        request = LiftRequest(image, self.folder, geometry, mesh, mesh_rotation, elevation, seed)
+        return lift_image(request, progress, cancel)
 
     def set_networks(self, networks: Mapping[str, nn.Module], weights_id: str) -> None:
         """Use other weights; cached results of the previous weights stay keyed by their own id."""

@@ -308,6 +308,29 @@ def per_object_table(records: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _lift_networks(weights: str | Path) -> dict | None:
+    """The lift networks of the weights (with near-tiny's own geometry model if present), or None without them."""
+    from ..lift import load_lift_networks
+
+    try:
+        return load_lift_networks(weights, "own")
+    except NearError:
+        return None
+
+
+def _evaluate_lift(model: Model, networks: Mapping, folder: Path, hdris: Sequence[str], size: int | None,
+                   with_flip: bool) -> tuple[list[dict], dict[str, float]]:
+    """`lift_tasks.evaluate_lift_object` on one data-set object."""
+    from ..datagen.dataset import load_object
+    from .lift_tasks import evaluate_lift_object
+
+    data = load_object(folder)
+    cameras = [_camera(c) for c in data["meta"]["cameras"]]
+    factor = 1 if size is None else cameras[0].height // size
+    coords = model.voxels(data["vertices"], data["triangles"])
+    return evaluate_lift_object(model, networks, data, coords, cameras, hdris, factor, with_flip)
+
+
 def run_eval(data: str | Path, weights: str | Path, output: str | Path, *, objects: str = VALIDATION,
              hdris: str | Sequence[str] = HELD_OUT, size: int | None = None, device: str = "auto",
              log: Callable[[str], object] = print) -> dict:
@@ -321,20 +344,33 @@ def run_eval(data: str | Path, weights: str | Path, output: str | Path, *, objec
     if hdris == HELD_OUT:
         hdris = json.loads(manifest.read_text())["splits"]["held_out_hdris"]
     model = Model.load(weights, device)
+    lift_networks = _lift_networks(weights)
     with_flip = metrics.flip_available()
-    records = []
+    records, lift_records, ious = [], [], {}
     for folder in progress(folders, "evaluating held-out objects", log if log is not print else None):
         records += evaluate_object(model, folder, list(hdris), size, with_flip)
+        if lift_networks is not None:
+            mine, object_ious = _evaluate_lift(model, lift_networks, folder, list(hdris), size, with_flip)
+            lift_records += mine
+            for source, value in object_ious.items():
+                ious.setdefault(source, []).append(value)
     table = summarize(records)
     report = {"data": str(data), "weights": str(weights), "objects": [f.name for f in folders],
               "hdris": list(hdris), "size": size, "samples": len(records),
               "flip": "HDR-FLIP (flip_evaluator)" if with_flip else "not installed",
               "table": table, "records": records}
+    lift_text = ""
+    if lift_records:
+        from .lift_tasks import lift_markdown, lift_table
+
+        report["lift"] = {"table": lift_table(lift_records), "geometry_iou": ious, "records": lift_records}
+        lift_text = ("## Single-image lift\n\nOne photo per held-out HDRI (the first relit view), lifted with the "
+                     "mesh's geometry and relit.\n\n" + lift_markdown(report["lift"]["table"], ious) + "\n\n")
     flip_note = "" if with_flip else " HDR-FLIP: not installed (pip install flip-evaluator to add it)."
     text = (f"# NeAR evaluation\n\nWeights `{weights}` on `{data}`: {len(folders)} object(s) "
             f"({', '.join(report['objects'])}), HDRIs {', '.join(hdris)}, {len(records)} images"
             f"{f', evaluated at {size} px' if size else ''}.\n\n{markdown_table(table)}\n\n"
-            f"Object PSNR per object:\n\n{per_object_table(records)}\n\n"
+            f"Object PSNR per object:\n\n{per_object_table(records)}\n\n{lift_text}"
             "Cycles ground truth. Predictions and ground truth composited over the HDRI background; object = union of "
             "ground-truth and predicted alpha > 0.5. PSNR/SSIM on Blender's Standard view transform (clip + sRGB)."
             f"{flip_note}\n")

@@ -1,1 +1,179 @@
-"""Stage 1, one home for image -> asset: image preparation now; geometry and latent sampling to come (issue 12)."""
+"""Stage 1, one home for image -> asset and mesh -> asset.
+
+`lift_image` turns one photo into a relightable asset in the three named stages of TRELLIS's image pipeline:
+
+1. `prepare_image`: alpha from the image or a one-colour backdrop, the 1.2x square crop matted on black
+   (`image.prepare_photo`);
+2. `sample_structure`: the surface voxels on the 64^3 grid from one of the geometry sources (`GEOMETRY_SOURCES`,
+   see `geometry`), and the camera of the prepared photo (`views`);
+3. `sample_latent`: the LH latent and the material latents from the photo under its unknown light (near-tiny's
+   regressor, `regressor`; the official flow model, `official`).
+
+`mesh.encode_mesh` is the other way in: a mesh rendered under uniform light with Cycles and encoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..asset import Asset
+from ..camera import Camera
+from ..errors import NearError
+
+__all__ = ["GEOMETRY_SOURCES", "LiftCancelled", "LiftRequest", "lift_image", "prepare_image", "sample_structure",
+           "sample_latent", "photo_camera"]
+
+#: Where the voxels come from: a mesh the user gives, near-tiny's own model, the silhouette-inflation baseline, or
+#: the official TRELLIS sparse-structure flow.
+GEOMETRY_SOURCES: tuple[str, ...] = ("mesh", "own", "inflate", "trellis")
+#: Size of the photo near-tiny's lift reads (its image features are one per voxel of the 64^3 grid).
+LIFT_SIZE = 128
+#: Without a mesh, the object's silhouette box spans this many asset units at the origin (a normalized object's
+#: largest side is 1).
+PHOTO_OBJECT_EXTENT = 0.95
+
+
+class LiftCancelled(NearError):
+    """The user cancelled the lift (Esc in Blender); nothing was written."""
+
+
+@dataclass(frozen=True)
+class LiftRequest:
+    """What to lift and how. `mesh`: a mesh file, or (vertices [V, 3], triangles [T, 3]) in any placement;
+    `mesh_rotation`: degrees about Z that turn the mesh to face the photo's camera (-Y); `elevation`: the photo's
+    camera elevation in degrees (`views.front_camera`)."""
+
+    image: str | Path
+    weights: str | Path = "near-tiny"
+    geometry: str | None = None  # None: "mesh" when a mesh is given, else "own"
+    mesh: str | Path | tuple[np.ndarray, np.ndarray] | None = None
+    mesh_rotation: float = 0.0
+    elevation: float = 0.0
+    seed: int = 0
+
+    @property
+    def source(self) -> str:
+        source = self.geometry or ("mesh" if self.mesh is not None else "own")
+        if source not in GEOMETRY_SOURCES:
+            raise NearError(f"unknown geometry source {source!r}; choose one of {', '.join(GEOMETRY_SOURCES)}")
+        if (source == "mesh") != (self.mesh is not None):
+            raise NearError("--geometry mesh needs a mesh (--mesh FILE)" if source == "mesh" else
+                            f"a mesh was given, but the geometry source is {source!r}: use --geometry mesh, or "
+                            "leave the mesh out")
+        return source
+
+
+Progress = Callable[[str, float], object]  # (stage, fraction of the whole lift done)
+
+
+def photo_camera(elevation: float, size: int = LIFT_SIZE) -> Camera:
+    """The camera of a prepared photo when no mesh frames it: the convention's front view, zoomed so the square
+    spans `image.CROP_MARGIN` x `PHOTO_OBJECT_EXTENT` asset units at the origin."""
+    from .image import CROP_MARGIN
+    from .views import front_camera
+
+    camera = front_camera(elevation, size)
+    distance = float(camera.world_to_camera[2, 3])
+    focal = size * distance / (CROP_MARGIN * PHOTO_OBJECT_EXTENT)
+    return Camera(size, size, focal, focal, size / 2, size / 2, camera.world_to_camera, camera.near, camera.far)
+
+
+def prepare_image(request: LiftRequest, size: int = LIFT_SIZE):
+    """Stage 1: the prepared photo (`image.PreparedPhoto`)."""
+    from .image import prepare_photo
+
+    return prepare_photo(request.image, size)
+
+
+def sample_structure(request: LiftRequest, photo, networks: dict, resolution: int = 64
+                     ) -> tuple[np.ndarray, Camera]:
+    """Stage 2: (surface voxels [N, 3], the camera of the prepared photo)."""
+    from .geometry import inflate_silhouette, mesh_geometry, triangles_geometry
+    from .views import fit_crop_camera, front_camera
+
+    source = request.source
+    size = photo.rgba.shape[0]
+    if source == "mesh":
+        if isinstance(request.mesh, tuple):
+            coords = triangles_geometry(*request.mesh, request.mesh_rotation, resolution, "the selected mesh")
+        else:
+            coords = mesh_geometry(request.mesh, request.mesh_rotation, resolution)
+        return coords, fit_crop_camera(front_camera(request.elevation, size), coords, resolution, size)
+    camera = photo_camera(request.elevation, size)
+    if source == "inflate":
+        return inflate_silhouette(photo.rgba[..., 3], camera, resolution), camera
+    if source == "own":
+        from .occupancy import predict_geometry
+
+        if "occupancy" not in networks:
+            raise NearError("these weights have no geometry model of their own (occupancy): use a mesh "
+                            "(--mesh FILE) or --geometry inflate")
+        return predict_geometry(networks["occupancy"], photo.rgba, camera, resolution), camera
+    raise NearError("--geometry trellis needs the official TRELLIS-image-large weights; see `lift.official`")
+
+
+def sample_latent(networks: dict, coords: np.ndarray, photo: np.ndarray, camera: Camera, resolution: int = 64
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 3: (LH latent [N, 8], material latents [N, 6]) of the prepared photo [S, S, 4] seen by `camera`, with
+    near-tiny's regressor."""
+    from .regressor import predict_latents
+
+    with torch.no_grad():
+        latent, materials = predict_latents(networks, coords, torch.from_numpy(photo), camera, resolution)
+    return latent.numpy().astype(np.float32), materials.numpy().astype(np.float32)
+
+
+def load_lift_networks(weights: str | Path, geometry: str) -> dict:
+    """The regressor (and near-tiny's own geometry model when asked for) from a weights folder, with a clear error
+    when the folder has none."""
+    import json
+
+    from ..bundled import weights_folder
+    from ..configs import load_networks
+    from .regressor import LIFT_KEYS
+
+    folder = weights_folder(weights)
+    pipeline = json.loads((Path(folder) / "pipeline.json").read_text())
+    keys = LIFT_KEYS + (("occupancy",) if geometry == "own" and "occupancy" in pipeline.get("models", {}) else ())
+    missing = [k for k in LIFT_KEYS if k not in pipeline.get("models", {})]
+    if missing:
+        raise NearError(f"{folder}: these weights cannot lift a photo: they have no {' or '.join(missing)} network "
+                        "(train them with `near train-lift`, or use the bundled near-tiny)")
+    networks, _ = load_networks(folder, "cpu", keys=keys)
+    return networks
+
+
+def lift_image(request: LiftRequest, progress: Progress | None = None,
+               cancel: Callable[[], bool] | None = None) -> Asset:
+    """One photo -> a relightable asset, in the three stages (see the module docstring). `progress(stage, done)`
+    is told each stage as it starts; `cancel()` is asked between stages and raises `LiftCancelled` when true."""
+    def stage(name: str, done: float) -> None:
+        if cancel is not None and cancel():
+            raise LiftCancelled("the lift was cancelled")
+        if progress is not None:
+            progress(name, done)
+
+    source = request.source
+    stage("loading the lift networks", 0.0)
+    networks = load_lift_networks(request.weights, source)
+    resolution = int(networks["lift_encoder"].resolution)
+    stage("preparing the image", 0.1)
+    photo = prepare_image(request)
+    stage(f"sampling the structure ({source})", 0.2)
+    coords, camera = sample_structure(request, photo, networks, resolution)
+    if len(coords) == 0:
+        raise NearError(f"the {source} geometry has no voxels: there is nothing to lift")
+    stage("sampling the latent", 0.7)
+    latent, materials = sample_latent(networks, coords, photo.rgba, camera, resolution)
+    stage("done", 1.0)
+    digest = hashlib.sha256(Path(request.image).read_bytes()).hexdigest()[:16]
+    return Asset(coords, latent, resolution=resolution,
+                 extras={"base_color": materials[:, :3], "material": materials[:, 3:]}, latent="lh-slat",
+                 model=Path(str(request.weights)).name, source=f"photo:{Path(request.image).name}:sha256:{digest}:"
+                 f"geometry:{source}")

@@ -57,11 +57,12 @@ def fit_crop_camera(camera: Camera, coords: np.ndarray, resolution: int, size: i
                   camera.orthographic)
 
 
-def voxel_depth(coords: np.ndarray, resolution: int, camera: Camera) -> np.ndarray:
-    """The z-buffer [H, W] (camera z, 1e10 where empty) of the voxels drawn as squares of their projected size."""
+def voxel_depth(coords: np.ndarray, resolution: int, camera: Camera, farthest: bool = False) -> np.ndarray:
+    """The z-buffer [H, W] (camera z, 1e10 where empty) of the voxels drawn as squares of their projected size;
+    `farthest`: the z of the last voxel along each ray instead (-1e10 where empty)."""
     points = voxel_points(coords, resolution)
     pixels, z = camera.project(points)
-    depth = torch.full((camera.height * camera.width,), 1e10, dtype=torch.float64)
+    depth = torch.full((camera.height * camera.width,), -1e10 if farthest else 1e10, dtype=torch.float64)
     ahead = z > 1e-6
     if not ahead.any():
         return depth.reshape(camera.height, camera.width).numpy()
@@ -76,5 +77,5 @@ def voxel_depth(coords: np.ndarray, resolution: int, camera: Camera) -> np.ndarr
             inside = ((np.abs(px + 0.5 - pixels[:, 0]) <= radius + 0.5) & (np.abs(py + 0.5 - pixels[:, 1]) <= radius + 0.5)
                       & (px >= 0) & (px < camera.width) & (py >= 0) & (py < camera.height))
             index = torch.from_numpy(py[inside] * camera.width + px[inside])
-            depth.scatter_reduce_(0, index, torch.from_numpy(z[inside]), reduce="amin")
+            depth.scatter_reduce_(0, index, torch.from_numpy(z[inside]), reduce="amax" if farthest else "amin")
     return depth.reshape(camera.height, camera.width).numpy()

@@ -30,6 +30,7 @@ from ..configs import ENCODER_KEYS, load_networks
 from ..errors import NearError
 from ..files import write_atomically
 from ..frame import DEFAULT_MATERIAL
+from ..lift import LIFT_SIZE
 from ..lift.encode import encode_views
 from ..lift.image import crop_object
 from ..lift.regressor import LATENT_CHANNELS, LIFT_KEYS, init_from_encoder, lift_network_args, predict_latents
@@ -40,8 +41,6 @@ from .loop import warmup_cosine
 
 __all__ = ["LiftConfig", "LiftObject", "load_lift_object", "lift_photo", "train_lift", "LIFT_SIZE"]
 
-#: The prepared photo's size for near-tiny's lift (its image features are half that: one per voxel of 64^3).
-LIFT_SIZE = 128
 CHECKPOINT = "lift_checkpoint.pt"
 
 
@@ -196,6 +195,51 @@ def train_lift(data: str | Path, out: str | Path, renderer_weights: str | Path, 
             write_atomically(out / CHECKPOINT, lambda f: torch.save(state, f))
             export_lift(out / "weights", Path(renderer_weights), networks, encoder_args, {**note, "steps": step})
     return {"last": last, "step": step, "seconds": time.perf_counter() - start}
+
+
+@dataclass
+class OccupancyConfig:
+    steps: int = 1500
+    lr: float = 1e-3
+    batch: int = 16
+    photos_per_object: int = 8  # the first lit views, then uniform ones
+    seed: int = 0
+
+
+def train_occupancy(objects: list[LiftObject], config: OccupancyConfig, resolution: int = 64,
+                    log: Callable[[str], object] = print) -> torch.nn.Module:
+    """near-tiny's own geometry model (`lift.occupancy.SlabNet`) on the lift's prepared views: front and back depth
+    per pixel against the voxelized mesh. Inputs and targets are computed once per photo."""
+    from ..lift.occupancy import SlabNet, slab_inputs, slab_targets
+
+    torch.manual_seed(config.seed)
+    pairs = [(o, i) for o in objects for i in list(range(min(o.lit_count, config.photos_per_object - 2)))
+             + list(range(o.lit_count, min(len(o.photos), o.lit_count + 2)))]
+    inputs, targets, masks = [], [], []
+    for start in progress(range(0, len(pairs), 32), "preparing the geometry model's photos", log,
+                          total=(len(pairs) + 31) // 32):
+        chunk = pairs[start:start + 32]
+        inputs.append(slab_inputs(torch.stack([o.photos[i][0] for o, i in chunk])))
+        for o, i in chunk:
+            t, m = slab_targets(o.coords, o.photos[i][1], resolution)
+            targets.append(torch.from_numpy(t))
+            masks.append(torch.from_numpy(m))
+    inputs, targets, masks = torch.cat(inputs), torch.stack(targets), torch.stack(masks)[:, None].float()
+    net = SlabNet()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(50, config.steps))
+    rng = np.random.default_rng(config.seed)
+    for step in range(1, config.steps + 1):
+        chosen = torch.from_numpy(rng.choice(len(inputs), size=min(config.batch, len(inputs)), replace=False))
+        predicted = net(inputs[chosen])
+        loss = ((predicted - targets[chosen]).abs() * masks[chosen]).sum() / masks[chosen].sum().clamp_min(1) / 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == config.steps:
+            log(f"geometry step {step:5d}/{config.steps}  depth L1 {float(loss):.3f} map pixels")
+    return net
 
 
 def check_lift_weights(folder: str | Path) -> None:

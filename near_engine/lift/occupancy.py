@@ -1,0 +1,111 @@
+"""near-tiny's own geometry: one photo -> the object's solid on the 64^3 grid, consistent with its silhouette.
+
+A full 64^3 occupancy decoder is far too much to train on two cores. Seen from the photo's camera, most objects are
+a *slab*: along each pixel's ray the object starts at a front depth and ends at a back depth. `SlabNet`, a small
+convolutional U-Net on the prepared photo, predicts both per pixel of a 64^2 map, as offsets from the silhouette
+inflation's answer (`geometry.poisson_height`: the half-thickness 2 sqrt(h), given as an input and as the starting
+point, so the untrained network *is* the inflation baseline and training can only move it where the data says).
+Depths are in the photo's pixels at the origin's distance, so the same network serves any lens: the camera turns them
+into asset units. A voxel is solid when it projects inside the silhouette and lies between the two depths; the
+surface voxels of that solid are the geometry (`geometry.surface_of`).
+
+Trained (`train.lift.train_occupancy`) on the same prepared views as the lift regressor, against the front and back
+depths of the object's voxelized mesh along each ray.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..camera import Camera
+from .geometry import poisson_height, surface_of
+from .views import voxel_points
+
+__all__ = ["SlabNet", "slab_inputs", "slab_targets", "predict_geometry", "map_camera", "MAP_SIZE"]
+
+#: Side of the predicted depth maps (one per voxel column of the 64^3 grid, about).
+MAP_SIZE = 64
+
+
+class SlabNet(nn.Module):
+    """Prepared photo features [B, 6, 64, 64] (log colour, alpha, inflation half-thickness) -> [B, 2, 64, 64]:
+    front and back depth offsets (photo pixels) added to the inflation's -/+ half-thickness."""
+
+    IN_CHANNELS = 6
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        c = width
+        self.down1 = nn.Sequential(nn.Conv2d(self.IN_CHANNELS, c, 3, padding=1), nn.GELU(),
+                                   nn.Conv2d(c, c, 3, padding=1), nn.GELU())
+        self.down2 = nn.Sequential(nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.GELU(),
+                                   nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.GELU())
+        self.down3 = nn.Sequential(nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1), nn.GELU(),
+                                   nn.Conv2d(4 * c, 4 * c, 3, padding=1), nn.GELU())
+        self.up2 = nn.Sequential(nn.Conv2d(6 * c, 2 * c, 3, padding=1), nn.GELU())
+        self.up1 = nn.Sequential(nn.Conv2d(3 * c, c, 3, padding=1), nn.GELU())
+        self.out = nn.Conv2d(c, 2, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.down1(x)
+        b = self.down2(a)
+        c = self.down3(b)
+        b = self.up2(torch.cat([b, F.interpolate(c, size=b.shape[-2:], mode="bilinear", align_corners=False)], 1))
+        a = self.up1(torch.cat([a, F.interpolate(b, size=a.shape[-2:], mode="bilinear", align_corners=False)], 1))
+        half = x[:, -1:] * 64.0  # the inflation's half-thickness, in photo pixels at the map's resolution
+        return torch.cat([-half, half], 1) + self.out(a) * 8.0
+
+
+def slab_inputs(photos: torch.Tensor) -> torch.Tensor:
+    """Prepared photos [B, S, S, 4] -> the network's input [B, 6, 64, 64]: log1p colour (exposure-normalized), alpha,
+    silhouette mask and the inflation half-thickness (map pixels, divided by 64)."""
+    from .regressor import normalize_exposure
+
+    x = torch.stack([normalize_exposure(p) for p in photos]).permute(0, 3, 1, 2)
+    x = F.interpolate(x, size=(MAP_SIZE, MAP_SIZE), mode="area")
+    mask = (x[:, 3] > 0.5)
+    half = 2.0 * poisson_height(mask).clamp_min(0).sqrt()
+    return torch.cat([torch.log1p(16 * x[:, :3].clamp_min(0)), x[:, 3:], mask[:, None].float(), half[:, None] / 64.0],
+                     1)
+
+
+def map_camera(camera: Camera) -> Camera:
+    """The prepared photo's camera at the depth maps' resolution."""
+    return camera.scaled(MAP_SIZE / camera.width)
+
+
+def slab_targets(coords: np.ndarray, camera: Camera, resolution: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(front/back depth offsets [2, 64, 64] in map pixels at the origin's depth, zero where no voxel is; mask of
+    the rays that hit a voxel [64, 64]) of the voxels `coords` seen by `camera` (the prepared photo's camera)."""
+    from .views import voxel_depth
+
+    small = map_camera(camera)
+    front = voxel_depth(coords, resolution, small)
+    back = voxel_depth(coords, resolution, small, farthest=True)
+    hit = front < 1e9
+    distance = float(camera.world_to_camera[2, 3])
+    offsets = np.stack([front - distance, back - distance]) * (small.fx / distance)
+    return np.where(hit, offsets, 0.0).astype(np.float32), hit
+
+
+def predict_geometry(net: SlabNet, photo: np.ndarray, camera: Camera, resolution: int = 64) -> np.ndarray:
+    """Surface voxels [N, 3] of the solid the network sees in the prepared photo [S, S, 4] taken by `camera`."""
+    with torch.no_grad():
+        x = slab_inputs(torch.from_numpy(np.ascontiguousarray(photo))[None])
+        depths = net(x)[0]  # [2, 64, 64] map pixels at the origin's depth
+    fx, distance = map_camera(camera).fx, float(camera.world_to_camera[2, 3])
+    points = voxel_points(np.argwhere(np.ones((resolution,) * 3, dtype=bool)), resolution)
+    pixels, z = camera.project(points)
+    grid = torch.from_numpy(np.stack([2 * pixels[:, 0] / camera.width - 1, 2 * pixels[:, 1] / camera.height - 1],
+                                     -1)).float()[None, None]
+    maps = torch.cat([depths, x[0, 4:5]], 0)[None]
+    front, back, inside = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros",
+                                        align_corners=False)[0, :, 0].numpy()
+    offset = (z - distance) * fx / distance
+    occupied = (inside > 0.5) & (offset >= front - 0.5) & (offset <= back + 0.5)
+    return surface_of(occupied.reshape((resolution,) * 3))
