@@ -35,7 +35,7 @@ from .checkpoints import load_weights, read_safetensors, read_weights_folder, sa
 from .errors import CheckpointError
 from .files import write_atomically
 from .models.encoder import ImageFeatures, LatentEncoder
-from .lift.occupancy import SlabNet
+from .models.slab import SlabNet
 from .models.gaussian_heads import MATERIAL_CHANNELS
 from .models.iad import IntrinsicAwareDecoder
 from .models.lad import LightingAwareDecoder

@@ -23,6 +23,7 @@ from .models.encoder import ImageFeatures, LatentEncoder
 from .models.iad import IntrinsicAwareDecoder
 from .models.lad import LightingAwareDecoder
 from .models.shading import ShadingMLP
+from .models.slab import SlabNet
 from .models.tokenizer import IlluminationTokenizer
 
 #: The most parameters one network may have: 2**31 (8 GiB as float32). The official full-size set is far below.
@@ -205,6 +206,7 @@ NETWORK_ARGS: dict[type[nn.Module], dict[str, Any]] = {
         "resolution": RESOLUTION, "in_channels": Int(1, 4096), "model_channels": CHANNELS,
         "latent_channels": Int(1, 4096), "num_blocks": BLOCKS, "num_heads": HEADS, "mlp_ratio": RATIO,
         "window_size": Int(1, 1024), "num_register_tokens": Int(1, 256)},
+    SlabNet: {"width": Int(1, 1024)},
 }
 
 

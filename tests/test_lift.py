@@ -1,0 +1,238 @@
+"""Stage 1 (`near_engine.lift`): cameras, visibility, geometry sources, the regressor and `lift_image`, against
+closed forms and independent computations."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from near_engine.errors import NearError
+from near_engine.lift import LiftCancelled, LiftRequest, lift_image, photo_camera
+from near_engine.lift.geometry import inflate_silhouette, poisson_height, solid, surface_of, voxel_iou
+from near_engine.lift.image import CROP_MARGIN, crop_object
+from near_engine.lift.views import fit_crop_camera, front_camera, voxel_depth, voxel_points
+
+R = 64
+
+
+def _ball(radius: float = 0.4, centre=(0.0, 0.0, 0.0)) -> np.ndarray:
+    grid = np.argwhere(np.ones((R,) * 3, dtype=bool))
+    points = (grid + 0.5) / R - 0.5
+    return (np.linalg.norm(points - np.asarray(centre), axis=1) <= radius).reshape((R,) * 3)
+
+
+def test_front_camera_looks_from_minus_y_at_the_origin():
+    camera = front_camera(30.0, 64)
+    position = camera.position
+    assert position == pytest.approx([0.0, -2 * math.cos(math.radians(30)), 2 * math.sin(math.radians(30))])
+    pixel, depth = camera.project(np.zeros((1, 3)))
+    assert pixel[0] == pytest.approx([32, 32]) and depth[0] == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        front_camera(95.0)
+
+
+def test_crop_camera_frames_the_voxels_in_the_1_2_square():
+    shell = surface_of(_ball(0.3, (0.1, 0.0, 0.05)))
+    camera = fit_crop_camera(front_camera(0.0, 512), shell, R, 100)
+    points = voxel_points(shell, R)
+    pixels, _ = camera.project(points)
+    extent = pixels.max(0) - pixels.min(0)  # centres: half a voxel inside the padded box on each side
+    assert max(extent) == pytest.approx(100 / CROP_MARGIN, rel=0.05)
+    assert (pixels.max(0) + pixels.min(0)) / 2 == pytest.approx([50, 50], abs=1.0)
+
+
+def test_voxel_depth_matches_the_ray_sphere_intersection():
+    shell = surface_of(_ball(0.4))
+    camera = fit_crop_camera(front_camera(0.0), shell, R, 96)
+    depth = voxel_depth(shell, R, camera)
+    origins, directions = camera.pixel_rays()
+    # closed form: first hit of each ray with the sphere of radius 0.4 at the origin, as camera z
+    b = (origins * directions).sum(-1)
+    c = (origins ** 2).sum(-1) - 0.4 ** 2
+    hit = b * b - c > 0.01
+    t = -b - np.sqrt(np.clip(b * b - c, 0, None))
+    z = t * (directions @ camera.world_to_camera[2, :3])
+    wide = (origins ** 2).sum(-1) - (0.4 + 1.5 / R) ** 2  # beyond the voxels' own half-voxel overhang
+    assert (depth[hit] < 1e9).mean() > 0.97 and (depth[b * b - wide < 0] > 1e9).all()
+    both = hit & (depth < 1e9)
+    assert np.abs(depth[both] - z[both]).mean() < 1.5 / R  # within the voxels' own quantization
+    far = voxel_depth(shell, R, camera, farthest=True)
+    z_far = (-b + np.sqrt(np.clip(b * b - c, 0, None))) * (directions @ camera.world_to_camera[2, :3])
+    assert np.abs(far[both] - z_far[both]).mean() < 1.5 / R  # the last voxel along the ray: the ball's back
+
+
+def test_poisson_height_of_a_disc_is_the_closed_form():
+    yy, xx = np.mgrid[:64, :64] + 0.5
+    r2 = (yy - 32) ** 2 + (xx - 32) ** 2
+    disc = r2 < 20 ** 2
+    h = poisson_height(disc[None])[0].numpy()
+    exact = np.clip((20.5 ** 2 - r2) / 4, 0, None)  # the discrete outline lies about half a pixel out
+    assert np.abs(h - exact)[disc].max() < 0.06 * exact.max()
+    assert not h[~disc].any()
+
+
+def test_solid_and_surface_are_inverse_and_iou_scores_overlap():
+    ball = _ball(0.35)
+    shell = surface_of(ball)
+    assert np.array_equal(solid(shell), ball)
+    assert voxel_iou(shell, shell) == 1.0
+    smaller = surface_of(_ball(0.3))
+    assert voxel_iou(smaller, shell) == pytest.approx(_ball(0.3).sum() / ball.sum(), rel=1e-6)
+    assert voxel_iou(np.zeros((0, 3), np.int32), shell) == 0.0
+
+
+def test_inflating_a_ball_silhouette_gives_a_ball():
+    shell = surface_of(_ball(0.4))
+    camera = fit_crop_camera(front_camera(0.0), shell, R, 128)
+    alpha = (voxel_depth(shell, R, camera) < 1e9).astype(np.float32)
+    inflated = inflate_silhouette(alpha, camera)
+    assert voxel_iou(inflated, shell) > 0.75
+    # a flat disc's silhouette seen edge-on is a line: inflating it gives a thin slab, not a ball
+    assert voxel_iou(inflated, surface_of(_ball(0.2))) < 0.3
+    with pytest.raises(NearError, match="empty"):
+        inflate_silhouette(np.zeros((64, 64), np.float32), camera)
+
+
+def test_photo_camera_maps_the_square_to_the_object_extent():
+    camera = photo_camera(0.0, 128)
+    from near_engine.lift import PHOTO_OBJECT_EXTENT
+
+    left, _ = camera.project(np.array([[-PHOTO_OBJECT_EXTENT / 2, 0.0, 0.0], [PHOTO_OBJECT_EXTENT / 2, 0.0, 0.0]]))
+    assert left[1, 0] - left[0, 0] == pytest.approx(128 / CROP_MARGIN, rel=1e-6)
+
+
+def test_crop_camera_of_a_prepared_view_sees_what_the_view_sees():
+    shell = surface_of(_ball(0.3, (0.1, 0.0, 0.0)))
+    view = front_camera(20.0, 96)
+    alpha = (voxel_depth(shell, R, view) < 1e9).astype(np.float32)
+    rgba = np.concatenate([np.full(alpha.shape + (3,), 0.5, np.float32) * alpha[..., None], alpha[..., None]], -1)
+    prepared = crop_object(rgba, 64)
+    cropped_view = prepared.crop_camera(view)
+    expected = (voxel_depth(shell, R, cropped_view) < 1e9).astype(np.float32)
+    assert np.abs(prepared.rgba[..., 3] - expected).mean() < 0.03
+
+
+# ---- the regressor and lift_image ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lift_weights(tmp_path_factory) -> Path:
+    """near-tiny's renderer weights with a lift regressor at its step-0 state (the mesh encoder on the photo):
+    plumbing for the tests, not a model."""
+    from near_engine.bundled import weights_folder
+    from near_engine.checkpoints import read_model_entry
+    from near_engine.configs import ENCODER_KEYS, load_networks
+    from near_engine.frame import DEFAULT_MATERIAL
+    from near_engine.lift.regressor import init_from_encoder
+    from near_engine.train.lift import export_lift
+
+    source = Path(weights_folder("near-tiny"))
+    encoders, _ = load_networks(source, "cpu", keys=ENCODER_KEYS)
+    args = read_model_entry("encoder", source / "encoder").args
+    networks = init_from_encoder(encoders["image_features"], encoders["encoder"], args, DEFAULT_MATERIAL)
+    folder = tmp_path_factory.mktemp("lift") / "weights"
+    export_lift(folder, source, networks, args, {"test": True})
+    return folder
+
+
+def _disc_png(path: Path, colour=(200, 40, 40), size: int = 96) -> Path:
+    yy, xx = np.mgrid[:size, :size]
+    inside = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2
+    rgba = np.zeros((size, size, 4), np.uint8)
+    rgba[inside] = (*colour, 255)
+    Image.fromarray(rgba, "RGBA").save(path)
+    return path
+
+
+def test_step0_regressor_is_the_mesh_encoder_on_the_photo(lift_weights):
+    from near_engine.configs import ENCODER_KEYS, load_networks
+    from near_engine.lift import load_lift_networks
+    from near_engine.lift.regressor import lift_inputs, normalize_exposure, predict_latents
+    from near_engine.models.encoder import lift_features
+    from near_engine.sparse import SparseTensor
+
+    networks = load_lift_networks(lift_weights, "mesh")
+    encoders, _ = load_networks(lift_weights, "cpu", keys=ENCODER_KEYS)
+    shell = surface_of(_ball(0.3))
+    camera = fit_crop_camera(front_camera(0.0), shell, R, 64)
+    alpha = torch.from_numpy((voxel_depth(shell, R, camera) < 1e9).astype(np.float32))[..., None]
+    photo = torch.cat([torch.tensor([0.6, 0.2, 0.1]) * alpha, alpha], -1)
+    with torch.no_grad():
+        latent, materials = predict_latents(networks, shell, photo, camera)
+        # independently: the mesh encoder's features of the (exposure-normalized) photo, depth-tested by the voxels
+        maps = encoders["image_features"](normalize_exposure(photo)[None])
+        depth = torch.from_numpy(voxel_depth(shell, R, camera))[None].float()
+        points = torch.from_numpy(voxel_points(shell, R)).float()
+        feats = lift_features(maps, points, [camera], depth, tolerance=2.0 / R)
+        expected = encoders["encoder"](SparseTensor.from_list([(torch.from_numpy(shell), feats)], R)).feats
+        seen = lift_inputs(networks["lift_features"], shell, photo, camera, R)[:, 3 + 12] > 0.5  # alpha channel
+    torch.testing.assert_close(latent, expected, atol=1e-4, rtol=1e-4)
+    assert 0.2 < seen.float().mean() < 0.8  # the front half of the ball is seen, the back is not
+    assert materials.min() >= 0 and materials.max() <= 1
+
+
+def test_lift_image_with_inflated_geometry_writes_a_renderable_asset(lift_weights, tmp_path):
+    from near_engine.asset import read_asset, write_asset
+    from near_engine.envmap import EnvMap
+    from near_engine.pipeline import NearPipeline, Scene
+    from near_engine.camera import Camera
+
+    photo = _disc_png(tmp_path / "disc.png")
+    stages = []
+    asset = lift_image(LiftRequest(photo, lift_weights, "inflate"), lambda s, f: stages.append((s, f)))
+    assert [s for s, _ in stages] == ["loading the lift networks", "preparing the image",
+                                      "sampling the structure (inflate)", "sampling the latent", "done"]
+    assert [f for _, f in stages] == sorted(f for _, f in stages)
+    assert asset.num_voxels > 500 and asset.extras["base_color"].shape == (asset.num_voxels, 3)
+    assert asset.source.startswith("photo:disc.png:sha256:") and asset.source.endswith("geometry:inflate")
+    # the disc inflates into a ball: as wide as it is deep
+    extent = asset.coords.max(0) - asset.coords.min(0)
+    assert extent[0] == pytest.approx(extent[1], rel=0.2) and extent[0] == pytest.approx(extent[2], rel=0.2)
+    write_asset(tmp_path / "disc.near", asset)
+    pipeline = NearPipeline.from_pretrained(lift_weights, "cpu")
+    camera = Camera.orbit(-90, 0, 2.0, width=48, height=48)
+    out = pipeline.render(Scene([(read_asset(tmp_path / "disc.near"), np.eye(4))], EnvMap.uniform(1.0), camera,
+                                transparent=True), ("combined", "alpha"))
+    assert out["alpha"][24, 24, 0] > 0.9 and out["alpha"][2, 2, 0] < 0.1
+    # NearPipeline.lift is the same stages on the pipeline's own weights
+    again = pipeline.lift(photo, geometry="inflate")
+    np.testing.assert_array_equal(again.coords, asset.coords)
+    np.testing.assert_allclose(again.feats, asset.feats, atol=1e-5)
+
+
+def test_lift_errors_are_clear_and_cancel_stops(lift_weights, tmp_path):
+    photo = _disc_png(tmp_path / "disc.png")
+    with pytest.raises(NearError, match="cannot lift a photo"):
+        lift_image(LiftRequest(photo, _renderer_only(tmp_path), "inflate"))
+    with pytest.raises(NearError, match="needs a mesh"):
+        lift_image(LiftRequest(photo, lift_weights, "mesh"))
+    with pytest.raises(NearError, match="own"):
+        lift_image(LiftRequest(photo, lift_weights, "own"))  # these test weights have no geometry model
+    with pytest.raises(NearError, match="trellis"):
+        lift_image(LiftRequest(photo, lift_weights, "trellis"))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(NearError):
+        lift_image(LiftRequest(tmp_path / "broken.png", lift_weights, "inflate"))
+    calls = []
+    with pytest.raises(LiftCancelled):
+        lift_image(LiftRequest(photo, lift_weights, "inflate"), cancel=lambda: calls.append(1) or len(calls) > 2)
+    assert len(calls) == 3
+
+
+def _renderer_only(tmp_path: Path) -> Path:
+    """near-tiny without its lift networks."""
+    from near_engine.bundled import weights_folder
+
+    folder = tmp_path / "renderer_only"
+    shutil.copytree(weights_folder("near-tiny"), folder)
+    pipeline = json.loads((folder / "pipeline.json").read_text())
+    for key in ("lift_features", "lift_encoder", "occupancy"):
+        pipeline["models"].pop(key, None)
+    (folder / "pipeline.json").write_text(json.dumps(pipeline))
+    return folder
