@@ -1,15 +1,19 @@
 """Weights on disk: safetensors files read into modules with every mismatch named, our folder format, and the
-official NeAR folder layout. Nothing here unpickles or executes anything from a file.
+official NeAR and TRELLIS folder layouts. Nothing here executes anything from a file: a PyTorch `.pth` (the DINOv2
+file TRELLIS's stage 1 needs) is read only with `torch.load(weights_only=True)`, which builds tensors and plain
+containers and refuses any other object.
 
 Our format: a folder with `pipeline.json` ({"models": {key: name}, ...}) and `<name>.json` ({"name": class name,
-"args": constructor arguments}) + `<name>.safetensors` per network. The official NeAR layout is the same per network
-but listed by `pipeline.yaml` (`args.models: {key: path}`, read with `yaml.safe_load`).
+"args": constructor arguments}) + `<name>.safetensors` per network. The official layouts are the same per network
+but list them under `args`: NeAR's `pipeline.yaml` (`args.models: {key: path}`, read with `yaml.safe_load`) and
+TRELLIS-image-large's `pipeline.json` ({"name": ..., "args": {"models": {key: "ckpts/<name>"}, ...}}).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection
@@ -47,6 +51,54 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"weights file {path} is damaged or not a safetensors file ({exc})") from None
+
+
+def read_torch_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a PyTorch state-dict file (`.pth`/`.pt`), read with `torch.load(weights_only=True)` on the CPU.
+
+    A missing or damaged file, one holding Python objects other than tensors and plain containers (which loading
+    would have to run), or anything but a flat {name: tensor} dict raises CheckpointError naming the file.
+    """
+    import pickle
+    import zipfile
+
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"weights file {path} is a folder, not a PyTorch weights file")
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if re.search(r"unsupported (global|class)", str(exc), re.IGNORECASE):  # an object, not garbage
+            raise CheckpointError(f"weights file {path} holds Python objects besides tensors, which are never loaded "
+                                  "(only a plain state dict of tensors is read)") from None
+        raise CheckpointError(f"weights file {path} is damaged or not a PyTorch weights file ({exc})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as exc:
+        raise CheckpointError(f"weights file {path} is damaged or not a PyTorch weights file ({exc})") from None
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"weights file {path} is not a state dict: expected a flat {{name: tensor}} dict, got "
+                              f"{_describe(state)}")
+    return state
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        kinds = sorted({type(v).__name__ for v in value.values()})
+        return f"a dict of {len(value)} entries ({', '.join(kinds) or 'empty'})"
+    return type(value).__name__
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a `.safetensors` file or of a PyTorch `.pth`/`.pt` state dict (chosen by the file's suffix)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return read_safetensors(path)
+    if suffix in (".pth", ".pt"):
+        return read_torch_weights(path)
+    raise CheckpointError(f"weights file {path}: expected a .safetensors, .pth or .pt file")
 
 
 def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -117,7 +169,8 @@ def read_model_entry(key: str, base: Path) -> ModelEntry:
 
 def read_weights_folder(folder: str | os.PathLike,
                         keys: Collection[str] | None = None) -> tuple[dict[str, Any], dict[str, ModelEntry]]:
-    """(pipeline settings, {key: ModelEntry}) of our folder format or, unchanged, the official NeAR layout.
+    """(pipeline settings, {key: ModelEntry}) of our folder format or, unchanged, the official NeAR or TRELLIS layout
+    (the settings are then the pipeline file's `args`).
 
     Only the networks in `keys` (all when None) are opened, so a folder whose other networks' files are absent (the
     official stage-1 flow model, say) still serves the ones asked for. The settings keep the full `models` listing.
@@ -129,6 +182,8 @@ def read_weights_folder(folder: str | os.PathLike,
         raise CheckpointError(f"weights folder {folder} does not exist")
     if (folder / "pipeline.json").is_file():
         pipeline = _read_json(folder / "pipeline.json")
+        if isinstance(pipeline, dict) and "models" not in pipeline and isinstance(pipeline.get("args"), dict):
+            pipeline = pipeline["args"]  # TRELLIS-image-large: {"name": pipeline class, "args": {"models": ...}}
         models = pipeline.get("models") if isinstance(pipeline, dict) else None
     elif (folder / "pipeline.yaml").is_file():
         pipeline = _read_yaml(folder / "pipeline.yaml")

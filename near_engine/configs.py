@@ -13,9 +13,10 @@ the values the reference manifests could not pin down) and `near-tiny` (the same
 CPU rendering; `tiny_config(...)`).
 
 Class names resolve only through `CLASS_REGISTRY` (official and our names); nothing is imported, unpickled or executed
-from a file. The official pipeline also lists `slat_flow_model` (stage 1, image -> structured latent). It is not built
-here: `load_networks` skips it and records why under `settings["skipped_networks"]`; asking `build_networks` for it
-raises `CheckpointError`.
+from a file. The official pipelines also list stage-1 networks (`STAGE1_KEYS`: image -> structured latent). They are
+registered and build like the others, but they are large and the renderer does not need them, so `load_networks`
+opens only the networks asked for (the four renderer networks by default) and records the other listed ones under
+`settings["skipped_networks"]`; `lift.official.load_official_stage1` loads stage 1.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ from .models.gaussian_heads import MATERIAL_CHANNELS
 from .models.iad import IntrinsicAwareDecoder
 from .models.lad import LightingAwareDecoder
 from .models.shading import ShadingMLP
+from .models.slat_flow import SLatFlowModel
+from .models.ss_decoder import SparseStructureDecoder
+from .models.ss_flow import SparseStructureFlowModel
 from .models.tokenizer import IlluminationTokenizer
 from .network_args import MAX_PARAMETERS, check_network_args, check_pipeline_settings
 
@@ -49,11 +53,9 @@ from .network_args import MAX_PARAMETERS, check_network_args, check_pipeline_set
 #: The pipeline keys of the networks this engine builds, in the order they run.
 NETWORK_KEYS: tuple[str, ...] = ("decoder", "hdri_encoder", "renderer", "neural_basis")
 
-#: Pipeline keys of the official layout that are recognised but not built (stage 1: image -> structured latent).
-UNBUILT_KEYS: dict[str, str] = {
-    "slat_flow_model": "stage 1 (image -> structured latent flow model) is not built by this engine yet; "
-                       "the relighting networks work from a structured latent (.near asset) instead",
-}
+#: The official stage-1 networks (image -> structured latent): TRELLIS's sparse-structure flow and decoder (the
+#: voxels) and the latent flow of TRELLIS or NeAR (the latent on them).
+STAGE1_KEYS: tuple[str, ...] = ("sparse_structure_flow_model", "sparse_structure_decoder", "slat_flow_model")
 
 #: Class names that may appear in a weights folder (official and ours) -> our class. The only way a name becomes code.
 CLASS_REGISTRY: dict[str, type[nn.Module]] = {
@@ -68,13 +70,16 @@ CLASS_REGISTRY: dict[str, type[nn.Module]] = {
     "ImageFeatures": ImageFeatures,
     "LatentEncoder": LatentEncoder,
     "SlabNet": SlabNet,
+    # TRELLIS names its latent flow SLatFlowModel; NeAR's (and TRELLIS's training configs) ElasticSLatFlowModel, which
+    # only adds training-time memory management: the same parameters, the same network.
+    "SLatFlowModel": SLatFlowModel,
+    "ElasticSLatFlowModel": SLatFlowModel,
+    "SparseStructureFlowModel": SparseStructureFlowModel,
+    "SparseStructureDecoder": SparseStructureDecoder,
 }
 
 #: The training-only networks of near-tiny (mesh views -> LH latent); rendering never loads them.
 ENCODER_KEYS: tuple[str, ...] = ("image_features", "encoder")
-
-#: Stage-1 class names (recognised, never built).
-UNBUILT_CLASSES: frozenset[str] = frozenset({"ElasticSLatFlowModel", "SLatFlowModel"})
 
 #: The class each pipeline key must hold.
 KEY_CLASSES: dict[str, type[nn.Module]] = {
@@ -87,6 +92,9 @@ KEY_CLASSES: dict[str, type[nn.Module]] = {
     "lift_features": ImageFeatures,
     "lift_encoder": LatentEncoder,
     "occupancy": SlabNet,
+    "sparse_structure_flow_model": SparseStructureFlowModel,
+    "sparse_structure_decoder": SparseStructureDecoder,
+    "slat_flow_model": SLatFlowModel,
 }
 
 # Official constructor arguments that have no effect on the network and that some of our classes do not accept.
@@ -96,9 +104,6 @@ _INERT_ARGS = ("pretrained_path", "pretrained_decoder_path")
 
 def resolve_class(class_name: str, key: str | None = None) -> type[nn.Module]:
     """Our class for a (official or our) class name, checked against the pipeline key's role when given."""
-    if class_name in UNBUILT_CLASSES:
-        raise CheckpointError(f"network '{key}': class {class_name} is stage 1 (image -> structured latent), which "
-                              "this engine does not build")
     cls = CLASS_REGISTRY.get(class_name)
     if cls is None:
         raise CheckpointError(f"network '{key}': unknown class {class_name!r}; known classes: "
@@ -252,8 +257,6 @@ def build_network(key: str, class_name: str, args: Mapping[str, Any], device: st
     None are dropped.
     """
     where = f"{source or 'configuration'}: network '{key}' ({class_name})"
-    if key in UNBUILT_KEYS:
-        raise CheckpointError(f"network '{key}': {UNBUILT_KEYS[key]}")
     cls = resolve_class(class_name, key)
     params = inspect.signature(cls.__init__).parameters
     kwargs = dict(args)
@@ -323,8 +326,8 @@ def load_networks(folder: str | os.PathLike, device: str | torch.device = "cpu",
     also name a bundled model ("near-tiny").
 
     Every network in `keys` must be in the folder; it is built from its entry's class and args and its weights are
-    loaded strictly (every missing, unexpected or mis-shaped tensor is named). Networks listed but not built (stage 1)
-    are skipped; `settings["skipped_networks"]` says which and why. Other unknown keys are an error.
+    loaded strictly (every missing, unexpected or mis-shaped tensor is named). Stage-1 networks listed but not in
+    `keys` are not opened; `settings["skipped_networks"]` says which and why. Other unknown keys are an error.
     """
     folder = weights_folder(folder)
     settings, entries = read_weights_folder(folder, keys)
@@ -332,19 +335,17 @@ def load_networks(folder: str | os.PathLike, device: str | torch.device = "cpu",
     check_pipeline_settings(settings, str(folder / ("pipeline.json" if (folder / "pipeline.json").is_file()
                                                     else "pipeline.yaml")))
     listed = list(settings.get("models", {}))
-    unknown = [k for k in listed if k not in KEY_CLASSES and k not in UNBUILT_KEYS]
+    unknown = [k for k in listed if k not in KEY_CLASSES]
     if unknown:
         raise CheckpointError(f"{folder}: unknown network key(s) {', '.join(unknown)}; the keys NeAR uses are "
-                              f"{', '.join(NETWORK_KEYS + tuple(UNBUILT_KEYS))}")
+                              f"{', '.join(NETWORK_KEYS + STAGE1_KEYS)}")
     absent = [k for k in keys if k not in entries]
     if absent:
         raise CheckpointError(f"{folder} lacks the network(s) {', '.join(absent)} (it has {', '.join(listed)})")
-    skipped = {k: UNBUILT_KEYS[k] for k in listed if k in UNBUILT_KEYS}
+    why = "stage 1 (image -> structured latent), not needed to render: lift.official.load_official_stage1 loads it"
+    skipped = {k: why for k in listed if k in STAGE1_KEYS and k not in keys}
     networks: dict[str, nn.Module] = {}
     for key, entry in entries.items():
-        if entry.class_name in UNBUILT_CLASSES:
-            raise CheckpointError(f"{folder}: network '{key}' has class {entry.class_name}, which is stage 1 and is "
-                                  "not built yet")
         module = build_network(key, entry.class_name, entry.args, "cpu",
                                source=str(entry.weights.with_suffix(".json")))
         load_weights(module, read_safetensors(entry.weights), f"network '{key}' ({entry.weights})")

@@ -24,6 +24,9 @@ from .models.iad import IntrinsicAwareDecoder
 from .models.lad import LightingAwareDecoder
 from .models.shading import ShadingMLP
 from .models.slab import SlabNet
+from .models.slat_flow import SLatFlowModel
+from .models.ss_decoder import SparseStructureDecoder
+from .models.ss_flow import SparseStructureFlowModel
 from .models.tokenizer import IlluminationTokenizer
 
 #: The most parameters one network may have: 2**31 (8 GiB as float32). The official full-size set is far below.
@@ -96,14 +99,17 @@ class OneOf:
 
 @dataclass(frozen=True)
 class IntList:
-    """A list of `length` whole numbers, each fitting `item`."""
+    """A list of `length` (up to `max_length`, when given) whole numbers, each fitting `item`."""
 
     length: int
     item: Int
+    max_length: int | None = None
 
     def check(self, value: Any) -> None:
-        if not isinstance(value, list) or len(value) != self.length:
-            raise _Bad(f"must be a list of {self.length} whole numbers, got {value!r}")
+        longest = self.max_length or self.length
+        if not isinstance(value, list) or not self.length <= len(value) <= longest:
+            count = str(self.length) if longest == self.length else f"{self.length} to {longest}"
+            raise _Bad(f"must be a list of {count} whole numbers, got {value!r}")
         for i, v in enumerate(value):
             try:
                 self.item.check(v)
@@ -185,6 +191,15 @@ _SLAT_TRANSFORMER = {
     "qk_rms_norm_cross": Flag(), "representation_config": Nullable(REPRESENTATION),
 }
 
+# The arguments both TRELLIS flow transformers take (the released values are the only modes built: APE, no shared
+# modulation, patch size 1 for the structure flow).
+_FLOW_TRANSFORMER = {
+    "resolution": RESOLUTION, "in_channels": Int(1, 4096), "model_channels": CHANNELS, "cond_channels": CHANNELS,
+    "out_channels": Int(1, 4096), "num_blocks": BLOCKS, "num_heads": Nullable(HEADS),
+    "num_head_channels": Nullable(Int(8, 4096)), "mlp_ratio": RATIO, "pe_mode": OneOf(("ape",)), "use_fp16": Flag(),
+    "use_checkpoint": Flag(), "share_mod": OneOf((False,)), "qk_rms_norm": Flag(), "qk_rms_norm_cross": Flag(),
+}
+
 #: class -> {constructor argument: spec}. Every argument a constructor takes is listed; anything else is refused.
 NETWORK_ARGS: dict[type[nn.Module], dict[str, Any]] = {
     IntrinsicAwareDecoder: _SLAT_TRANSFORMER,
@@ -207,6 +222,15 @@ NETWORK_ARGS: dict[type[nn.Module], dict[str, Any]] = {
         "latent_channels": Int(1, 4096), "num_blocks": BLOCKS, "num_heads": HEADS, "mlp_ratio": RATIO,
         "window_size": Int(1, 1024), "num_register_tokens": Int(1, 256)},
     SlabNet: {"width": Int(1, 1024)},
+    SLatFlowModel: {
+        **_FLOW_TRANSFORMER, "patch_size": OneOf((1, 2, 4, 8, 16)), "num_io_res_blocks": Int(1, 8),
+        "io_block_channels": Nullable(IntList(1, CHANNELS, max_length=4)), "use_skip_connection": OneOf((True,))},
+    # The structure flow's resolution bounds its dense token grid (R^3 tokens; the released one is 16).
+    SparseStructureFlowModel: {**_FLOW_TRANSFORMER, "resolution": Int(1, 64), "patch_size": OneOf((1,))},
+    SparseStructureDecoder: {
+        "out_channels": Int(1, 64), "latent_channels": Int(1, 4096), "num_res_blocks": Int(0, 16),
+        "channels": IntList(1, CHANNELS, max_length=6), "num_res_blocks_middle": Int(0, 16),
+        "norm_type": OneOf(("layer",)), "use_fp16": Flag()},
 }
 
 
@@ -225,6 +249,25 @@ def _slat_heads(args: Mapping[str, Any]) -> str | None:
     heads = args.get("num_heads") or channels // (args.get("num_head_channels") or 64)
     if heads < 1 or channels % heads:
         return f"model_channels ({channels}) cannot be split into {heads} attention heads (num_heads/num_head_channels)"
+    return None
+
+
+def _flow_heads(args: Mapping[str, Any]) -> str | None:
+    """The flows' num_heads, or model_channels // num_head_channels (default 64) heads, must split model_channels."""
+    channels = args.get("model_channels", 1024)
+    heads = args.get("num_heads") or channels // (args.get("num_head_channels") or 64)
+    if heads < 1 or channels % heads:
+        return f"model_channels ({channels}) cannot be split into {heads} attention heads (num_heads/num_head_channels)"
+    return None
+
+
+def _io_stages(args: Mapping[str, Any]) -> str | None:
+    """Each down/up stage of the latent flow halves the grid: patch_size = 2 ** stages, dividing the resolution."""
+    stages, patch = args.get("io_block_channels"), args.get("patch_size", 2)
+    if stages and 2 ** len(stages) != patch:
+        return f"patch_size ({patch}) must be 2 ** len(io_block_channels) ({2 ** len(stages)})"
+    if args.get("resolution", 64) % patch:
+        return f"resolution ({args.get('resolution', 64)}) must be a multiple of patch_size ({patch})"
     return None
 
 
@@ -253,6 +296,8 @@ NETWORK_RULES: dict[type[nn.Module], tuple[Callable[[Mapping[str, Any]], str | N
     LightingAwareDecoder: (_slat_heads,),
     IlluminationTokenizer: (_rope_head_dim, _fusion_group_norms, _square_tokens),
     LatentEncoder: (_heads_divide("model_channels", "num_heads"),),
+    SLatFlowModel: (_flow_heads, _io_stages),
+    SparseStructureFlowModel: (_flow_heads,),
 }
 
 #: `pipeline.json` settings the engine reads: `light_size` sizes the tokenizer's input planes (memory grows with its

@@ -86,7 +86,7 @@ def _write_official(folder: Path, nets: dict, config: dict, fp16_blocks: bool = 
                    for k, v in module.state_dict().items()}
         save_file(tensors, str(ckpts / f"{key}.safetensors"))
         (ckpts / f"{key}.json").write_text(json.dumps({"name": config[key]["name"], "args": config[key]["args"]}))
-    # stage 1 is listed too, as in the real pipeline.yaml; it is skipped, never built
+    # stage 1 is listed too, as in the real pipeline.yaml; loading the renderer networks never opens it
     save_file({"out_layer.weight": torch.zeros(8, 4)}, str(ckpts / "slat_flow_model.safetensors"))
     (ckpts / "slat_flow_model.json").write_text(json.dumps({"name": "ElasticSLatFlowModel", "args": {}}))
     models = "".join(f"    {k}: ckpts/{k}\n" for k in [*nets, "slat_flow_model"])
@@ -182,8 +182,10 @@ def test_official_layout_loads_unchanged(tmp_path):
             assert dst[name].dtype == value.dtype  # fp16 in the file, fp32 in the module
             want = value.half().float() if name.startswith("blocks.") else value
             assert torch.equal(dst[name], want), (key, name)
-    with pytest.raises(CheckpointError, match="stage 1"):
-        build_networks({"slat_flow_model": {"name": "ElasticSLatFlowModel", "args": {}}})
+    # Stage 1 builds like the other networks now (lift.official loads it), from its official args.
+    flow = load_manifest("near_slat_flow_model")
+    stage1 = build_networks({"slat_flow_model": {"name": flow["class"], "args": flow["args"]}}, "meta")
+    assert count_parameters(stage1["slat_flow_model"]) == flow["total_params"]
     # A folder without the stage-1 files still serves the renderer networks: they are never opened.
     (tmp_path / "ckpts" / "slat_flow_model.safetensors").unlink()
     (tmp_path / "ckpts" / "slat_flow_model.json").unlink()
