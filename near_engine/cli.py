@@ -221,7 +221,7 @@ def _cmd_lift(args: argparse.Namespace) -> int:
     from .progress import Progress
 
     request = LiftRequest(args.image, args.weights, args.geometry, args.mesh, args.mesh_rotation, args.elevation,
-                          args.seed)
+                          args.seed, args.trellis, args.dinov2)
     with Progress(f"lifting {Path(args.image).name}", 100) as bar:
         def report(stage: str, done: float) -> None:
             bar.stage = f"lifting {Path(args.image).name}: {stage}"
@@ -390,6 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     lift.add_argument("--weights", default=DEFAULT_WEIGHTS, help="weights folder with the lift networks, or a "
                       "bundled model (default: near-tiny)")
     lift.add_argument("--seed", type=SEED, default=0, help="seed of the sampled stages (the official flows)")
+    lift.add_argument("--trellis", metavar="FOLDER", help="a TRELLIS-image-large weights folder (pipeline.json, ckpts/)"
+                      ": its sparse-structure flow and decoder make the geometry with --geometry trellis")
+    lift.add_argument("--dinov2", metavar="FILE", help="DINOv2 ViT-L/14-reg weights (.pth or .safetensors) for the "
+                      "official flows (default: looked for in the weights folders)")
     lift.set_defaults(func=_cmd_lift)
 
     lift_tr = sub.add_parser("train-lift", help="train near-tiny's lift regressor (one lit photo -> the even "

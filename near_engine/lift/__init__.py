@@ -56,6 +56,8 @@ class LiftRequest:
     mesh_rotation: float = 0.0
     elevation: float = 0.0
     seed: int = 0
+    trellis: str | Path | None = None  # a TRELLIS-image-large folder: the sparse-structure flow and decoder
+    dinov2: str | Path | None = None  # the DINOv2 ViT-L/14-reg weights file (else looked for in the folders)
 
     @property
     def source(self) -> str:
@@ -115,7 +117,7 @@ def sample_structure(request: LiftRequest, photo, networks: dict, resolution: in
             raise NearError("these weights have no geometry model of their own (occupancy): use a mesh "
                             "(--mesh FILE) or --geometry inflate")
         return predict_geometry(networks["occupancy"], photo.rgba, camera, resolution), camera
-    raise NearError("--geometry trellis needs the official TRELLIS-image-large weights; see `lift.official`")
+    raise NearError("internal: the trellis structure is sampled by `lift_image`")
 
 
 def sample_latent(networks: dict, coords: np.ndarray, photo: np.ndarray, camera: Camera, resolution: int = 64
@@ -149,31 +151,72 @@ def load_lift_networks(weights: str | Path, geometry: str) -> dict:
     return networks
 
 
+def _official_stage1(request: LiftRequest, official_latent: bool):
+    """The official networks this request needs (latent flow from the weights, structure from --trellis), or None."""
+    from .official import load_official_stage1
+
+    if request.source == "trellis" and request.trellis is None and not official_latent:
+        raise NearError("--geometry trellis needs a TRELLIS-image-large weights folder (--trellis FOLDER, with its "
+                        "ckpts/ and pipeline.json, and the DINOv2 ViT-L/14-reg weights); nothing is downloaded")
+    if not official_latent and request.source != "trellis":
+        return None
+    folder = request.weights if official_latent else request.trellis
+    return load_official_stage1(folder, dinov2=request.dinov2,
+                                structure_folder=request.trellis if request.trellis != folder else None)
+
+
 def lift_image(request: LiftRequest, progress: Progress | None = None,
                cancel: Callable[[], bool] | None = None) -> Asset:
     """One photo -> a relightable asset, in the three stages (see the module docstring). `progress(stage, done)`
-    is told each stage as it starts; `cancel()` is asked between stages and raises `LiftCancelled` when true."""
+    is told each stage as it starts (and each sampler step of the official flows); `cancel()` is asked between
+    stages and steps, and raises `LiftCancelled` when true.
+
+    near-tiny weights: its regressor makes the latents. An official NeAR folder (one with `slat_flow_model`): its
+    flow samples the LH latent, conditioned on DINOv2 features of the photo; such an asset has no material latents."""
+    from ..bundled import weights_folder
+    from . import official
+
     def stage(name: str, done: float) -> None:
         if cancel is not None and cancel():
             raise LiftCancelled("the lift was cancelled")
         if progress is not None:
             progress(name, done)
 
+    def steps(name: str, start: float, end: float) -> Callable[[int, int], None]:
+        return lambda done, total: stage(f"{name} (step {done}/{total})", start + (end - start) * done / max(total, 1))
+
     source = request.source
     stage("loading the lift networks", 0.0)
-    networks = load_lift_networks(request.weights, source)
-    resolution = int(networks["lift_encoder"].resolution)
+    folder = Path(weights_folder(request.weights))
+    official_latent = official.has_latent_flow(folder)
+    stage1 = _official_stage1(LiftRequest(**{**request.__dict__, "weights": folder}), official_latent)
+    networks = {} if official_latent else load_lift_networks(folder, source)
+    resolution = 64 if official_latent else int(networks["lift_encoder"].resolution)
     stage("preparing the image", 0.1)
     photo = prepare_image(request)
+    cond = None
+    if stage1 is not None:
+        from .image import prepare_photo
+
+        cond = official.encode_photo(stage1, prepare_photo(request.image, 518))
     stage(f"sampling the structure ({source})", 0.2)
-    coords, camera = sample_structure(request, photo, networks, resolution)
+    if source == "trellis":
+        coords = official.sample_structure(stage1, cond, seed=request.seed, cancel=cancel,
+                                           progress=steps("sampling the structure (trellis)", 0.2, 0.6)).numpy()
+        camera = photo_camera(request.elevation, photo.rgba.shape[0])
+    else:
+        coords, camera = sample_structure(request, photo, networks, resolution)
     if len(coords) == 0:
         raise NearError(f"the {source} geometry has no voxels: there is nothing to lift")
     stage("sampling the latent", 0.7)
-    latent, materials = sample_latent(networks, coords, photo.rgba, camera, resolution)
+    extras = {}
+    if official_latent:
+        latent = official.sample_latent(stage1, cond, torch.from_numpy(np.asarray(coords)), seed=request.seed,
+                                        cancel=cancel, progress=steps("sampling the latent", 0.7, 1.0)).numpy()
+    else:
+        latent, materials = sample_latent(networks, coords, photo.rgba, camera, resolution)
+        extras = {"base_color": materials[:, :3], "material": materials[:, 3:]}
     stage("done", 1.0)
     digest = hashlib.sha256(Path(request.image).read_bytes()).hexdigest()[:16]
-    return Asset(coords, latent, resolution=resolution,
-                 extras={"base_color": materials[:, :3], "material": materials[:, 3:]}, latent="lh-slat",
-                 model=Path(str(request.weights)).name, source=f"photo:{Path(request.image).name}:sha256:{digest}:"
-                 f"geometry:{source}")
+    return Asset(coords, latent, resolution=resolution, extras=extras, latent="lh-slat", model=folder.name,
+                 source=f"photo:{Path(request.image).name}:sha256:{digest}:geometry:{source}")

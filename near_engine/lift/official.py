@@ -50,6 +50,7 @@ __all__ = [
     "DINOV2_FILES",
     "OfficialStage1",
     "encode_photo",
+    "has_latent_flow",
     "load_dinov2",
     "load_official_stage1",
     "photo_to_dinov2_input",
@@ -162,6 +163,17 @@ def load_official_stage1(
             module.to(device)
     return OfficialStage1(encoder, flow, latent_sampler, normalization, structure_flow, structure_decoder,
                           structure_sampler, device)
+
+
+def has_latent_flow(folder: str | os.PathLike) -> bool:
+    """Whether a weights folder is an official one with stage 1's latent flow (NeAR's or TRELLIS's)."""
+    folder = Path(folder)
+    if not ((folder / "pipeline.json").is_file() or (folder / "pipeline.yaml").is_file()):
+        return False
+    try:
+        return _LATENT_KEY in _read(folder)[1]
+    except CheckpointError:
+        return False
 
 
 def _read(folder: Path) -> tuple[dict[str, Any], dict[str, ModelEntry]]:
