@@ -235,7 +235,8 @@ def _cmd_lift(args: argparse.Namespace) -> int:
 def _cmd_train_lift(args: argparse.Namespace) -> int:
     from .train.lift import LiftConfig, train_lift
 
-    config = LiftConfig(steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed)
+    config = LiftConfig(steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed,
+                        geometry_steps=args.geometry_steps)
     result = train_lift(args.data, args.out, args.weights, config, resume=not args.restart)
     print(f"{args.out}/weights: lift networks after {result['step']} steps")
     return 0
@@ -406,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     lift_tr.add_argument("--steps", type=_whole(1, 10**9), default=3000, help="total optimizer steps (default 3000)")
     lift_tr.add_argument("--lr", type=_number(0, 1, open_lo=True), default=3e-4, help="peak AdamW learning rate")
     lift_tr.add_argument("--batch", type=_whole(1, 1024), default=4, help="photos per step (default 4)")
+    lift_tr.add_argument("--geometry-steps", type=_whole(0, 10**9), default=1500, help="then train near-tiny's own "
+                         "geometry model this many steps (default 1500; 0: none)")
     lift_tr.add_argument("--seed", type=SEED, default=0)
     lift_tr.add_argument("--restart", action="store_true", help="start over instead of resuming OUT's checkpoint")
     lift_tr.set_defaults(func=_cmd_train_lift)

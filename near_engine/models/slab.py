@@ -18,7 +18,7 @@ class SlabNet(nn.Module):
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()
-        c = width
+        self.width = c = width
         self.down1 = nn.Sequential(nn.Conv2d(self.IN_CHANNELS, c, 3, padding=1), nn.GELU(),
                                    nn.Conv2d(c, c, 3, padding=1), nn.GELU())
         self.down2 = nn.Sequential(nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.GELU(),

@@ -53,6 +53,7 @@ class LiftConfig:
     material_weight: float = 1.0
     uniform_fraction: float = 0.15  # of the photos, those under the uniform light
     seed: int = 0
+    geometry_steps: int = 1500  # then near-tiny's own geometry model (`train_occupancy`), this many steps
 
 
 @dataclass
@@ -117,12 +118,16 @@ def export_lift(folder: Path, renderer_weights: Path, networks, encoder_args: di
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(renderer_weights, tmp, ignore=shutil.ignore_patterns(*(f"{k}.*" for k in LIFT_KEYS)))
+    shutil.copytree(renderer_weights, tmp, ignore=shutil.ignore_patterns(*(f"{k}.*" for k in LIFT_KEYS + ("occupancy",))))
     feature_args = read_model_entry("image_features", renderer_weights / "image_features").args
     save_model(tmp, "lift_features", networks["lift_features"], feature_args)
     save_model(tmp, "lift_encoder", networks["lift_encoder"], lift_network_args(encoder_args))
+    keys = list(LIFT_KEYS)
+    if "occupancy" in networks:
+        save_model(tmp, "occupancy", networks["occupancy"], {"width": networks["occupancy"].width})
+        keys.append("occupancy")
     pipeline = json.loads((tmp / "pipeline.json").read_text())
-    pipeline["models"].update({k: k for k in LIFT_KEYS})
+    pipeline["models"].update({k: k for k in keys})
     pipeline["lift"] = note
     (tmp / "pipeline.json").write_text(json.dumps(pipeline, indent=1))
     if folder.exists():
@@ -146,9 +151,14 @@ def train_lift(data: str | Path, out: str | Path, renderer_weights: str | Path, 
         net.requires_grad_(False)
     resolution = int(encoders["encoder"].resolution)
     encoder_args = read_model_entry("encoder", Path(renderer_weights) / "encoder").args
-    folders = list_objects(data, "train")
-    objects = [load_lift_object(f, encoders, resolution, cache=out / "objects")
-               for f in progress(folders, "loading objects", log)]
+    def load_new(objects: list[LiftObject]) -> list[LiftObject]:
+        """The training objects not loaded yet (a data set still being rendered grows while the lift trains)."""
+        known = {o.id for o in objects}
+        folders = [f for f in list_objects(data, "train") if f.name not in known]
+        return [load_lift_object(f, encoders, resolution, cache=out / "objects")
+                for f in progress(folders, "loading objects", log)]
+
+    objects = load_new([])
     all_latents = torch.cat([o.latent for o in objects])
     latent_scale = all_latents.var(0).clamp_min(1e-4)
     networks = torch.nn.ModuleDict(init_from_encoder(encoders["image_features"], encoders["encoder"], encoder_args,
@@ -193,8 +203,20 @@ def train_lift(data: str | Path, out: str | Path, renderer_weights: str | Path, 
             state = {"networks": networks.state_dict(), "optimizer": optimizer.state_dict(),
                      "schedule": schedule.state_dict(), "step": step}
             write_atomically(out / CHECKPOINT, lambda f: torch.save(state, f))
-            export_lift(out / "weights", Path(renderer_weights), networks, encoder_args, {**note, "steps": step})
-    return {"last": last, "step": step, "seconds": time.perf_counter() - start}
+            export_lift(out / "weights", Path(renderer_weights), networks, encoder_args,
+                        {**note, "objects": [o.id for o in objects], "steps": step})
+            if step < config.steps:
+                objects += load_new(objects)
+    result = {"last": last, "step": step, "seconds": time.perf_counter() - start, "objects": len(objects)}
+    if config.geometry_steps:
+
+        occupancy = train_occupancy(objects, OccupancyConfig(steps=config.geometry_steps, seed=config.seed),
+                                    resolution, log)
+        networks["occupancy"] = occupancy
+        export_lift(out / "weights", Path(renderer_weights), networks, encoder_args,
+                    {**note, "objects": [o.id for o in objects], "steps": step,
+                     "geometry_steps": config.geometry_steps})
+    return result
 
 
 @dataclass
