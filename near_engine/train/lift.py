@@ -209,7 +209,6 @@ def train_lift(data: str | Path, out: str | Path, renderer_weights: str | Path, 
                 objects += load_new(objects)
     result = {"last": last, "step": step, "seconds": time.perf_counter() - start, "objects": len(objects)}
     if config.geometry_steps:
-
         occupancy = train_occupancy(objects, OccupancyConfig(steps=config.geometry_steps, seed=config.seed),
                                     resolution, log)
         networks["occupancy"] = occupancy
