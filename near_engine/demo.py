@@ -6,7 +6,10 @@ Steps (all offline, on the CPU):
    Cycles and encode its LH latent; saved as `sample.near`.
 2. For each HDRI (rotated 30 degrees, as a Mapping node would): a Cycles path-traced reference of the mesh from the
    first turntable view, then `NearPipeline.render` from every turntable azimuth over the HDRI background.
-3. Files: `HDRI_azNNN.exr` (scene-linear RGBA + `Depth.Z`) and `.png` (Standard view transform),
+3. The photo row: a Cycles render of the mesh from the photo convention's front view under `PHOTO_HDRI` stands in
+   for a user's photo (`photo.png`, with alpha); `lift_image` lifts it with near-tiny (geometry from the mesh) and
+   the lifted object is relit under each HDRI from the first turntable view, next to the same Cycles reference.
+4. Files: `HDRI_azNNN.exr` (scene-linear RGBA + `Depth.Z`) and `.png` (Standard view transform),
    `HDRI_cycles.png`, `contact_sheet.png` (one row per HDRI: Cycles, then NeAR's turntable) and `summary.json`
    (timings; PSNR/SSIM of NeAR against Cycles on the object and on the full image, and the silhouettes' IoU).
 """
@@ -33,6 +36,8 @@ from .images import write_exr, write_png
 from .progress import Progress
 
 DEFAULT_HDRIS = ("forest", "sunset", "city")
+#: The light of the stand-in photo the demo lifts: an HDRI it never relights with.
+PHOTO_HDRI = "courtyard"
 DEFAULT_AZIMUTHS = (0, 60, 120, 180, 240, 300)
 ELEVATION_DEG, DISTANCE, FOV_DEG = 20.0, 2.0, 40.0
 WORLD_ROTATION_DEG = 30.0
@@ -128,7 +133,51 @@ def render_demo(out_dir: str | Path, size: int = 384, hdris: Sequence[str] = DEF
                 summary["cycles"][name] = {key: round(value, 4) for key, value in scores.items()}
         rows.append(np.concatenate(tiles, axis=1))
     bar.close()
+    lift_row = _photo_row(out, mesh, weights, hdris, size, samples, references, pipeline, summary, log)
+    if lift_row is not None:
+        width = rows[0].shape[1]
+        rows.append(np.concatenate([lift_row, np.zeros((size, width - lift_row.shape[1], 3))], axis=1))
     write_png(out / "contact_sheet.png", np.concatenate(rows, axis=0))
     summary["contact_sheet"] = str(out / "contact_sheet.png")
     write_bytes_atomically(out / "summary.json", json.dumps(summary, indent=1).encode())
     return summary
+
+
+def _photo_row(out: Path, mesh: Path, weights, hdris: Sequence[str], size: int, samples: int,
+               references: dict[str, np.ndarray], pipeline, summary: dict,
+               log: Callable[[str], object]) -> np.ndarray | None:
+    """The lift's row: the stand-in photo, then the lifted object under each HDRI; None (said why) when the weights
+    cannot lift."""
+    from .eval.tasks import score
+    from .lift import LiftRequest, lift_image, load_lift_networks
+    from .lift.views import front_camera
+    from .pipeline import Scene
+
+    try:
+        load_lift_networks(weights, "mesh")
+    except NearError as exc:
+        log(f"no photo row: {exc}")
+        return None
+    photo_camera = front_camera(ELEVATION_DEG, size)
+    photo = cycles_references(mesh, [PHOTO_HDRI], photo_camera, samples)[PHOTO_HDRI]
+    write_png(out / "photo.png", photo[..., :3], photo[..., 3])
+    start = time.perf_counter()
+    asset = lift_image(LiftRequest(out / "photo.png", weights, mesh=mesh, elevation=ELEVATION_DEG))
+    write_asset(out / "photo.near", asset)
+    summary["lift"] = {"photo": "photo.png", "photo_hdri": PHOTO_HDRI, "voxels": len(asset.coords),
+                       "lift_seconds": round(time.perf_counter() - start, 1), "cycles": {}}
+    env = EnvMap.read(blender_hdri(PHOTO_HDRI), rotation_z=math.radians(WORLD_ROTATION_DEG))
+    tiles = [photo[..., :3] + (1 - photo[..., 3:]) * env.background(photo_camera)]
+    camera = turntable_camera(DEFAULT_AZIMUTHS[0], size)
+    for name in hdris:
+        env = EnvMap.read(blender_hdri(name), rotation_z=math.radians(WORLD_ROTATION_DEG))
+        rgba = pipeline.render(Scene([(asset, np.eye(4))], env, camera, transparent=True), ("combined",))["combined"]
+        background = env.background(camera)
+        rgb = rgba[..., :3] + (1 - rgba[..., 3:]) * background
+        write_png(out / f"{name}_lifted.png", rgb)
+        tiles.append(rgb)
+        scores = score(references[name], rgba, background, with_flip=False)
+        summary["lift"]["cycles"][name] = {key: round(value, 4) for key, value in scores.items()}
+    log("lifted photo.png: " + ", ".join(f"{name} {v['psnr_object']:.2f} dB" for name, v in
+                                         summary["lift"]["cycles"].items()) + " object PSNR against Cycles")
+    return np.concatenate(tiles, axis=1)

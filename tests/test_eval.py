@@ -117,24 +117,48 @@ def test_eval_reports_every_method_and_metric_on_a_tiny_dataset(tmp_path):
     from near_engine.cycles.settings import RenderSettings
 
     data = tmp_path / "data"
-    config = DatagenConfig(objects=10, views=2, hdri_views=1, hdris_per_object=1, seed=3,
+    config = DatagenConfig(objects=10, views=2, hdri_views=2, hdris_per_object=1, seed=3,
                            render=RenderSettings(size=24, samples=4))
     assert run_datagen(data, config, shard=(9, 10), log=lambda *_: None)["rendered"] == ["00009"]  # validation
+    renderer = tmp_path / "renderer"
+    networks = random_weights("near-tiny-train", seed=0)
+    save_networks(renderer, networks, "near-tiny-train", {"light_size": 64})
+    # random weights with a lift regressor at its step-0 state: plumbing, so the lift rows run too
+    from near_engine.checkpoints import read_model_entry
+    from near_engine.frame import DEFAULT_MATERIAL
+    from near_engine.lift.regressor import init_from_encoder
+    from near_engine.train.lift import export_lift
+
+    args = read_model_entry("encoder", renderer / "encoder").args
     weights = tmp_path / "weights"
-    save_networks(weights, random_weights("near-tiny-train", seed=0), "near-tiny-train", {"light_size": 64})
+    export_lift(weights, renderer, init_from_encoder(networks["image_features"], networks["encoder"], args,
+                                                     DEFAULT_MATERIAL), args, {"test": True})
     report_path = tmp_path / "report.md"
     assert main(["eval", "--data", str(data), "--weights", str(weights), "-o", str(report_path)]) == 0
 
     report = json.loads(report_path.with_suffix(".json").read_text())
     text = report_path.read_text()
     columns = [c for c in COLUMNS if metrics.flip_available() or not c.startswith("flip")]
-    assert report["objects"] == ["00009"] and report["hdris"] == ["city", "night"] and report["samples"] == 2
+    assert report["objects"] == ["00009"] and report["hdris"] == ["city", "night"] and report["samples"] == 4
     assert list(report["table"]) == list(METHODS)
     for method, label in METHODS.items():
         assert list(report["table"][method]) == columns and label in text
         assert all(math.isfinite(v) for v in report["table"][method].values())
     assert all(COLUMNS[c] in text for c in columns)
     assert ("not installed" in text) != metrics.flip_available()
+
+    # the single-image tasks: a photo per held-out HDRI, the same view under it, the other view under the other HDRI
+    from near_engine.eval.lift_tasks import LIFT_METHODS, LIFT_TASKS
+
+    lift = report["lift"]
+    assert list(lift["table"]) == list(LIFT_TASKS) and "Single-image lift" in text
+    assert len([r for r in lift["records"] if r["task"] == "reconstruction"]) == 2
+    assert {(r["photo_hdri"], r["hdri"]) for r in lift["records"] if r["task"] == "relighting"} == {
+        ("city", "night"), ("night", "city")}
+    for rows in lift["table"].values():
+        assert list(rows) == list(LIFT_METHODS)
+        assert all(math.isfinite(v) for row in rows.values() for v in row.values())
+    assert lift["geometry_iou"]["mesh"] == [1.0] and 0.0 <= lift["geometry_iou"]["inflate"][0] < 1.0
 
     # the baked-light baseline, computed directly: uniform-lit image vs the Cycles image, both over the HDRI
     from near_engine.blender_data import blender_hdri
@@ -145,9 +169,9 @@ def test_eval_reports_every_method_and_metric_on_a_tiny_dataset(tmp_path):
     for index, light in enumerate(obj["meta"]["lights"]):
         if light["kind"] == "hdri" and light["hdri"] in ("city", "night"):
             env = EnvMap.read(blender_hdri(light["hdri"]), rotation_z=light["rotation_z"], strength=light["strength"])
-            view = int(obj["lit_views"][0])
-            bg = env.background(_camera(obj["meta"]["cameras"][view]))
-            truth, baked = obj["lit_rgba"][index, 0], obj["rgba"][view]
-            over = [linear_to_srgb(x[..., :3] + (1 - x[..., 3:]) * bg) for x in (truth, baked)]
-            expected.append(metrics.psnr(*over))
+            for k, view in enumerate(int(v) for v in obj["lit_views"]):
+                bg = env.background(_camera(obj["meta"]["cameras"][view]))
+                truth, baked = obj["lit_rgba"][index, k], obj["rgba"][view]
+                over = [linear_to_srgb(x[..., :3] + (1 - x[..., 3:]) * bg) for x in (truth, baked)]
+                expected.append(metrics.psnr(*over))
     assert report["table"]["baked_light"]["psnr_full"] == pytest.approx(np.mean(expected), rel=1e-9)
