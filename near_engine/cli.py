@@ -236,7 +236,7 @@ def _cmd_train_lift(args: argparse.Namespace) -> int:
     from .train.lift import LiftConfig, train_lift
 
     config = LiftConfig(steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed,
-                        geometry_steps=args.geometry_steps)
+                        geometry_steps=args.geometry_steps, objective=args.objective)
     result = train_lift(args.data, args.out, args.weights, config, resume=not args.restart)
     print(f"{args.out}/weights: lift networks after {result['step']} steps")
     return 0
@@ -409,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     lift_tr.add_argument("--batch", type=_whole(1, 1024), default=4, help="photos per step (default 4)")
     lift_tr.add_argument("--geometry-steps", type=_whole(0, 10**9), default=1500, help="then train near-tiny's own "
                          "geometry model this many steps (default 1500; 0: none)")
+    lift_tr.add_argument("--objective", choices=("regression", "flow"), default="regression",
+                         help="regression (near-tiny's lift) or flow (rectified flow matching of the same network, "
+                         "kept in the checkpoint for benchmarks/lift_flow_vs_regressor.py)")
     lift_tr.add_argument("--seed", type=SEED, default=0)
     lift_tr.add_argument("--restart", action="store_true", help="start over instead of resuming OUT's checkpoint")
     lift_tr.set_defaults(func=_cmd_train_lift)

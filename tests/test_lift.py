@@ -210,11 +210,11 @@ def test_lift_errors_are_clear_and_cancel_stops(lift_weights, tmp_path):
     photo = _disc_png(tmp_path / "disc.png")
     with pytest.raises(NearError, match="cannot lift a photo"):
         lift_image(LiftRequest(photo, _renderer_only(tmp_path), "inflate"))
-    with pytest.raises(NearError, match="needs a mesh"):
+    with pytest.raises(NearError, match="needs a mesh to take"):
         lift_image(LiftRequest(photo, lift_weights, "mesh"))
     with pytest.raises(NearError, match="own"):
         lift_image(LiftRequest(photo, lift_weights, "own"))  # these test weights have no geometry model
-    with pytest.raises(NearError, match="trellis"):
+    with pytest.raises(NearError, match="TRELLIS-image-large"):
         lift_image(LiftRequest(photo, lift_weights, "trellis"))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     with pytest.raises(NearError):

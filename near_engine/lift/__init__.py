@@ -65,9 +65,9 @@ class LiftRequest:
         if source not in GEOMETRY_SOURCES:
             raise NearError(f"unknown geometry source {source!r}; choose one of {', '.join(GEOMETRY_SOURCES)}")
         if (source == "mesh") != (self.mesh is not None):
-            raise NearError("--geometry mesh needs a mesh (--mesh FILE)" if source == "mesh" else
-                            f"a mesh was given, but the geometry source is {source!r}: use --geometry mesh, or "
-                            "leave the mesh out")
+            raise NearError("the mesh geometry source needs a mesh to take the voxels from" if source == "mesh"
+                            else f"a mesh was given, but the geometry source is {source!r}: choose the mesh source, "
+                            "or leave the mesh out")
         return source
 
 
@@ -114,8 +114,8 @@ def sample_structure(request: LiftRequest, photo, networks: dict, resolution: in
         from .occupancy import predict_geometry
 
         if "occupancy" not in networks:
-            raise NearError("these weights have no geometry model of their own (occupancy): use a mesh "
-                            "(--mesh FILE) or --geometry inflate")
+            raise NearError("these weights have no geometry model of their own (occupancy): take the geometry "
+                            "from a mesh, or from the inflated silhouette")
         return predict_geometry(networks["occupancy"], photo.rgba, camera, resolution), camera
     raise NearError("internal: the trellis structure is sampled by `lift_image`")
 
@@ -156,8 +156,8 @@ def _official_stage1(request: LiftRequest, official_latent: bool):
     from .official import load_official_stage1
 
     if request.source == "trellis" and request.trellis is None and not official_latent:
-        raise NearError("--geometry trellis needs a TRELLIS-image-large weights folder (--trellis FOLDER, with its "
-                        "ckpts/ and pipeline.json, and the DINOv2 ViT-L/14-reg weights); nothing is downloaded")
+        raise NearError("the TRELLIS geometry needs a TRELLIS-image-large weights folder (with its pipeline.json and "
+                        "ckpts/, and the DINOv2 ViT-L/14-reg weights); nothing is downloaded")
     if not official_latent and request.source != "trellis":
         return None
     folder = request.weights if official_latent else request.trellis

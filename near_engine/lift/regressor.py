@@ -78,20 +78,49 @@ def predict_latents(networks: Mapping[str, nn.Module], coords: np.ndarray, photo
     return latent, materials
 
 
-def lift_network_args(encoder_args: Mapping) -> dict:
-    """The constructor args of the regressor's encoder, from those of the mesh encoder it starts from."""
-    return {**encoder_args, "in_channels": int(encoder_args["in_channels"]) + DIRECTION_CHANNELS,
+def lift_network_args(encoder_args: Mapping, flow: bool = False) -> dict:
+    """The constructor args of the regressor's encoder, from those of the mesh encoder it starts from; `flow`: the
+    flow-matching variant, which also reads the noisy latents and the flow time (`FLOW_CHANNELS`)."""
+    extra = DIRECTION_CHANNELS + (FLOW_CHANNELS if flow else 0)
+    return {**encoder_args, "in_channels": int(encoder_args["in_channels"]) + extra,
             "latent_channels": LATENT_CHANNELS + MATERIAL_CHANNELS}
 
 
+# ---- the flow-matching variant, measured against the regressor (`benchmarks/lift_flow_vs_regressor.py`) ----------
+
+#: The flow variant's extra inputs per voxel: the noisy latents x_t (8 + 6) and the time t.
+FLOW_CHANNELS = LATENT_CHANNELS + MATERIAL_CHANNELS + 1
+
+
+def flow_velocity(networks: Mapping[str, nn.Module], coords: np.ndarray, inputs: torch.Tensor, x_t: torch.Tensor,
+                  t: float, resolution: int = 64) -> torch.Tensor:
+    """The rectified flow's velocity [N, 14] at x_t (x_t = (1 - t) x0 + t noise, v = noise - x0), given the photo's
+    per-voxel inputs (`lift_inputs`)."""
+    coords_t = torch.as_tensor(np.asarray(coords), dtype=torch.int32, device=inputs.device)
+    time = torch.full((len(inputs), 1), float(t), dtype=inputs.dtype, device=inputs.device)
+    feats = torch.cat([inputs, x_t, time], -1)
+    return networks["lift_encoder"](SparseTensor.from_list([(coords_t, feats)], resolution)).feats
+
+
+def sample_flow_latents(networks: Mapping[str, nn.Module], coords: np.ndarray, photo: torch.Tensor, camera: Camera,
+                        scale: torch.Tensor, steps: int = 12, seed: int = 0, resolution: int = 64) -> torch.Tensor:
+    """Euler samples of the flow variant from seeded noise: [N, 14] (latent and materials, `scale` undone)."""
+    inputs = lift_inputs(networks["lift_features"], coords, photo, camera, resolution)
+    x = torch.randn(len(inputs), LATENT_CHANNELS + MATERIAL_CHANNELS, generator=torch.Generator().manual_seed(seed))
+    times = torch.linspace(1.0, 0.0, steps + 1)
+    for t, t_next in zip(times[:-1], times[1:]):
+        x = x - (t - t_next) * flow_velocity(networks, coords, inputs, x, float(t), resolution)
+    return x * scale
+
+
 def init_from_encoder(image_features: ImageFeatures, encoder: LatentEncoder, encoder_args: Mapping,
-                      default_material: tuple[float, ...]) -> dict[str, nn.Module]:
+                      default_material: tuple[float, ...], flow: bool = False) -> dict[str, nn.Module]:
     """The regressor at step 0: copies of the mesh encoder's networks, the direction inputs weighted zero and the
     material outputs at `default_material` (so its first latent is the mesh encoder's on the lit photo)."""
     import copy
 
     features = copy.deepcopy(image_features)
-    lifted = LatentEncoder(**lift_network_args(encoder_args))
+    lifted = LatentEncoder(**lift_network_args(encoder_args, flow))
     state = lifted.state_dict()
     for name, value in encoder.state_dict().items():
         target = state[name]
@@ -100,6 +129,7 @@ def init_from_encoder(image_features: ImageFeatures, encoder: LatentEncoder, enc
         else:  # wider input or output: copy the mesh encoder's block, zero the rest
             target.zero_()
             target[tuple(slice(0, n) for n in value.shape)].copy_(value)
-    state["out_layer.bias"][LATENT_CHANNELS:] = torch.tensor(default_material)
+    if not flow:
+        state["out_layer.bias"][LATENT_CHANNELS:] = torch.tensor(default_material)
     lifted.load_state_dict(state)
     return {"lift_features": features, "lift_encoder": lifted}

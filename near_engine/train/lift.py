@@ -54,6 +54,7 @@ class LiftConfig:
     uniform_fraction: float = 0.15  # of the photos, those under the uniform light
     seed: int = 0
     geometry_steps: int = 1500  # then near-tiny's own geometry model (`train_occupancy`), this many steps
+    objective: str = "regression"  # or "flow": rectified flow matching, for the comparison
 
 
 @dataclass
@@ -103,6 +104,26 @@ def load_lift_object(folder: str | Path, encoders: dict, resolution: int = 64, s
                  "world_to_camera": torch.from_numpy(np.stack([c.world_to_camera for _, c in photos]))}
         write_atomically(cached, lambda f: torch.save(state, f))
     return result
+
+
+def flow_targets(obj: LiftObject, latent_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0 [N, 14]: the targets with each channel at about unit scale, that scale [14])."""
+    scale = torch.cat([latent_scale.sqrt(), torch.full((obj.materials.shape[1],), 0.3)])
+    return torch.cat([obj.latent, obj.materials], -1) / scale, scale
+
+
+def flow_loss(networks, obj: LiftObject, photo: int, latent_scale: torch.Tensor, resolution: int,
+              rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """Rectified flow matching: x_t = (1 - t) x0 + t noise, the velocity noise - x0 regressed (t uniform)."""
+    from ..lift.regressor import flow_velocity, lift_inputs
+
+    image, camera = obj.photos[photo]
+    x0, _ = flow_targets(obj, latent_scale)
+    t = float(rng.random())
+    noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
+    inputs = lift_inputs(networks["lift_features"], obj.coords, image, camera, resolution)
+    velocity = flow_velocity(networks, obj.coords, inputs, (1 - t) * x0 + t * noise, t, resolution)
+    return {"velocity": ((velocity - (noise - x0)) ** 2).mean()}
 
 
 def lift_losses(networks, obj: LiftObject, photo: int, latent_scale: torch.Tensor, resolution: int
@@ -161,8 +182,9 @@ def train_lift(data: str | Path, out: str | Path, renderer_weights: str | Path, 
     objects = load_new([])
     all_latents = torch.cat([o.latent for o in objects])
     latent_scale = all_latents.var(0).clamp_min(1e-4)
+    flow = config.objective == "flow"
     networks = torch.nn.ModuleDict(init_from_encoder(encoders["image_features"], encoders["encoder"], encoder_args,
-                                                     DEFAULT_MATERIAL))
+                                                     DEFAULT_MATERIAL, flow))
     optimizer = torch.optim.AdamW(networks.parameters(), lr=config.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup, config.steps))
     step = 0
@@ -185,8 +207,12 @@ def train_lift(data: str | Path, out: str | Path, renderer_weights: str | Path, 
             obj = objects[int(index)]
             uniform = rng.random() < config.uniform_fraction or obj.lit_count == 0
             photo = int(rng.integers(obj.lit_count, len(obj.photos)) if uniform else rng.integers(obj.lit_count))
-            losses = lift_losses(networks, obj, photo, latent_scale, resolution)
-            total = (losses["latent"] + config.material_weight * losses["material"]) / len(chosen)
+            if flow:
+                losses = flow_loss(networks, obj, photo, latent_scale, resolution, rng)
+                total = losses["velocity"] / len(chosen)
+            else:
+                losses = lift_losses(networks, obj, photo, latent_scale, resolution)
+                total = (losses["latent"] + config.material_weight * losses["material"]) / len(chosen)
             total.backward()
             for k, v in losses.items():
                 terms[k] = terms.get(k, 0.0) + float(v.detach()) / len(chosen)
@@ -203,12 +229,13 @@ def train_lift(data: str | Path, out: str | Path, renderer_weights: str | Path, 
             state = {"networks": networks.state_dict(), "optimizer": optimizer.state_dict(),
                      "schedule": schedule.state_dict(), "step": step}
             write_atomically(out / CHECKPOINT, lambda f: torch.save(state, f))
-            export_lift(out / "weights", Path(renderer_weights), networks, encoder_args,
-                        {**note, "objects": [o.id for o in objects], "steps": step})
+            if not flow:  # the flow is a comparison, not a product: its networks stay in the checkpoint
+                export_lift(out / "weights", Path(renderer_weights), networks, encoder_args,
+                            {**note, "objects": [o.id for o in objects], "steps": step})
             if step < config.steps:
                 objects += load_new(objects)
     result = {"last": last, "step": step, "seconds": time.perf_counter() - start, "objects": len(objects)}
-    if config.geometry_steps:
+    if config.geometry_steps and not flow:
         occupancy = train_occupancy(objects, OccupancyConfig(steps=config.geometry_steps, seed=config.seed),
                                     resolution, log)
         networks["occupancy"] = occupancy
