@@ -6,7 +6,10 @@ Pairs, as NeAR's `SLatI2E` data set pairs them: the input is one view of a train
 targets are what the trained mesh encoder makes of the object's 12 uniformly lit views (the LH latent,
 `encode.encode_views`) and its material latents from the G-buffers (`encode.lift_materials`). Targets are computed
 once per object. The loss is the mean squared error of the LH latent, each channel divided by its variance over the
-training voxels, plus the L1 error of the material latents.
+training voxels, plus 4 x the squared error of the material latents (squared, not absolute: an L1 loss learns the
+median, and with a third of the objects metal the median metallic is 0 for every object whose photo leaves it open;
+measured after 600 steps, a dark metal lifted with L1 came out a grey dielectric at 14 dB, against 22 dB with its
+true materials).
 
 Resumable: `out/lift_checkpoint.pt` holds the networks, the optimizer and the step; the weights are written into
 `out/weights/` (a copy of the renderer's weights folder with the lift networks added) at every checkpoint.
@@ -50,7 +53,7 @@ class LiftConfig:
     lr: float = 3e-4
     warmup: int = 50
     batch: int = 4  # photos per step, each of another object
-    material_weight: float = 1.0
+    material_weight: float = 4.0  # of the material latents' squared error
     uniform_fraction: float = 0.15  # of the photos, those under the uniform light
     seed: int = 0
     geometry_steps: int = 1500  # then near-tiny's own geometry model (`train_occupancy`), this many steps
@@ -131,7 +134,7 @@ def lift_losses(networks, obj: LiftObject, photo: int, latent_scale: torch.Tenso
     image, camera = obj.photos[photo]
     latent, materials = predict_latents(networks, obj.coords, image, camera, resolution)
     return {"latent": (((latent - obj.latent) ** 2) / latent_scale).mean(),
-            "material": (materials - obj.materials).abs().mean()}
+            "material": ((materials - obj.materials) ** 2).mean()}
 
 
 def export_lift(folder: Path, renderer_weights: Path, networks, encoder_args: dict, note: dict) -> None:
