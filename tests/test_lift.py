@@ -153,7 +153,7 @@ def _disc_png(path: Path, colour=(200, 40, 40), size: int = 96) -> Path:
 def test_step0_regressor_is_the_mesh_encoder_on_the_photo(lift_weights):
     from near_engine.configs import ENCODER_KEYS, load_networks
     from near_engine.lift import load_lift_networks
-    from near_engine.lift.regressor import lift_inputs, normalize_exposure, predict_latents
+    from near_engine.lift.regressor import lift_inputs, predict_latents
     from near_engine.models.encoder import lift_features
     from near_engine.sparse import SparseTensor
 
@@ -165,8 +165,8 @@ def test_step0_regressor_is_the_mesh_encoder_on_the_photo(lift_weights):
     photo = torch.cat([torch.tensor([0.6, 0.2, 0.1]) * alpha, alpha], -1)
     with torch.no_grad():
         latent, materials = predict_latents(networks, shell, photo, camera)
-        # independently: the mesh encoder's features of the (exposure-normalized) photo, depth-tested by the voxels
-        maps = encoders["image_features"](normalize_exposure(photo)[None])
+        # independently: the mesh encoder's features of the photo, depth-tested by the voxels
+        maps = encoders["image_features"](photo[None])
         depth = torch.from_numpy(voxel_depth(shell, R, camera))[None].float()
         points = torch.from_numpy(voxel_points(shell, R)).float()
         feats = lift_features(maps, points, [camera], depth, tolerance=2.0 / R)

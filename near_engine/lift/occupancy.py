@@ -31,11 +31,9 @@ MAP_SIZE = 64
 
 
 def slab_inputs(photos: torch.Tensor) -> torch.Tensor:
-    """Prepared photos [B, S, S, 4] -> the network's input [B, 6, 64, 64]: log1p colour (exposure-normalized), alpha,
-    silhouette mask and the inflation half-thickness (map pixels, divided by 64)."""
-    from .regressor import normalize_exposure
-
-    x = torch.stack([normalize_exposure(p) for p in photos]).permute(0, 3, 1, 2)
+    """Prepared photos [B, S, S, 4] -> the network's input [B, 6, 64, 64]: log1p colour, alpha, silhouette mask and
+    the inflation half-thickness (map pixels, divided by 64)."""
+    x = photos.permute(0, 3, 1, 2)
     x = F.interpolate(x, size=(MAP_SIZE, MAP_SIZE), mode="area")
     mask = (x[:, 3] > 0.5)
     half = 2.0 * poisson_height(mask).clamp_min(0).sqrt()

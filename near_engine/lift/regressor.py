@@ -5,6 +5,9 @@ encode to): the network learns to take the light *out*. near-tiny learns the sam
 mesh encoder's two networks trained again on one lit view:
 
 * `lift_features` (an `ImageFeatures`) runs on the prepared photo;
+* the photo's colours are read as they are, scene-linear: an earlier version scaled every photo to the same mean
+  brightness, and a near-black metal then came out a mid-grey dielectric (14 dB against 22 with its true
+  materials); the brightness of a photo says much about the object's albedo under everyday light levels;
 * its maps are lifted onto the voxels the photo sees (`models.encoder.lift_features`, visibility from the voxels'
   own z-buffer, `views.voxel_depth`), next to each voxel's unit direction towards the camera (where a highlight or a
   shadow sits depends on it);
@@ -45,24 +48,12 @@ def lift_inputs(image_features: nn.Module, coords: np.ndarray, photo: torch.Tens
     """Per-voxel inputs [N, C + 3] of the regressor: photo features where the photo sees the voxel (zero elsewhere),
     then the voxel -> camera direction. `photo` [S, S, 4] premultiplied linear RGBA, `camera` its camera."""
     weight = next(image_features.parameters())
-    maps = image_features(normalize_exposure(photo.to(weight))[None])
+    maps = image_features(photo.to(weight)[None])
     depth = torch.from_numpy(voxel_depth(coords, resolution, camera))[None].to(weight)
     points = torch.from_numpy(voxel_points(coords, resolution)).to(weight)
     lifted = lift_features(maps, points, [camera], depth, tolerance=VISIBILITY_TOLERANCE_VOXELS / resolution)
     towards = torch.from_numpy(camera.position).to(weight) - points
     return torch.cat([lifted, towards / towards.norm(dim=-1, keepdim=True).clamp_min(1e-9)], -1)
-
-
-#: The mean colour of an object's pixels after `normalize_exposure` (about that of a mid-grey object under the
-#: uniform light the LH latent is encoded under): a photo's exposure says nothing about the object.
-EXPOSURE_MEAN = 0.3
-
-
-def normalize_exposure(photo: torch.Tensor) -> torch.Tensor:
-    """Premultiplied RGBA [S, S, 4] with its colour scaled so the object's mean colour is `EXPOSURE_MEAN`."""
-    alpha = photo[..., 3:]
-    mean = photo[..., :3].sum() / (3 * alpha.sum()).clamp_min(1e-6)
-    return torch.cat([photo[..., :3] * (EXPOSURE_MEAN / mean.clamp_min(1e-6)), alpha], -1)
 
 
 def predict_latents(networks: Mapping[str, nn.Module], coords: np.ndarray, photo: torch.Tensor, camera: Camera,
