@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from near_engine.errors import NearError
+from near_engine.frame import DEFAULT_MATERIAL
 from near_engine.lift import LiftCancelled, LiftRequest, lift_image, photo_camera
 from near_engine.lift.geometry import inflate_silhouette, poisson_height, solid, surface_of, voxel_iou
 from near_engine.lift.image import CROP_MARGIN, crop_object
@@ -175,6 +176,10 @@ def test_step0_regressor_is_the_mesh_encoder_on_the_photo(lift_weights):
     torch.testing.assert_close(latent, expected, atol=1e-4, rtol=1e-4)
     assert 0.2 < seen.float().mean() < 0.8  # the front half of the ball is seen, the back is not
     assert materials.min() >= 0 and materials.max() <= 1
+    # at step 0 the base colour is the photo's own colour (the ball is one colour, seen or not) and the rest default
+    torch.testing.assert_close(materials[:, :3], torch.tensor([[0.6, 0.2, 0.1]]).expand(len(shell), 3), atol=2e-3,
+                               rtol=0)
+    torch.testing.assert_close(materials[:, 3:], torch.tensor([DEFAULT_MATERIAL[3:]]).expand(len(shell), 3))
 
 
 def test_lift_image_with_inflated_geometry_writes_a_renderable_asset(lift_weights, tmp_path):

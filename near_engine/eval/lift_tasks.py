@@ -45,27 +45,12 @@ LIFT_TASKS: dict[str, str] = {"reconstruction": "random illumination reconstruct
                               "relighting": "novel-view relighting (other views, another held-out HDRI)"}
 
 
-def _photo_colours(photo: np.ndarray, coords: np.ndarray, camera, resolution: int) -> np.ndarray:
-    """Each voxel's colour in the photo [N, 3] (straight, linear) where the photo sees it, the mean elsewhere."""
-    from ..lift.views import VISIBILITY_TOLERANCE_VOXELS, voxel_depth, voxel_points
-    from ..models.encoder import lift_features
-
-    maps = torch.from_numpy(photo).permute(2, 0, 1)[None].float()
-    depth = torch.from_numpy(voxel_depth(coords, resolution, camera))[None].float()
-    lifted = lift_features(maps, torch.from_numpy(voxel_points(coords, resolution)).float(), [camera], depth,
-                           VISIBILITY_TOLERANCE_VOXELS / resolution).numpy()
-    seen = lifted[:, 3] > 1e-3
-    colour = lifted[:, :3] / np.clip(lifted[:, 3:], 1e-6, None)
-    fill = colour[seen].mean(0) if seen.any() else np.full(3, 0.5)
-    return np.where(seen[:, None], colour, fill).astype(np.float32)
-
-
 def lift_assets(networks: Mapping, encoders: Mapping, coords: np.ndarray, photo: np.ndarray, camera,
                 resolution: int) -> dict[str, Asset]:
     """The three rows' assets from one prepared photo [S, S, 4] and its camera."""
     from ..frame import DEFAULT_MATERIAL
     from ..lift import sample_latent
-    from ..lift.regressor import lift_inputs
+    from ..lift.regressor import lift_inputs, projected_colours
     from ..sparse import SparseTensor
 
     latent, materials = sample_latent(networks, coords, photo, camera, resolution)
@@ -75,7 +60,7 @@ def lift_assets(networks: Mapping, encoders: Mapping, coords: np.ndarray, photo:
         inputs = lift_inputs(encoders["image_features"], coords, torch.from_numpy(photo), camera, resolution)[:, :-3]
         coords_t = torch.as_tensor(coords, dtype=torch.int32)
         shaded = encoders["encoder"](SparseTensor.from_list([(coords_t, inputs)], resolution)).feats.numpy()
-    colours = np.clip(_photo_colours(photo, coords, camera, resolution), 0.0, 1.0)
+    colours = projected_colours(torch.from_numpy(photo), coords, camera, resolution).clamp(0, 1).numpy()
     default = np.broadcast_to(np.asarray(DEFAULT_MATERIAL[3:], np.float32), (len(coords), 3))
     photo_extras = {"base_color": colours, "material": default}
     lifted["lift_no_homogenization"] = Asset(coords, shaded, resolution=resolution, latent="shaded",

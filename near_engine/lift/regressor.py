@@ -56,14 +56,38 @@ def lift_inputs(image_features: nn.Module, coords: np.ndarray, photo: torch.Tens
     return torch.cat([lifted, towards / towards.norm(dim=-1, keepdim=True).clamp_min(1e-9)], -1)
 
 
+def projected_colours(photo: torch.Tensor, coords: np.ndarray, camera: Camera, resolution: int) -> torch.Tensor:
+    """Each voxel's colour in the photo [N, 3] (straight, linear) where the photo sees it, the mean of those seen
+    elsewhere: the photo painted on the geometry, light and all."""
+    maps = photo.permute(2, 0, 1)[None].float()
+    depth = torch.from_numpy(voxel_depth(coords, resolution, camera))[None].float()
+    lifted = lift_features(maps, torch.from_numpy(voxel_points(coords, resolution)).float(), [camera], depth,
+                           VISIBILITY_TOLERANCE_VOXELS / resolution)
+    seen = lifted[:, 3:] > 1e-3
+    colour = lifted[:, :3] / lifted[:, 3:].clamp_min(1e-6)
+    fill = (colour * seen).sum(0) / seen.sum().clamp_min(1) if bool(seen.any()) else torch.full((3,), 0.5)
+    return torch.where(seen, colour, fill)
+
+
+#: The base colour the regressor predicts is the photo's colour on the voxel times exp(output), clamped to this.
+BASE_GAIN_LIMIT = 3.0
+
+
 def predict_latents(networks: Mapping[str, nn.Module], coords: np.ndarray, photo: torch.Tensor, camera: Camera,
                     resolution: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """(LH latent [N, 8], material latents [N, 6] in [0, 1] at inference) of the voxels `coords` from one photo.
-    Differentiable in the networks; the materials are clamped only when no gradient is needed."""
+
+    The base colour is the photo's own colour on each voxel (`projected_colours`) times a learned gain: at step 0
+    it is the photo painted on, which is already a fair albedo under everyday light, and training learns how light
+    and shading bend it (a regressor left to find it alone learned the data set's mean colour). Differentiable in
+    the networks; the materials are clamped only when no gradient is needed."""
     inputs = lift_inputs(networks["lift_features"], coords, photo, camera, resolution)
     coords_t = torch.as_tensor(np.asarray(coords), dtype=torch.int32, device=inputs.device)
     out = networks["lift_encoder"](SparseTensor.from_list([(coords_t, inputs)], resolution)).feats
     latent, materials = out[:, :LATENT_CHANNELS], out[:, LATENT_CHANNELS:]
+    prior = projected_colours(photo, coords, camera, resolution).to(out)
+    gain = torch.exp(materials[:, :3].clamp(-BASE_GAIN_LIMIT, BASE_GAIN_LIMIT))
+    materials = torch.cat([prior * gain, materials[:, 3:]], -1)
     if not torch.is_grad_enabled():
         materials = materials.clamp(0.0, 1.0)
     return latent, materials
@@ -106,8 +130,9 @@ def sample_flow_latents(networks: Mapping[str, nn.Module], coords: np.ndarray, p
 
 def init_from_encoder(image_features: ImageFeatures, encoder: LatentEncoder, encoder_args: Mapping,
                       default_material: tuple[float, ...], flow: bool = False) -> dict[str, nn.Module]:
-    """The regressor at step 0: copies of the mesh encoder's networks, the direction inputs weighted zero and the
-    material outputs at `default_material` (so its first latent is the mesh encoder's on the lit photo)."""
+    """The regressor at step 0: copies of the mesh encoder's networks, the direction inputs weighted zero, the base
+    colour the photo's own and the other materials at `default_material` (so its first latent is the mesh
+    encoder's on the lit photo)."""
     import copy
 
     features = copy.deepcopy(image_features)
@@ -120,7 +145,7 @@ def init_from_encoder(image_features: ImageFeatures, encoder: LatentEncoder, enc
         else:  # wider input or output: copy the mesh encoder's block, zero the rest
             target.zero_()
             target[tuple(slice(0, n) for n in value.shape)].copy_(value)
-    if not flow:
-        state["out_layer.bias"][LATENT_CHANNELS:] = torch.tensor(default_material)
+    if not flow:  # base colour: gain 1 on the photo's colour; roughness, metallic, specular: the defaults
+        state["out_layer.bias"][LATENT_CHANNELS:] = torch.tensor([0.0, 0.0, 0.0, *default_material[3:]])
     lifted.load_state_dict(state)
     return {"lift_features": features, "lift_encoder": lifted}
