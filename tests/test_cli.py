@@ -70,7 +70,7 @@ def test_demo_encodes_the_sample_and_relights_it_next_to_cycles(tmp_path, capsys
                  "--samples", "8"]) == 0
     assert "contact sheet" in capsys.readouterr().out
     sheet = np.asarray(Image.open(tmp_path / "contact_sheet.png"))
-    assert sheet.shape == (64, 7 * 64, 3)  # Cycles, then 6 turntable views
+    assert sheet.shape == (2 * 64, 7 * 64, 3)  # Cycles, then 6 turntable views; then the photo and its lift
     assert sheet.std() > 10  # a picture, not a flat fill
     assert read_asset(tmp_path / "sample.near").num_voxels > 1000
     channels = OpenEXR.File(str(tmp_path / "city_az060.exr"), separate_channels=True).channels()
@@ -84,6 +84,9 @@ def test_demo_encodes_the_sample_and_relights_it_next_to_cycles(tmp_path, capsys
     assert len(summary["frames"]) == 6
     # The encoded vase stands where Cycles draws it: the silhouettes agree.
     assert summary["cycles"]["city"]["silhouette_iou"] > 0.85
+    # the photo row: a Cycles photo under courtyard, lifted onto the vase and relit under city
+    assert (tmp_path / "photo.png").is_file() and summary["lift"]["voxels"] > 1000
+    assert summary["lift"]["cycles"]["city"]["psnr_object"] > 10.0  # not empty, not black
 
 
 def test_demo_refuses_a_file_as_output_folder(tmp_path, capsys):

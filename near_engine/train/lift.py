@@ -151,6 +151,7 @@ def export_lift(folder: Path, renderer_weights: Path, networks, encoder_args: di
         save_model(tmp, "occupancy", networks["occupancy"], {"width": networks["occupancy"].width})
         keys.append("occupancy")
     pipeline = json.loads((tmp / "pipeline.json").read_text())
+    pipeline["models"].pop("occupancy", None)  # the renderer's folder may have had one; only `keys` are written
     pipeline["models"].update({k: k for k in keys})
     pipeline["lift"] = note
     (tmp / "pipeline.json").write_text(json.dumps(pipeline, indent=1))
