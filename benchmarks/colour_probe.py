@@ -48,7 +48,7 @@ def main() -> None:
     for oid in args.objects.split(","):
         data = load_object(Path(args.data) / "objects" / oid)
         cameras = [_camera(c) for c in data["meta"]["cameras"]]
-        coords = model.voxels(data["vertices"], data["triangles"])
+        coords, _ = model.voxels(data["vertices"], data["triangles"])
         swapped = data["rgba"].copy()
         swapped[..., :3] = data["rgba"][..., [2, 1, 0]] * np.array([2.0, 1.0, 0.3])
         camera = cameras[0]

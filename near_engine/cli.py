@@ -160,7 +160,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise NearError(f"--exposure must be positive and --pbr-weight not negative, got {exposure} and {pbr}")
     config = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, size=args.size, light_size=args.light_size,
                          seed=args.seed, weights=LossWeights(exposure=exposure, pbr=pbr),
-                         images_per_step=args.images_per_step, uniform_images=args.uniform_images, inputs=args.inputs)
+                         images_per_step=args.images_per_step, uniform_images=args.uniform_images, inputs=args.inputs,
+                         frozen=tuple(args.freeze))
     result = train(args.data, args.out, config, resume=args.resume, log_every=args.log_every,
                    checkpoint_every=args.checkpoint_every, init_from=args.init_from,
                    log=lambda line: print(line, flush=True))
@@ -368,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--uniform-images", type=_whole(0, 1024), default=2, help="of those, uniform-lit views (default 2)")
     tr.add_argument("--inputs", default="lh+material", help="what the decoder reads, for the input ablation: "
                     "lh+material (near-tiny, default), lh, shaded or material")
+    tr.add_argument("--freeze", nargs="+", default=[], metavar="NETWORK", help="keep these networks as loaded "
+                    "(e.g. `--freeze image_features encoder` keeps the LH latent the lift was trained on)")
     tr.add_argument("--log-every", type=COUNT, default=10)
     tr.add_argument("--checkpoint-every", type=COUNT, default=200)
     tr.set_defaults(func=_cmd_train)

@@ -163,13 +163,14 @@ def official_config(*, lad_blocks: int = 12, latent_channels: int = 8, cnn_out_c
 
 
 def _tiny_rep(num_gaussians: int) -> dict[str, Any]:
-    """near-tiny's Gaussians: 4 per voxel instead of the official 32, so each larger and more opaque at first (the
-    official scale bias 0.004 and opacity 0.1 are tuned for 32 overlapping Gaussians; with few they leave gaps, the
-    dotted look, until training grows them). The 3D filter (minimum scale) is 0.005, a third of a voxel of the 64^3
-    grid, instead of 0.0009: training at 128 px, where a voxel is about a pixel, never sees the gaps that 384 px
-    renders show between smaller Gaussians (the dotted look); at 0.005 surfaces are solid at any size."""
+    """near-tiny's Gaussians: 4 per voxel instead of the official 32, each starting as one of its voxel's surfels
+    (`surfels`: flat, on the surface, as wide as its quarter of the voxel's piece of surface), so the opacity starts
+    high (0.9) and the scales are the surfels'. The 3D filter (minimum scale) is 0.001, a sixteenth of a voxel of the
+    64^3 grid: surfels tile the surface without gaps by their own width, and a larger filter would thicken every
+    surface and widen every silhouette by as much (at 0.005, before surfels, it made up for the gaps between
+    Gaussians spread over whole voxels)."""
     rep = _renderer_rep(num_gaussians)
-    rep.update({"scaling_bias": 0.004, "opacity_bias": 0.9, "voxel_size": 1.0, "3d_filter_kernel_size": 0.005})
+    rep.update({"scaling_bias": 0.004, "opacity_bias": 0.9, "voxel_size": 1.0, "3d_filter_kernel_size": 0.001})
     return rep
 
 
@@ -181,8 +182,8 @@ def tiny_config(*, width: int = 64, heads: int = 2, iad_blocks: int = 2, lad_blo
     `width` is the IAD/LAD channel count and the light-token width; the IAD reads the 8-channel LH latent plus the
     6 channels of the material latents (`frame.MATERIAL_LATENTS`); the tokenizer has a 4-stage ConvNeXt of widths
     (16, 32, 64, 128) and depths (1, 1, 2, 1) and `num_tokens` (a square) light tokens; the LAD's geometry and
-    material heads start at zero (Gaussians at their voxels, materials at the material latents), and so does its
-    normal residual on the voxel normals (`normal_head`); the shading MLP
+    material heads start at zero (Gaussians at their surfels, materials at the material latents), and so does its
+    normal residual on the surfel normals (`normal_head`); the shading MLP
     (32 features + normal -> 2 factors and an additive term on the PBR radiance) has 32 SiLU hidden units. Its
     last layer starts at zero, so untrained, near-tiny renders as a PBR shader of its material latents.
     """

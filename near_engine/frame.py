@@ -67,7 +67,7 @@ from torch import nn
 
 from .camera import Camera
 from .envmap import EnvMap
-from .gaussians import Gaussians
+from .gaussians import Gaussians, quat_to_rotmat
 from .ibl import IBLLight, shade
 from .models.blocks import BlockContext
 from .models.gaussian_heads import (
@@ -83,7 +83,7 @@ from .models.tokenizer import tokenizer_input
 from .passes import gaussian_channels
 from .raster import rasterize
 from .sparse import SparseTensor
-from .voxelize import voxel_normals
+from .surfels import PER_VOXEL, surfel_tensors, voxel_surfels
 
 __all__ = [
     "BACKGROUND_DEPTH",
@@ -162,18 +162,27 @@ def decoder_input(latent: torch.Tensor, materials: torch.Tensor | None, latent_c
 @dataclass(frozen=True)
 class VoxelPriors:
     """What near-tiny's PBR core takes from the asset itself, per voxel: `materials` [V, 6] (its material latents)
-    and `normals` [V, 3] (unit, from the voxel surface: `voxelize.voxel_normals`; turned towards the camera per
-    frame)."""
+    and `surfels` [V, `surfels.PER_VOXEL` * `surfels.SURFEL_CHANNELS`] (where the surface lies in the voxel: from the
+    mesh when the asset carries them, else from the voxels alone), from which every Gaussian starts."""
 
     materials: torch.Tensor
-    normals: torch.Tensor
+    surfels: torch.Tensor
+    at_surfels: bool = True  # False: weights from before surfels, whose Gaussians spread over the voxel (normals
+    # still come from the surfels: without a mesh those are the voxel normals those weights were trained with)
+
+    @property
+    def normals(self) -> torch.Tensor:
+        """Unit normals [V * PER_VOXEL, 3], one per surfel (sign arbitrary: the renderer turns them to the camera)."""
+        return quat_to_rotmat(surfel_tensors(self.surfels)["quats"])[..., :, 2]
 
     @staticmethod
-    def of(coords: np.ndarray, resolution: int, materials: np.ndarray, device: torch.device | str = "cpu"
-           ) -> "VoxelPriors":
-        normals = voxel_normals(np.asarray(coords), int(resolution))
+    def of(coords: np.ndarray, resolution: int, materials: np.ndarray, surfels: np.ndarray | None = None,
+           device: torch.device | str = "cpu") -> "VoxelPriors":
+        """Priors of voxels `coords` with their material latents and surfels (default: `voxel_surfels`)."""
+        if surfels is None:
+            surfels = voxel_surfels(np.asarray(coords), int(resolution))
         return VoxelPriors(torch.from_numpy(np.ascontiguousarray(materials, np.float32)).to(device),
-                           torch.from_numpy(normals).to(device))
+                           torch.from_numpy(np.array(surfels, np.float32)).to(device))  # a writable copy
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -301,10 +310,10 @@ def decode_gaussians(
     four heads, normals from the smallest axis (s for the intrinsic pass, ŝ for shading) flipped towards the camera,
     then the shading MLP per Gaussian on (colour feature f, ŝ-normal).
 
-    A shading MLP with the PBR core (near-tiny) also needs `priors` (the asset's material latents and voxel normals)
-    and `ibl` (the prefiltered light, turned into this object's asset space): the material heads are residuals on the
-    material latents, every Gaussian takes its voxel's normal (towards the camera), and the MLP corrects the
-    split-sum PBR radiance of the Gaussian's material (`ibl.shade`).
+    A shading MLP with the PBR core (near-tiny) also needs `priors` (the asset's material latents and surfels)
+    and `ibl` (the prefiltered light, turned into this object's asset space): the material and geometry heads are
+    residuals on the material latents and the surfels, every Gaussian takes its surfel's normal (towards the camera),
+    and the MLP corrects the split-sum PBR radiance of the Gaussian's material (`ibl.shade`).
     """
     lad = _network(networks, "renderer")
     shading = _network(networks, "neural_basis")
@@ -340,11 +349,17 @@ def decode_gaussians(
         if priors is None or ibl is None:
             raise ValueError("this near-tiny has a PBR shading core: decode_gaussians needs the asset's priors and "
                              "the prefiltered light (ibl)")
-        if priors.materials.shape != (len(feats), MATERIAL_CHANNELS) or priors.normals.shape != (len(feats), 3):
-            raise ValueError(f"priors must be [V={len(feats)}, {MATERIAL_CHANNELS}] materials and [V, 3] normals")
+        width = priors.surfels.shape[-1]
+        if priors.materials.shape != (len(feats), MATERIAL_CHANNELS) or priors.surfels.shape[0] != len(feats):
+            raise ValueError(f"priors must be [V={len(feats)}, {MATERIAL_CHANNELS}] materials and [V, {width}] "
+                             "surfels")
+        if config.num_gaussians != PER_VOXEL:
+            raise ValueError(f"the PBR core starts its Gaussians at {PER_VOXEL} surfels per voxel; the LAD makes "
+                             f"{config.num_gaussians}")
+    surfels = surfel_tensors(priors.surfels) if pbr_core and priors.at_surfels else None
     gaussians: HeadGaussians = heads_to_gaussians(tensor.coords[:, 1:], heads["gs"], heads["pbr"], heads["scale"],
                                                   heads["rgb"], config, lad.offset_perturbation,
-                                                  priors.materials if pbr_core else None)
+                                                  priors.materials if pbr_core else None, surfels)
     g, lit = gaussians.intrinsic, gaussians.lit
     if not pbr_core:
         if "normal" in heads:
@@ -353,9 +368,8 @@ def decode_gaussians(
         lit_normals = shading_normals(g.quats, lit.scales, cam, g.means, normal_flip_offset)
         shaded = shading(lit.features, lit_normals)
         return FrameGaussians(g, lit, normals, lit_normals, shaded[:, :3], shaded[:, 3:], cam)
-    voxel = priors.normals.to(g.means).repeat_interleave(config.num_gaussians, dim=0)
-    normals = facing_camera(voxel, cam, g.means)
-    if "normal" in heads:  # near-tiny's learned correction of the coarse voxel normal (starts at zero), still facing
+    normals = facing_camera(priors.normals.to(g.means), cam, g.means)
+    if "normal" in heads:  # near-tiny's learned correction of the surfel normal (starts at zero), still facing
         corrected = torch.nn.functional.normalize(normals + heads["normal"].reshape(-1, 3).to(normals), dim=-1)
         normals = facing_camera(corrected, cam, g.means)
     view = torch.nn.functional.normalize(cam.reshape(1, 3) - g.means, dim=-1)

@@ -72,6 +72,7 @@ from .ibl import IBLLight, PrefilteredLight, prefilter
 from .models.gaussian_heads import MATERIAL_CHANNELS
 from .passes import BY_NAME, PASS_NAMES
 from .sparse import SparseTensor
+from .surfels import asset_surfels
 
 __all__ = ["PASSES", "Scene", "LRUCache", "NearPipeline", "object_light_rotation", "check_render_size"]
 
@@ -190,8 +191,10 @@ class NearPipeline:
     """
 
     def __init__(self, networks: Mapping[str, nn.Module], weights_id: str, device: str | torch.device = "cpu", *,
-                 light_size: int = 512, cache_size: int = 8, inputs: str = "lh+material") -> None:
+                 light_size: int = 512, cache_size: int = 8, inputs: str = "lh+material",
+                 placement: str = "surfels") -> None:
         self.device = _resolve_device(device)
+        self.placement = str(placement)  # where near-tiny's Gaussians start: "surfels", or "voxels" (older weights)
         self.light_size = int(light_size)
         self.inputs = str(inputs)  # what the decoder was trained to read (`train.loop.INPUTS`)
         self.iad_cache = LRUCache(cache_size)
@@ -206,8 +209,10 @@ class NearPipeline:
                         **kwargs: Any) -> "NearPipeline":
         """Load a weights folder (our format or the official NeAR layout) onto `device` ("auto": CUDA if present).
 
-        "near-tiny" names the weights that ship inside near_engine (`bundled.py`). A `light_size` saved in the
-        folder's pipeline settings is used unless one is passed.
+        "near-tiny" names the weights that ship inside near_engine (`bundled.py`). The `light_size` and `inputs`
+        saved in the folder's pipeline settings are used unless passed, and so is where the Gaussians start
+        (`placement`): weights whose settings do not say "gaussians": "surfels" were trained before surfels and
+        spread their Gaussians over the voxels.
         """
         if str(name_or_folder) in CONFIGS and str(name_or_folder) not in BUNDLED_WEIGHTS:
             raise CheckpointError(f"no trained weights ship for {name_or_folder!r}; pass a weights folder "
@@ -219,6 +224,7 @@ class NearPipeline:
             kwargs["light_size"] = int(settings["light_size"])
         if isinstance(settings.get("inputs"), str) and "inputs" not in kwargs:
             kwargs["inputs"] = settings["inputs"]
+        kwargs.setdefault("placement", "surfels" if settings.get("gaussians") == "surfels" else "voxels")
         pipeline = cls(networks, _folder_id(folder), resolved, **kwargs)
         pipeline.folder = Path(folder)
         return pipeline
@@ -269,7 +275,7 @@ class NearPipeline:
         return getattr(self.networks.get("neural_basis"), "core", "none") == "pbr"
 
     def _iad(self, asset: Asset) -> tuple[SparseTensor, torch.Tensor, VoxelPriors | None]:
-        """The IAD output of `asset` and, with the PBR core, its voxel priors (material latents and normals)."""
+        """The IAD output of `asset` and, with the PBR core, its voxel priors (material latents and surfels)."""
         decoder = self.networks["decoder"]
         extra = decoder.latent_channels - asset.channels
         if (extra not in (0, MATERIAL_CHANNELS if self.pbr_core else 0)
@@ -287,19 +293,20 @@ class NearPipeline:
             if self.pbr_core:
                 try:
                     materials = material_latents(asset.extras, asset.num_voxels)
-                except ValueError as exc:
-                    raise AssetError(f"this asset's material latents cannot be used: {exc}") from None
-                priors = VoxelPriors.of(asset.coords, asset.resolution, materials, self.device)
+                    surfels = asset_surfels(asset.extras, asset.coords, asset.resolution)
+                except (ValueError, NearError) as exc:
+                    raise AssetError(f"this asset's extra latents cannot be used: {exc}") from None
+                priors = VoxelPriors.of(asset.coords, asset.resolution, materials, surfels, self.device)
                 try:
                     feats, used = ablation_inputs(feats, priors.materials, self.inputs)
                 except ValueError as exc:
                     raise CheckpointError(f"the weights' pipeline.json: {exc}") from None
-                priors = VoxelPriors(used, priors.normals)
+                priors = dataclasses.replace(priors, materials=used, at_surfels=self.placement == "surfels")
                 feats = decoder_input(feats, priors.materials, decoder.latent_channels)
             h, registers = decoder(SparseTensor.from_list([(coords, feats)], asset.resolution))
             return h, registers, priors
 
-        return self.iad_cache.get((asset.fingerprint(), self.weights_id, self.inputs), compute)
+        return self.iad_cache.get((asset.fingerprint(), self.weights_id, self.inputs, self.placement), compute)
 
     def prefiltered_light(self, envmap: EnvMap) -> PrefilteredLight:
         """The split-sum terms of `envmap`'s image (`ibl.prefilter`), cached by image content."""

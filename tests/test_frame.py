@@ -232,7 +232,7 @@ def test_bad_inputs(networks, asset) -> None:
         decode_gaussians({"renderer": networks["renderer"]}, h, registers, tokens, camera_position=(0, 0, 2))
     with pytest.raises(ValueError, match="PBR"):  # the PBR core without the asset's priors and the light
         decode_gaussians(networks, h, registers, tokens, camera_position=(0, 0, 2))
-    wrong = VoxelPriors(torch.zeros(3, 6), torch.zeros(3, 3))
+    wrong = VoxelPriors(torch.zeros(3, 6), torch.zeros(3, 40))
     with pytest.raises(ValueError, match="priors"):
         decode_gaussians(networks, h, registers, tokens, camera_position=(0, 0, 2), priors=wrong, ibl=_ibl(_env(1)))
 
@@ -266,8 +266,8 @@ def test_ablation_inputs_leave_out_what_the_decoder_was_trained_without() -> Non
         ablation_inputs(latent, materials, "everything")
 
 
-def test_normal_residual_starts_at_the_voxel_normals_and_learns_from_the_normal_pass(asset) -> None:
-    """near-tiny's LAD corrects each Gaussian's voxel normal: untrained, the normals are the camera-facing voxel
+def test_normal_residual_starts_at_the_surfel_normals_and_learns_from_the_normal_pass(asset) -> None:
+    """near-tiny's LAD corrects each Gaussian's surfel normal: untrained, the normals are the camera-facing surfel
     normals exactly; a residual turns them (still unit), and the normal pass's loss reaches the head."""
     from near_engine.configs import build_networks
     from near_engine.models.gaussian_heads import facing_camera
@@ -276,8 +276,7 @@ def test_normal_residual_starts_at_the_voxel_normals_and_learns_from_the_normal_
     nets = build_networks("near-tiny")
     camera, env = _camera(), _env(1)
     frame, _ = _render(nets, asset, env, camera)
-    voxel = _priors(asset).normals.repeat_interleave(nets["renderer"].num_gaussians, dim=0)
-    expected = facing_camera(voxel, frame.camera_position, frame.intrinsic.means)
+    expected = facing_camera(_priors(asset).normals, frame.camera_position, frame.intrinsic.means)
     assert torch.allclose(frame.normals, expected, atol=1e-6)
 
     head, g = nets["renderer"].normal_out_layer, nets["renderer"].num_gaussians

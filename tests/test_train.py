@@ -35,7 +35,7 @@ DATA = DatagenConfig(objects=1, views=3, hdri_views=2, hdris_per_object=1, skies
 
 
 def _network_config() -> dict:
-    config = {**tiny_config(width=16, iad_blocks=1, lad_blocks=1, num_gaussians=2, num_tokens=16),
+    config = {**tiny_config(width=16, iad_blocks=1, lad_blocks=1, num_gaussians=4, num_tokens=16),
               **tiny_encoder_config(width=16, blocks=1, feature_channels=8, resolution=RES)}
     for key in ("decoder", "renderer"):
         config[key]["args"]["resolution"] = RES

@@ -23,6 +23,7 @@ the weights have one, and silhouette inflation.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -46,8 +47,10 @@ LIFT_TASKS: dict[str, str] = {"reconstruction": "random illumination reconstruct
 
 
 def lift_assets(networks: Mapping, encoders: Mapping, coords: np.ndarray, photo: np.ndarray, camera,
-                resolution: int) -> dict[str, Asset]:
-    """The three rows' assets from one prepared photo [S, S, 4] and its camera."""
+                resolution: int, surfels: np.ndarray | None = None) -> dict[str, Asset]:
+    """The three rows' assets from one prepared photo [S, S, 4] and its camera (with the mesh's `surfels`, as a
+    lift onto a mesh has them)."""
+    from ..surfels import EXTRA_NAME
     from ..frame import DEFAULT_MATERIAL
     from ..lift import sample_latent
     from ..lift.regressor import lift_inputs, projected_colours
@@ -66,13 +69,17 @@ def lift_assets(networks: Mapping, encoders: Mapping, coords: np.ndarray, photo:
     lifted["lift_no_homogenization"] = Asset(coords, shaded, resolution=resolution, latent="shaded",
                                              extras=photo_extras)
     lifted["lift_projected"] = Asset(coords, shaded, resolution=resolution, latent="projected", extras=photo_extras)
-    return lifted
+    if surfels is None:
+        return lifted
+    return {k: dataclasses.replace(a, extras={**a.extras, EXTRA_NAME: surfels}) for k, a in lifted.items()}
 
 
 def evaluate_lift_object(model, networks: Mapping, data: dict, coords: np.ndarray, cameras: Sequence,
-                         hdris: Sequence[str], factor: int, with_flip: bool) -> tuple[list[dict], dict[str, float]]:
+                         hdris: Sequence[str], factor: int, with_flip: bool, surfels: np.ndarray | None = None
+                         ) -> tuple[list[dict], dict[str, float]]:
     """(records {"object", "task", "photo_hdri", "hdri", "view", "scores"}, geometry IoU per source) of one object.
-    `data` is `datagen.dataset.load_object`'s dict; `cameras` its views' cameras at full size."""
+    `data` is `datagen.dataset.load_object`'s dict; `cameras` its views' cameras at full size; `surfels` the
+    mesh's (the geometry is the mesh's)."""
     from ..lift import LIFT_SIZE
     from ..lift.geometry import inflate_silhouette, voxel_iou
     from ..lift.image import crop_object
@@ -88,7 +95,7 @@ def evaluate_lift_object(model, networks: Mapping, data: dict, coords: np.ndarra
         photo_view = views[0]
         prepared = crop_object(np.asarray(data["lit_rgba"][photo_light, 0], np.float32), LIFT_SIZE)
         camera = fit_crop_camera(cameras[photo_view], coords, resolution, LIFT_SIZE)
-        assets = lift_assets(networks, model.encoders, coords, prepared.rgba, camera, resolution)
+        assets = lift_assets(networks, model.encoders, coords, prepared.rgba, camera, resolution, surfels)
         if not ious:  # geometry from the first photo, given its true camera
             true_camera = prepared.crop_camera(cameras[photo_view])
             ious["mesh"] = voxel_iou(coords, coords, resolution)

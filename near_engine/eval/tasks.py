@@ -91,16 +91,21 @@ class Model:
     def resolution(self) -> int:
         return int(self.pipeline.networks["decoder"].resolution)
 
-    def voxels(self, vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
-        """The voxels [N, 3] the mesh's surface touches on the decoder's grid."""
+    def voxels(self, vertices: np.ndarray, triangles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The voxels [N, 3] the mesh's surface touches on the decoder's grid, and the mesh's surfels in them."""
+        from ..surfels import mesh_surfels
         from ..voxelize import voxelize_mesh
 
-        return voxelize_mesh(vertices, triangles, resolution=self.resolution)
+        coords = voxelize_mesh(vertices, triangles, resolution=self.resolution)
+        return coords, mesh_surfels(vertices, triangles, coords, self.resolution)
 
     def latent(self, coords: np.ndarray, rgba: np.ndarray, cameras: Sequence[Camera], depth: np.ndarray,
-               gbuffers: Mapping[str, np.ndarray] | None = None, alpha: np.ndarray | None = None) -> Asset:
+               gbuffers: Mapping[str, np.ndarray] | None = None, alpha: np.ndarray | None = None,
+               surfels: np.ndarray | None = None) -> Asset:
         """The asset encoded from premultiplied views `rgba` [V, H, W, 4] with their cameras and depth [V, H, W];
-        with `gbuffers` (name -> [V, H, W(, k)] of views with `alpha` [V, H, W, 1]) also its material latents."""
+        with `gbuffers` (name -> [V, H, W(, k)] of views with `alpha` [V, H, W, 1]) also its material latents, with
+        `surfels` (`Model.voxels`) the mesh's surfels."""
+        from ..surfels import EXTRA_NAME
         from ..lift.encode import encode_views, lift_materials
 
         with torch.no_grad():
@@ -112,6 +117,8 @@ class Model:
                                        torch.from_numpy(np.ascontiguousarray(alpha)), list(cameras),
                                        torch.from_numpy(np.ascontiguousarray(depth)), coords, self.resolution)
             extras = {"base_color": materials[:, :3], "material": materials[:, 3:]}
+        if surfels is not None:
+            extras[EXTRA_NAME] = surfels
         return Asset(coords, feats.detach().cpu().numpy(), resolution=self.resolution, latent="eval", extras=extras)
 
 
@@ -232,16 +239,16 @@ def evaluate_object(model: Model, folder: Path, hdris: Sequence[str], size: int 
     if size is not None and (size < 1 or full % size):
         raise NearError(f"--size must divide the data set's image size {full}, got {size}")
     views = data["lit_views"]
-    coords = model.voxels(data["vertices"], data["triangles"])
+    coords, surfels = model.voxels(data["vertices"], data["triangles"])
     few = [cameras[v] for v in views]
     gbuffers = {name: data[name] for name in ("base_color", "roughness", "metallic", "specular")}
     alpha = data["rgba"][..., 3:]
     few_gbuffers = {name: g[views] for name, g in gbuffers.items()}
-    assets = {"near_lh": model.latent(coords, data["rgba"], cameras, data["depth"], gbuffers, alpha),
+    assets = {"near_lh": model.latent(coords, data["rgba"], cameras, data["depth"], gbuffers, alpha, surfels),
               "ablation_lh_relit_views": model.latent(coords, data["rgba"][views], few, data["depth"][views],
-                                                      few_gbuffers, alpha[views]),
+                                                      few_gbuffers, alpha[views], surfels),
               "ablation_shaded": model.latent(coords, data["lit_rgba"][shading], few, data["depth"][views],
-                                              few_gbuffers, alpha[views])}
+                                              few_gbuffers, alpha[views], surfels)}
     recipe = meta.get("recipe", {}).get("material")
     kind = material_class(recipe["roughness"], recipe["metallic"]) if recipe else "real mesh"
     records = []
@@ -327,8 +334,8 @@ def _evaluate_lift(model: Model, networks: Mapping, folder: Path, hdris: Sequenc
     data = load_object(folder)
     cameras = [_camera(c) for c in data["meta"]["cameras"]]
     factor = 1 if size is None else cameras[0].height // size
-    coords = model.voxels(data["vertices"], data["triangles"])
-    return evaluate_lift_object(model, networks, data, coords, cameras, hdris, factor, with_flip)
+    coords, surfels = model.voxels(data["vertices"], data["triangles"])
+    return evaluate_lift_object(model, networks, data, coords, cameras, hdris, factor, with_flip, surfels)
 
 
 def run_eval(data: str | Path, weights: str | Path, output: str | Path, *, objects: str = VALIDATION,

@@ -25,6 +25,7 @@ import torch
 from ..asset import Asset
 from ..camera import Camera
 from ..errors import NearError
+from ..surfels import EXTRA_NAME as SURFELS
 
 __all__ = ["GEOMETRY_SOURCES", "LiftCancelled", "LiftRequest", "lift_image", "prepare_image", "sample_structure",
            "sample_latent", "photo_camera"]
@@ -94,8 +95,8 @@ def prepare_image(request: LiftRequest, size: int = LIFT_SIZE):
 
 
 def sample_structure(request: LiftRequest, photo, networks: dict, resolution: int = 64
-                     ) -> tuple[np.ndarray, Camera]:
-    """Stage 2: (surface voxels [N, 3], the camera of the prepared photo)."""
+                     ) -> tuple[np.ndarray, Camera, np.ndarray | None]:
+    """Stage 2: (surface voxels [N, 3], the camera of the prepared photo, the mesh's surfels or None)."""
     from .geometry import inflate_silhouette, mesh_geometry, triangles_geometry
     from .views import fit_crop_camera, front_camera
 
@@ -103,20 +104,21 @@ def sample_structure(request: LiftRequest, photo, networks: dict, resolution: in
     size = photo.rgba.shape[0]
     if source == "mesh":
         if isinstance(request.mesh, tuple):
-            coords = triangles_geometry(*request.mesh, request.mesh_rotation, resolution, "the selected mesh")
+            coords, surfels = triangles_geometry(*request.mesh, request.mesh_rotation, resolution,
+                                                 "the selected mesh")
         else:
-            coords = mesh_geometry(request.mesh, request.mesh_rotation, resolution)
-        return coords, fit_crop_camera(front_camera(request.elevation, size), coords, resolution, size)
+            coords, surfels = mesh_geometry(request.mesh, request.mesh_rotation, resolution)
+        return coords, fit_crop_camera(front_camera(request.elevation, size), coords, resolution, size), surfels
     camera = photo_camera(request.elevation, size)
     if source == "inflate":
-        return inflate_silhouette(photo.rgba[..., 3], camera, resolution), camera
+        return inflate_silhouette(photo.rgba[..., 3], camera, resolution), camera, None
     if source == "own":
         from .occupancy import predict_geometry
 
         if "occupancy" not in networks:
             raise NearError("these weights have no geometry model of their own (occupancy): take the geometry "
                             "from a mesh, or from the inflated silhouette")
-        return predict_geometry(networks["occupancy"], photo.rgba, camera, resolution), camera
+        return predict_geometry(networks["occupancy"], photo.rgba, camera, resolution), camera, None
     raise NearError("internal: the trellis structure is sampled by `lift_image`")
 
 
@@ -204,8 +206,9 @@ def lift_image(request: LiftRequest, progress: Progress | None = None,
         coords = official.sample_structure(stage1, cond, seed=request.seed, cancel=cancel,
                                            progress=steps("sampling the structure (trellis)", 0.2, 0.6)).numpy()
         camera = photo_camera(request.elevation, photo.rgba.shape[0])
+        surfels = None
     else:
-        coords, camera = sample_structure(request, photo, networks, resolution)
+        coords, camera, surfels = sample_structure(request, photo, networks, resolution)
     if len(coords) == 0:
         raise NearError(f"the {source} geometry has no voxels: there is nothing to lift")
     stage("sampling the latent", 0.7)
@@ -216,6 +219,8 @@ def lift_image(request: LiftRequest, progress: Progress | None = None,
     else:
         latent, materials = sample_latent(networks, coords, photo.rgba, camera, resolution)
         extras = {"base_color": materials[:, :3], "material": materials[:, 3:]}
+        if surfels is not None:
+            extras[SURFELS] = surfels
     stage("done", 1.0)
     digest = hashlib.sha256(Path(request.image).read_bytes()).hexdigest()[:16]
     return Asset(coords, latent, resolution=resolution, extras=extras, latent="lh-slat", model=folder.name,

@@ -35,9 +35,11 @@ POISSON_ITERATIONS = 150
 
 
 def triangles_geometry(vertices: np.ndarray, triangles: np.ndarray, rotation_deg: float = 0.0,
-                       resolution: int = 64, name: str = "the mesh") -> np.ndarray:
-    """Surface voxels [N, 3] of a triangle mesh (any placement: it is normalized), turned about Z first."""
+                       resolution: int = 64, name: str = "the mesh") -> tuple[np.ndarray, np.ndarray]:
+    """Surface voxels [N, 3] of a triangle mesh (any placement: it is normalized), turned about Z first, and where
+    the surface lies in each of them (`surfels.mesh_surfels`)."""
     from ..cycles.meshes import check_surface, normalizing_transform
+    from ..surfels import mesh_surfels
     from ..voxelize import voxelize_mesh
 
     vertices = np.asarray(vertices, dtype=np.float64)
@@ -50,11 +52,12 @@ def triangles_geometry(vertices: np.ndarray, triangles: np.ndarray, rotation_deg
     vertices = (vertices @ m[:3, :3].T + m[:3, 3]).astype(np.float32)
     triangles = np.asarray(triangles, dtype=np.int32)
     check_surface(name, vertices, triangles)
-    return voxelize_mesh(vertices, triangles, resolution)
+    coords = voxelize_mesh(vertices, triangles, resolution)
+    return coords, mesh_surfels(vertices, triangles, coords, resolution)
 
 
-def mesh_geometry(path, rotation_deg: float = 0.0, resolution: int = 64) -> np.ndarray:
-    """Surface voxels [N, 3] of a mesh file Blender imports (OBJ, glTF/GLB, PLY, .blend)."""
+def mesh_geometry(path, rotation_deg: float = 0.0, resolution: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """`triangles_geometry` of a mesh file Blender imports (OBJ, glTF/GLB, PLY, .blend)."""
     from pathlib import Path
 
     from ..cycles.meshes import import_mesh

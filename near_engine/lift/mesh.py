@@ -4,7 +4,8 @@ The LH latent is encoded from views under uniform white light (world colour 1, s
 illumination-homogenized latent is; the *shaded* latent (the paper's ablation) from the same views under an HDRI.
 Both use near-tiny's trained image-feature network and encoder from the weights folder (`configs.ENCODER_KEYS`).
 The material latents (`base_color`, `material`: roughness, metallic, specular level) are lifted from the same
-views' material AOVs, rendered from the mesh's own materials (`cycles.materials.add_material_aovs`).
+views' material AOVs, rendered from the mesh's own materials (`cycles.materials.add_material_aovs`); the surfels
+(`surfels`: where the surface lies in each voxel) come from the mesh itself.
 
 A mesh with no surface is refused (`cycles.meshes.check_surface`); one whose voxels form a line is encoded with a
 warning (`thin_shape_warning`): a few voxels across cannot hold much of an object.
@@ -50,6 +51,7 @@ def encode_mesh(mesh: str | Path, weights: str | Path, *, views: int = DEFAULT_V
     from ..cycles.views import view_cameras
     from ..exr_layers import read_channels, stack_channels
     from .encode import encode_views, lift_materials
+    from ..surfels import EXTRA_NAME as SURFELS, mesh_surfels
     from ..voxelize import voxelize_mesh
 
     if views < 1 or size < 8 or samples < 1:
@@ -84,8 +86,9 @@ def encode_mesh(mesh: str | Path, weights: str | Path, *, views: int = DEFAULT_V
     materials = lift_materials({k: torch.from_numpy(v) for k, v in gbuffers.items()}, torch.from_numpy(alpha),
                                cameras, depth, coords, resolution)
     digest = hashlib.sha256(mesh.read_bytes()).hexdigest()[:16]
+    surfels = mesh_surfels(vertices, triangles, coords, resolution)
     return Asset(coords, latent.cpu().numpy(), resolution=resolution,
-                 extras={"base_color": materials[:, :3], "material": materials[:, 3:]},
+                 extras={"base_color": materials[:, :3], "material": materials[:, 3:], SURFELS: surfels},
                  latent="lh-slat" if shaded is None else f"shaded-slat:{shaded.hdri}",
                  model=Path(weights).name, source=f"mesh:{mesh.name}:sha256:{digest}")
 

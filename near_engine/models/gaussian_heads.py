@@ -48,7 +48,7 @@ from typing import Mapping
 import torch
 from torch.nn import functional as F
 
-from ..gaussians import SH_C0, Gaussians, quat_to_rotmat
+from ..gaussians import SH_C0, Gaussians, quat_multiply, quat_to_rotmat
 
 FEATURE_DIM = 32  # width of the colour feature f in the shipped architecture (`hdri_layout['_rgb']`)
 
@@ -189,8 +189,11 @@ def _check(name: str, raw: torch.Tensor, channels: int) -> None:
         raise ValueError(f"{name} must have shape [N, {channels}], got {tuple(raw.shape)}")
 
 
-def _scale_activation(raw: torch.Tensor, config: RepresentationConfig) -> torch.Tensor:
-    b = torch.tensor(config.scaling_bias, dtype=raw.dtype, device=raw.device)
+def _scale_activation(raw: torch.Tensor, config: RepresentationConfig, bias: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """Scales from raw head outputs: zero raw gives `bias` (default `config.scaling_bias`; per Gaussian and axis
+    with surfels), widened by the 3D filter."""
+    b = torch.as_tensor(config.scaling_bias if bias is None else bias, dtype=raw.dtype, device=raw.device)
     if config.scaling_activation == "softplus":
         s = F.softplus(raw + (b + torch.log(-torch.expm1(-b))))  # softplus^-1(b) = b + log(1 - e^-b)
     else:
@@ -212,6 +215,14 @@ MATERIAL_CHANNELS = 6
 _PRIOR_EPS = 0.02  # material values in (0, 1) are kept this far from 0 and 1 before their logit
 
 
+def _check_surfels(surfels: Mapping[str, torch.Tensor], count: int) -> None:
+    shapes = {"offsets": (count, 3), "quats": (count, 4), "sigmas": (count, 3)}
+    for name, shape in shapes.items():
+        if name not in surfels or tuple(surfels[name].shape) != shape:
+            raise ValueError(f"surfels need {name} of shape {shape} (one per Gaussian), got "
+                             f"{tuple(surfels[name].shape) if name in surfels else 'none'}")
+
+
 def _logit(p: torch.Tensor) -> torch.Tensor:
     p = p.clamp(_PRIOR_EPS, 1 - _PRIOR_EPS)
     return torch.log(p) - torch.log1p(-p)
@@ -220,7 +231,8 @@ def _logit(p: torch.Tensor) -> torch.Tensor:
 def intrinsic_gaussians(coords: torch.Tensor, gs_out: torch.Tensor, pbr_out: torch.Tensor,
                         config: RepresentationConfig = RepresentationConfig(),
                         offset_perturbation: torch.Tensor | None = None,
-                        material_prior: torch.Tensor | None = None) -> IntrinsicGaussians:
+                        material_prior: torch.Tensor | None = None,
+                        surfels: Mapping[str, torch.Tensor] | None = None) -> IntrinsicGaussians:
     """``coords`` [V, 3] voxel indices, ``gs_out`` [V, 14 G], ``pbr_out`` [V, 3 G] -> V * G intrinsic Gaussians
     (Gaussian ``v * G + k`` is the k-th of voxel v). ``offset_perturbation`` [G, 3] defaults to `hammersley_offsets`;
     pass the checkpoint's buffer to use exactly its values.
@@ -228,7 +240,12 @@ def intrinsic_gaussians(coords: torch.Tensor, gs_out: torch.Tensor, pbr_out: tor
     ``material_prior`` [V, 6] (`MATERIAL_CHANNELS`: base colour, roughness, metallic, specular level; near-tiny's
     material latents) makes the material heads residuals on it: base colour ``max(prior + SH_C0 raw, 0)`` and
     ``sigmoid(logit(prior) + raw)`` for roughness, metallic and pbr1 (the specular level), so zero head outputs give
-    the prior itself."""
+    the prior itself.
+
+    ``surfels`` (near-tiny; `surfels.surfel_tensors`: per Gaussian "offsets", "quats", "sigmas" in voxel units)
+    make the geometry heads residuals on them too: the mean is the surfel's centre plus at most half a voxel
+    (``tanh``), the rotation is the surfel's followed by the head's, and the scales start at the surfel's sigmas.
+    Zero head outputs give the surfels themselves."""
     g, lr = config.num_gaussians, config.lr
     _check("gs_out", gs_out, config.gs_channels)
     _check("pbr_out", pbr_out, config.pbr_channels)
@@ -236,14 +253,23 @@ def intrinsic_gaussians(coords: torch.Tensor, gs_out: torch.Tensor, pbr_out: tor
         raise ValueError(f"coords must be [V, 3] with V = {gs_out.shape[0]} head rows, got {tuple(coords.shape)}")
     offset, base, scale, rot, opacity = _split(gs_out, [3, 3, 3, 4, 1], g)
     offset = (offset * lr["_xyz"]).reshape(-1, g, 3)
-    if config.perturb_offset:
-        if offset_perturbation is None:
-            offset_perturbation = hammersley_offsets(g, config.voxel_size)
-        offset = offset + offset_perturbation.to(offset)
-    offset = torch.tanh(offset) / config.resolution * 0.5 * config.voxel_size
     centres = voxel_centres(coords, config.resolution).to(gs_out)
-    means = (centres[:, None, :] + offset).reshape(-1, 3)
     identity = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=gs_out.dtype, device=gs_out.device)
+    quats = F.normalize(rot * lr["_rotation"] + identity, dim=-1)
+    scale_bias = None
+    if surfels is not None:
+        _check_surfels(surfels, gs_out.shape[0] * g)
+        start = centres[:, None, :] + surfels["offsets"].to(gs_out).reshape(-1, g, 3) / config.resolution
+        means = (start + torch.tanh(offset) / config.resolution * 0.5).reshape(-1, 3)
+        quats = quat_multiply(surfels["quats"].to(gs_out), quats)
+        scale_bias = surfels["sigmas"].to(gs_out) / config.resolution
+    else:
+        if config.perturb_offset:
+            if offset_perturbation is None:
+                offset_perturbation = hammersley_offsets(g, config.voxel_size)
+            offset = offset + offset_perturbation.to(offset)
+        offset = torch.tanh(offset) / config.resolution * 0.5 * config.voxel_size
+        means = (centres[:, None, :] + offset).reshape(-1, 3)
     roughness, metallic, pbr1 = _split(pbr_out, [1, 1, 1], g)
     base = SH_C0 * (base * lr["_base_color"])
     roughness, metallic, pbr1 = roughness * lr["_roughness"], metallic * lr["_metallic"], pbr1 * lr["_pbr1"]
@@ -258,8 +284,8 @@ def intrinsic_gaussians(coords: torch.Tensor, gs_out: torch.Tensor, pbr_out: tor
         roughness, metallic, pbr1 = roughness + logits[:, 0:1], metallic + logits[:, 1:2], pbr1 + logits[:, 2:3]
     return IntrinsicGaussians(
         means=means,
-        quats=F.normalize(rot * lr["_rotation"] + identity, dim=-1),
-        scales=_scale_activation(scale * lr["_scaling"], config),
+        quats=quats,
+        scales=_scale_activation(scale * lr["_scaling"], config, scale_bias),
         opacities=torch.tanh(opacity[:, 0] * lr["_opacity"] + math.atanh(config.opacity_bias)),
         base_color=torch.clamp_min(base, 0.0),
         roughness=torch.sigmoid(roughness),
@@ -269,8 +295,10 @@ def intrinsic_gaussians(coords: torch.Tensor, gs_out: torch.Tensor, pbr_out: tor
 
 
 def lit_parameters(scale_out: torch.Tensor, rgb_out: torch.Tensor,
-                   config: RepresentationConfig = RepresentationConfig()) -> LitParameters:
-    """``scale_out`` [V, 3 G], ``rgb_out`` [V, (feature_dim + 3) G] -> per-Gaussian lit parameters."""
+                   config: RepresentationConfig = RepresentationConfig(),
+                   surfels: Mapping[str, torch.Tensor] | None = None) -> LitParameters:
+    """``scale_out`` [V, 3 G], ``rgb_out`` [V, (feature_dim + 3) G] -> per-Gaussian lit parameters (the lit scales
+    start at the surfels' sigmas where `surfels` are given, as the intrinsic ones do)."""
     g, lr = config.num_gaussians, config.lr
     _check("scale_out", scale_out, config.scale_channels)
     _check("rgb_out", rgb_out, config.rgb_channels)
@@ -278,8 +306,12 @@ def lit_parameters(scale_out: torch.Tensor, rgb_out: torch.Tensor,
         raise ValueError("scale_out and rgb_out must have one row per voxel each")
     (scale,) = _split(scale_out, [3], g)
     features, shadow, hdri1, hdri2 = _split(rgb_out, [config.feature_dim, 1, 1, 1], g)
+    scale_bias = None
+    if surfels is not None:
+        _check_surfels(surfels, scale.shape[0])
+        scale_bias = surfels["sigmas"].to(scale) / config.resolution
     return LitParameters(
-        scales=_scale_activation(scale * lr["_scaling_view"], config),
+        scales=_scale_activation(scale * lr["_scaling_view"], config, scale_bias),
         features=features * lr["_rgb"],
         shadow=torch.sigmoid(shadow * lr["_shadow"]),
         hdri1=torch.sigmoid(hdri1 * lr["_hdri1"]),
@@ -298,10 +330,12 @@ class HeadGaussians:
 def heads_to_gaussians(coords: torch.Tensor, gs_out: torch.Tensor, pbr_out: torch.Tensor, scale_out: torch.Tensor,
                        rgb_out: torch.Tensor, config: RepresentationConfig = RepresentationConfig(),
                        offset_perturbation: torch.Tensor | None = None,
-                       material_prior: torch.Tensor | None = None) -> HeadGaussians:
+                       material_prior: torch.Tensor | None = None,
+                       surfels: Mapping[str, torch.Tensor] | None = None) -> HeadGaussians:
     """All four heads at once: `intrinsic_gaussians` + `lit_parameters`."""
-    return HeadGaussians(intrinsic_gaussians(coords, gs_out, pbr_out, config, offset_perturbation, material_prior),
-                         lit_parameters(scale_out, rgb_out, config))
+    return HeadGaussians(intrinsic_gaussians(coords, gs_out, pbr_out, config, offset_perturbation, material_prior,
+                                             surfels),
+                         lit_parameters(scale_out, rgb_out, config, surfels))
 
 
 def shading_normals(quats: torch.Tensor, scales: torch.Tensor, camera_position: torch.Tensor, means: torch.Tensor,

@@ -159,7 +159,8 @@ class LightingAwareDecoder(nn.Module):
     def reset_parameters(self) -> None:
         """TRELLIS init: xavier-uniform Linear weights, zero biases (RMSNorm weights stay 1). With `zero_init_heads`
         (near-tiny) the gs, pbr and scale heads' last layers start at zero: the Gaussians start at their voxels'
-        Hammersley points with the configured scale and opacity, and the materials at the asset's material prior. The
+        surfels (or, without surfels, Hammersley points with the configured scale) and opacity, and the materials at
+        the asset's material prior. The
         normal residual head (`normal_head`) always starts at zero: the voxel normals as they are."""
         if self.input_layer.weight.is_meta:
             return
@@ -174,6 +175,26 @@ class LightingAwareDecoder(nn.Module):
         for last in zeroed:
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
+
+    #: The fields of the Gaussians' shape and place: what `restart_geometry` sets back to zero.
+    GEOMETRY_FIELDS = ("_xyz", "_scaling", "_rotation", "_scaling_view")
+
+    @torch.no_grad()
+    def restart_geometry(self) -> None:
+        """Zero the head rows of the Gaussians' offsets, rotations and scales (`GEOMETRY_FIELDS`) and the normal
+        residual, so the Gaussians start again where the renderer places them at zero (near-tiny: its surfels);
+        colour, opacity and material rows keep what they learned. For weights trained before surfels."""
+        g = self.num_gaussians
+        for head, layer in (("gs", self.gs_out_layer[-1]), ("scale", self.scale_out_layer)):
+            start = 0
+            for name, k in HEAD_LAYOUT[head]:
+                if name in self.GEOMETRY_FIELDS:
+                    layer.weight[start:start + k * g] = 0
+                    layer.bias[start:start + k * g] = 0
+                start += k * g
+        if self.normal_out_layer is not None:  # its corrections were of the voxel normals
+            self.normal_out_layer.weight.zero_()
+            self.normal_out_layer.bias.zero_()
 
     def view_embedding(self, tensor: SparseTensor, cam_pos: torch.Tensor) -> torch.Tensor:
         """e_v [N, C] for every voxel of `tensor`, seen from `cam_pos` [B, 3] (or [3] / [1, 3] for all elements)."""

@@ -25,6 +25,7 @@ from ..envmap import EnvMap
 from ..errors import NearError
 from ..frame import VoxelPriors, light_planes
 from ..ibl import PrefilteredLight, prefilter
+from ..surfels import mesh_surfels
 from ..voxelize import voxelize_mesh
 from ..lift.encode import lift_materials
 
@@ -84,7 +85,7 @@ class TrainObject:
     lit_views: list[int]  # [K] indices into `cameras`
     lit_rgba: torch.Tensor  # [L, K, S, S, 4]
     materials: np.ndarray  # [N, 6] material latents (base colour, roughness, metallic, specular level)
-    priors: VoxelPriors  # materials and voxel normals as tensors
+    priors: VoxelPriors  # material latents and the mesh's surfels as tensors
 
 
 @dataclass(frozen=True)
@@ -172,4 +173,5 @@ def load_training_object(folder: str | Path, size: int, resolution: int) -> Trai
         id=Path(folder).name, coords=coords, cameras=cameras, rgba=rgba, depth=depth, gbuffers=gbuffers,
         lights=[light_source(lights[i], Path(folder)) for i in keep], lit_views=[int(v) for v in data["lit_views"]],
         lit_rgba=_pool(data["lit_rgba"][keep], factor), materials=materials,
-        priors=VoxelPriors.of(coords, resolution, materials))
+        priors=VoxelPriors.of(coords, resolution, materials, mesh_surfels(data["vertices"], data["triangles"],
+                                                                          coords, resolution)))

@@ -72,6 +72,7 @@ class TrainConfig:
     images_per_step: int = 8  # images of the step's object supervised per step
     uniform_images: int = 2  # of those, uniform-lit views (the rest: relit views)
     inputs: str = "lh+material"  # what the IAD reads (module docstring)
+    frozen: tuple[str, ...] = ()  # networks kept as loaded (e.g. the encoder, whose latents a lift was trained on)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -88,10 +89,19 @@ class TrainConfig:
             raise NearError(f"training inputs must be one of {', '.join(INPUTS)}, got {self.inputs!r}")
         if not 0 <= self.uniform_images <= self.images_per_step or self.images_per_step < 1:
             raise NearError("images_per_step must be at least 1 and uniform_images between 0 and it")
+        object.__setattr__(self, "frozen", tuple(self.frozen))
+        unknown = sorted(set(self.frozen) - set(get_config(self.network_config)))
+        if unknown:
+            raise NearError(f"cannot freeze {', '.join(unknown)}: the networks are "
+                            f"{', '.join(get_config(self.network_config))}")
 
     @property
     def resolution(self) -> int:
         return int(get_config(self.network_config)["decoder"]["args"]["resolution"])
+
+
+#: Where the exported weights' Gaussians start (recorded in pipeline.json): at the assets' surfels (`surfels`).
+GAUSSIANS = "surfels"
 
 
 def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
@@ -136,7 +146,7 @@ class StepModel(nn.Module):
         else:
             latent = encode_views(nets, obj.coords, obj.rgba, obj.cameras, obj.depth, res)
         latent, materials = ablation_inputs(latent, obj.priors.materials.to(latent), inputs)
-        return latent, VoxelPriors(materials, obj.priors.normals.to(latent))
+        return latent, VoxelPriors(materials, obj.priors.surfels.to(latent))
 
     def object_losses(self, obj: TrainObject, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
         """Encode `obj` once, then render and compare each of its `samples`; the mean loss terms."""
@@ -176,9 +186,12 @@ class Trainer:
         self.config, self.objects, self.rank, self.world_size = config, list(objects), rank, world_size
         torch.manual_seed(config.seed)
         networks = build_networks(config.network_config, device)
+        for key in config.frozen:
+            networks[key].requires_grad_(False)
         self.model = StepModel(networks, config).train()
         self.ddp: nn.Module = (DistributedDataParallel(self.model) if world_size > 1 else self.model)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(config.warmup, config.steps))
         self.step = 0
         self.started_from: dict[str, Any] | None = None  # the training note of the weights `init_networks` loaded
@@ -267,6 +280,9 @@ class Trainer:
         if not loaded:
             raise NearError(f"{folder}: no tensor fits these networks")
         self.model.networks.load_state_dict({**own, **loaded})
+        if settings.get("gaussians") != GAUSSIANS and "renderer" in self.model.networks:
+            self.model.networks["renderer"].restart_geometry()  # residuals learned on another placement
+            skipped.append("renderer geometry rows (weights from before surfels: restarted at zero)")
         self.started_from = {"folder": str(folder), "training": settings.get("training")}
         return sorted(set(skipped))
 
@@ -281,7 +297,8 @@ class Trainer:
         training = {"steps": self.step, "total_steps": self.step + int(earlier), "config": self.config.to_json(),
                     **(note or {}), "started_from": self.started_from}
         save_networks(folder, dict(self.model.networks), self.config.network_config,
-                      {"light_size": self.config.light_size, "inputs": self.config.inputs, "training": training})
+                      {"light_size": self.config.light_size, "inputs": self.config.inputs, "gaussians": GAUSSIANS,
+                       "training": training})
 
 
 def _distributed() -> tuple[int, int, bool]:
