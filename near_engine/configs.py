@@ -165,12 +165,13 @@ def official_config(*, lad_blocks: int = 12, latent_channels: int = 8, cnn_out_c
 def _tiny_rep(num_gaussians: int) -> dict[str, Any]:
     """near-tiny's Gaussians: 4 per voxel instead of the official 32, each starting as one of its voxel's surfels
     (`surfels`: flat, on the surface, as wide as its quarter of the voxel's piece of surface), so the opacity starts
-    high (0.9) and the scales are the surfels'. The 3D filter (minimum scale) is 0.001, a sixteenth of a voxel of the
+    at 0.99 (a single layer of surfels is a surface: at 0.9 a face-on plane let 7 % of the background through) and
+    the scales are the surfels'. The 3D filter (minimum scale) is 0.001, a sixteenth of a voxel of the
     64^3 grid: surfels tile the surface without gaps by their own width, and a larger filter would thicken every
     surface and widen every silhouette by as much (at 0.005, before surfels, it made up for the gaps between
     Gaussians spread over whole voxels)."""
     rep = _renderer_rep(num_gaussians)
-    rep.update({"scaling_bias": 0.004, "opacity_bias": 0.9, "voxel_size": 1.0, "3d_filter_kernel_size": 0.001})
+    rep.update({"scaling_bias": 0.004, "opacity_bias": 0.99, "voxel_size": 1.0, "3d_filter_kernel_size": 0.001})
     return rep
 
 

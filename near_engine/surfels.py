@@ -24,7 +24,7 @@ from .errors import NearError
 from .voxelize import voxel_normals
 
 __all__ = ["PER_VOXEL", "SURFEL_CHANNELS", "EXTRA_NAME", "mesh_surfels", "voxel_surfels", "asset_surfels",
-           "rotmat_to_quat"]
+           "surfel_tensors", "rotmat_to_quat"]
 
 #: Surfels per voxel: near-tiny's Gaussians per voxel.
 PER_VOXEL = 4
@@ -133,8 +133,8 @@ def mesh_surfels(vertices: np.ndarray, triangles: np.ndarray, coords: np.ndarray
     Per voxel: the surface samples inside it give a normal (principal axis of the normal tensor, so opposite windings
     do not cancel) and an in-plane axis (the samples' widest in-plane spread); the samples are split into the four
     quadrants of that plane around their centroid, and each quadrant gives a surfel at its centroid, normal to its
-    own normal tensor, `SPREAD_TO_SIGMA` times its spread wide. A quadrant (or voxel) the samples miss takes the
-    voxel's (or `voxel_surfels`') values.
+    own normal tensor, `SPREAD_TO_SIGMA` times its spread wide. A quadrant the samples miss takes the voxel's
+    values; a voxel they miss (the surface only grazes it) gets small surfels at the nearest sample.
     """
     coords = np.asarray(coords, np.int64)
     vertices = np.asarray(vertices, np.float64)
@@ -188,7 +188,23 @@ def mesh_surfels(vertices: np.ndarray, triangles: np.ndarray, coords: np.ndarray
     packed = _pack(q_centre.reshape(n, PER_VOXEL, 3), q_frames.reshape(n, PER_VOXEL, 3, 3),
                    sigmas.reshape(n, PER_VOXEL, 3))
     surfels[seen] = packed[seen]
+    if not seen.all():
+        surfels[~seen] = _touching(coords[~seen], points, normals, resolution)
     return surfels
+
+
+def _touching(coords: np.ndarray, points: np.ndarray, normals: np.ndarray, resolution: int) -> np.ndarray:
+    """Surfels of voxels the surface only touches (no sample fell inside): all at the surface sample nearest to the
+    voxel centre, facing its normal, `MIN_SIGMA` small, so they add no surface where there is none."""
+    centres = (coords + 0.5) / resolution - 0.5
+    samples = torch.from_numpy(points)
+    nearest = np.concatenate([torch.cdist(torch.from_numpy(chunk), samples).argmin(1).numpy()
+                              for chunk in np.array_split(centres, max(1, len(centres) // 16))])
+    offsets = np.repeat(((points[nearest] - centres) * resolution)[:, None], PER_VOXEL, 1)
+    frames = np.repeat(_frames(normals[nearest], np.broadcast_to([1.0, 0.0, 0.0], (len(coords), 3)).copy())[:, None],
+                       PER_VOXEL, 1)
+    sigmas = np.broadcast_to(np.array([MIN_SIGMA, MIN_SIGMA, THICKNESS]), (len(coords), PER_VOXEL, 3))
+    return _pack(offsets, frames, sigmas)
 
 
 def asset_surfels(extras: dict, coords: np.ndarray, resolution: int) -> np.ndarray:
@@ -201,6 +217,8 @@ def asset_surfels(extras: dict, coords: np.ndarray, resolution: int) -> np.ndarr
         raise NearError(f"the asset's surfels are {table.shape}, expected ({len(coords)}, {width})")
     parts = table.reshape(len(coords), PER_VOXEL, SURFEL_CHANNELS)
     quats = parts[..., 3:7]
+    if not np.isfinite(table).all():
+        raise NearError("the asset's surfels hold NaN or infinite values: re-encode it")
     if (np.abs(parts[..., :3]) > 1.0).any() or (parts[..., 7:] <= 0).any() or (parts[..., 7:] > 2.0).any() or (
             np.abs(np.linalg.norm(quats, axis=-1) - 1) > 1e-3).any():
         raise NearError("the asset's surfels are out of range (offsets within a voxel, unit quaternions and "
