@@ -194,13 +194,15 @@ def mesh_surfels(vertices: np.ndarray, triangles: np.ndarray, coords: np.ndarray
 
 
 def _touching(coords: np.ndarray, points: np.ndarray, normals: np.ndarray, resolution: int) -> np.ndarray:
-    """Surfels of voxels the surface only touches (no sample fell inside): all at the surface sample nearest to the
-    voxel centre, facing its normal, `MIN_SIGMA` small, so they add no surface where there is none."""
+    """Surfels of voxels the surface only touches (no sample fell inside; or, for a predicted surface, passes
+    near): all at the point of the voxel nearest to the surface sample nearest to its centre, facing that sample's
+    normal, `MIN_SIGMA` small, so they add no surface where there is none."""
     centres = (coords + 0.5) / resolution - 0.5
     samples = torch.from_numpy(points)
     nearest = np.concatenate([torch.cdist(torch.from_numpy(chunk), samples).argmin(1).numpy()
                               for chunk in np.array_split(centres, max(1, len(centres) // 16))])
-    offsets = np.repeat(((points[nearest] - centres) * resolution)[:, None], PER_VOXEL, 1)
+    toward = np.clip((points[nearest] - centres) * resolution, -0.5, 0.5)  # in the voxel, as near as it gets
+    offsets = np.repeat(toward[:, None], PER_VOXEL, 1)
     frames = np.repeat(_frames(normals[nearest], np.broadcast_to([1.0, 0.0, 0.0], (len(coords), 3)).copy())[:, None],
                        PER_VOXEL, 1)
     sigmas = np.broadcast_to(np.array([MIN_SIGMA, MIN_SIGMA, THICKNESS]), (len(coords), PER_VOXEL, 3))

@@ -96,7 +96,8 @@ def prepare_image(request: LiftRequest, size: int = LIFT_SIZE):
 
 def sample_structure(request: LiftRequest, photo, networks: dict, resolution: int = 64
                      ) -> tuple[np.ndarray, Camera, np.ndarray | None]:
-    """Stage 2: (surface voxels [N, 3], the camera of the prepared photo, the mesh's surfels or None)."""
+    """Stage 2: (surface voxels [N, 3], the camera of the prepared photo, their surfels: on the mesh, or on the
+    predicted or inflated surface)."""
     from .geometry import inflate_silhouette, mesh_geometry, triangles_geometry
     from .views import fit_crop_camera, front_camera
 
@@ -111,14 +112,16 @@ def sample_structure(request: LiftRequest, photo, networks: dict, resolution: in
         return coords, fit_crop_camera(front_camera(request.elevation, size), coords, resolution, size), surfels
     camera = photo_camera(request.elevation, size)
     if source == "inflate":
-        return inflate_silhouette(photo.rgba[..., 3], camera, resolution), camera, None
+        coords, surfels = inflate_silhouette(photo.rgba[..., 3], camera, resolution, with_surfels=True)
+        return coords, camera, surfels
     if source == "own":
         from .occupancy import predict_geometry
 
         if "occupancy" not in networks:
             raise NearError("these weights have no geometry model of their own (occupancy): take the geometry "
                             "from a mesh, or from the inflated silhouette")
-        return predict_geometry(networks["occupancy"], photo.rgba, camera, resolution), camera, None
+        coords, surfels = predict_geometry(networks["occupancy"], photo.rgba, camera, resolution, with_surfels=True)
+        return coords, camera, surfels
     raise NearError("internal: the trellis structure is sampled by `lift_image`")
 
 

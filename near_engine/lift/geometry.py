@@ -121,22 +121,75 @@ def poisson_height(masks: np.ndarray | torch.Tensor, iterations: int = POISSON_I
     return h[:, 0]
 
 
-def inflate_silhouette(alpha: np.ndarray, camera: Camera, resolution: int = 64) -> np.ndarray:
-    """Surface voxels [N, 3] of the photo's silhouette inflated (Poisson), mirrored about the plane through the
-    origin facing `camera` (the camera of `alpha` [S, S])."""
+def slab_surfels(front: np.ndarray, back: np.ndarray, mask: np.ndarray, camera: Camera, coords: np.ndarray,
+                 resolution: int = 64) -> np.ndarray:
+    """Surfels (`surfels.mesh_surfels`) of the voxels `coords` from a slab seen by `camera`: the surfaces at camera
+    depths `front` and `back` [H, W] (`camera`'s pixels) over the pixels of `mask`, each triangulated over every
+    2 x 2 block of masked pixels. So a lift without a mesh places its Gaussians on the surface it predicted, not at
+    voxel centres."""
+    from ..surfels import mesh_surfels
+
+    height, width = mask.shape
+    u = (np.arange(width) + 0.5 - camera.cx) / camera.fx
+    v = (np.arange(height) + 0.5 - camera.cy) / camera.fy
+    rays = np.stack(np.meshgrid(u, v) + [np.ones((height, width))], -1)  # camera space at depth 1
+    to_world = camera.camera_to_world
+    index = np.arange(height * width).reshape(height, width)
+    quads = mask[:-1, :-1] & mask[1:, :-1] & mask[:-1, 1:] & mask[1:, 1:]
+    a, b, c, d = (index[:-1, :-1][quads], index[:-1, 1:][quads], index[1:, :-1][quads], index[1:, 1:][quads])
+    layers, faces = [], []
+    for k, depth in enumerate((front, back)):
+        points = (rays * depth[..., None]).reshape(-1, 3) @ to_world[:3, :3].T + to_world[:3, 3]
+        layers.append(points)
+        offset = k * height * width
+        faces += [np.stack([a, c, b], -1) + offset, np.stack([b, c, d], -1) + offset]
+    triangles = np.concatenate(faces)
+    if not len(triangles):
+        from ..surfels import voxel_surfels
+
+        return voxel_surfels(coords, resolution)
+    return mesh_surfels(np.concatenate(layers), triangles, coords, resolution)
+
+
+def inflated_slab(alpha: np.ndarray, camera: Camera) -> tuple[np.ndarray, np.ndarray, np.ndarray, Camera]:
+    """The silhouette of `alpha` [S, S] inflated (Poisson) and mirrored about the plane through the origin facing
+    `camera`: (front depth, back depth, mask, the camera of those maps), at about the voxels' resolution."""
     size = alpha.shape[0]
-    step = max(1, size // resolution)  # solve at about the grid's resolution, then read it with bilinear lookups
+    step = max(1, size // INFLATION_MAP)  # solve at about the grid's resolution, read it with bilinear lookups
     mask = F.avg_pool2d(torch.from_numpy(alpha.astype(np.float32))[None, None], step)[0, 0].numpy() > 0.5
     if not mask.any():
         raise NearError("the photo's silhouette is empty: there is nothing to inflate")
     half = 2.0 * np.sqrt(np.maximum(poisson_height(mask[None])[0].numpy(), 0.0)) * step  # in photo pixels
+    centre_z = float(camera.world_to_camera[2, 3])  # the origin's depth
+    thickness = half * centre_z / camera.fx
+    return centre_z - thickness, centre_z + thickness, mask, camera.scaled(mask.shape[1] / camera.width)
+
+
+#: Side of the inflation's maps (about the voxel grid's).
+INFLATION_MAP = 64
+
+
+def slab_voxels(front: np.ndarray, back: np.ndarray, mask: np.ndarray, camera: Camera, resolution: int = 64,
+                margin: float = 0.0) -> np.ndarray:
+    """Surface voxels [N, 3] of the solid between camera depths `front` and `back` [H, W] over the pixels of
+    `mask` (bilinear lookups at each voxel centre's pixel), widened by `margin` (camera depth units)."""
     points = voxel_points(np.argwhere(np.ones((resolution,) * 3, dtype=bool)), resolution)
     pixels, z = camera.project(points)
-    centre_z = float(camera.world_to_camera[2, 3])  # the origin's depth
-    grid = torch.from_numpy(np.stack([2 * pixels[:, 0] / size - 1, 2 * pixels[:, 1] / size - 1], -1)).float()
-    maps = torch.from_numpy(np.stack([half, mask.astype(np.float32)]))[None]
-    sampled = F.grid_sample(maps, grid[None, None], mode="bilinear", padding_mode="zeros", align_corners=False)
-    half_at, inside = sampled[0, :, 0].numpy()
-    metres_per_pixel = centre_z / camera.fx
-    occupied = (inside > 0.5) & (np.abs(z - centre_z) <= half_at * metres_per_pixel)
+    height, width = mask.shape
+    grid = torch.from_numpy(np.stack([2 * pixels[:, 0] / width - 1, 2 * pixels[:, 1] / height - 1], -1)).float()
+    maps = torch.from_numpy(np.stack([front, back, mask]).astype(np.float32))[None]
+    near, far, inside = F.grid_sample(maps, grid[None, None], mode="bilinear", padding_mode="zeros",
+                                      align_corners=False)[0, :, 0].numpy()
+    occupied = (inside > 0.5) & (z >= near - margin) & (z <= far + margin)
     return surface_of(occupied.reshape((resolution,) * 3))
+
+
+def inflate_silhouette(alpha: np.ndarray, camera: Camera, resolution: int = 64, with_surfels: bool = False
+                       ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Surface voxels [N, 3] of the photo's silhouette inflated (`inflated_slab`) for the camera of `alpha` [S, S];
+    with `with_surfels`, also their surfels on the inflated surface (`slab_surfels`)."""
+    front, back, mask, small = inflated_slab(alpha, camera)
+    coords = slab_voxels(front, back, mask, small, resolution)
+    if not with_surfels:
+        return coords
+    return coords, slab_surfels(front, back, mask, small, coords, resolution)

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 
 from ..camera import Camera
 from ..models.slab import SlabNet
-from .geometry import poisson_height, surface_of
-from .views import voxel_points
+from .geometry import poisson_height, slab_surfels, slab_voxels
 
 __all__ = ["SlabNet", "slab_inputs", "slab_targets", "predict_geometry", "map_camera", "MAP_SIZE"]
 
@@ -60,19 +59,17 @@ def slab_targets(coords: np.ndarray, camera: Camera, resolution: int = 64) -> tu
     return np.where(hit, offsets, 0.0).astype(np.float32), hit
 
 
-def predict_geometry(net: SlabNet, photo: np.ndarray, camera: Camera, resolution: int = 64) -> np.ndarray:
-    """Surface voxels [N, 3] of the solid the network sees in the prepared photo [S, S, 4] taken by `camera`."""
+def predict_geometry(net: SlabNet, photo: np.ndarray, camera: Camera, resolution: int = 64,
+                     with_surfels: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Surface voxels [N, 3] of the solid the network sees in the prepared photo [S, S, 4] taken by `camera`; with
+    `with_surfels`, also their surfels on the predicted front and back surfaces (`geometry.slab_surfels`)."""
     with torch.no_grad():
         x = slab_inputs(torch.from_numpy(np.ascontiguousarray(photo))[None])
-        depths = net(x)[0]  # [2, 64, 64] map pixels at the origin's depth
-    fx, distance = map_camera(camera).fx, float(camera.world_to_camera[2, 3])
-    points = voxel_points(np.argwhere(np.ones((resolution,) * 3, dtype=bool)), resolution)
-    pixels, z = camera.project(points)
-    grid = torch.from_numpy(np.stack([2 * pixels[:, 0] / camera.width - 1, 2 * pixels[:, 1] / camera.height - 1],
-                                     -1)).float()[None, None]
-    maps = torch.cat([depths, x[0, 4:5]], 0)[None]
-    front, back, inside = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros",
-                                        align_corners=False)[0, :, 0].numpy()
-    offset = (z - distance) * fx / distance
-    occupied = (inside > 0.5) & (offset >= front - 0.5) & (offset <= back + 0.5)
-    return surface_of(occupied.reshape((resolution,) * 3))
+        depths = net(x)[0].numpy()  # [2, 64, 64] map pixels at the origin's depth
+    small, distance = map_camera(camera), float(camera.world_to_camera[2, 3])
+    front, back = distance + depths * distance / small.fx  # camera depths
+    mask = x[0, 4].numpy() > 0.5
+    coords = slab_voxels(front, back, mask, small, resolution, margin=0.5 * distance / small.fx)
+    if not with_surfels:
+        return coords
+    return coords, slab_surfels(front, back, mask, small, coords, resolution)
