@@ -201,12 +201,22 @@ def test_clear_errors(networks, assets) -> None:
 
 
 def test_from_pretrained_folder_renders_like_the_networks(networks, assets, tmp_path) -> None:
-    save_networks(tmp_path, networks, "near-tiny")
+    save_networks(tmp_path, networks, "near-tiny", {"gaussians": "surfels"})
     automatic = NearPipeline.from_pretrained(tmp_path, light_size=LIGHT_SIZE)
     assert automatic.device == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaded = NearPipeline.from_pretrained(tmp_path, "cpu", light_size=LIGHT_SIZE)  # compared on the same device
     scene = Scene([(assets[0], np.eye(4))], _env(1), _camera())
     np.testing.assert_array_equal(loaded.render(scene)["combined"], _pipeline(networks).render(scene)["combined"])
+
+
+def test_weights_from_before_surfels_place_their_gaussians_over_the_voxels(networks, assets, tmp_path) -> None:
+    """A weights folder whose pipeline.json does not say its Gaussians start at surfels was trained with them spread
+    over the voxels, and renders that way (the same networks placed at surfels draw another image)."""
+    save_networks(tmp_path, networks, "near-tiny")
+    older = NearPipeline.from_pretrained(tmp_path, "cpu", light_size=LIGHT_SIZE)
+    assert older.placement == "voxels" and _pipeline(networks).placement == "surfels"
+    scene = Scene([(assets[0], np.eye(4))], _env(1), _camera())
+    assert np.abs(older.render(scene)["combined"] - _pipeline(networks).render(scene)["combined"]).max() > 1e-3
 
 
 def test_scene_without_objects_renders_the_world(networks) -> None:
