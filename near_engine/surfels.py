@@ -34,6 +34,8 @@ SURFEL_CHANNELS = 10
 EXTRA_NAME = "surfels"
 #: Samples of the surface per voxel: enough for a stable centroid and spread of each quadrant.
 SAMPLES_PER_VOXEL = 64
+#: At most this many samples in all (memory: about 300 bytes each while the surfels are computed).
+MAX_SAMPLES = 2_000_000
 #: A quadrant of a flat piece of surface spreads uniformly over a width w: standard deviation w / sqrt(12). Gaussians
 #: that tile the plane without gaps need about half their spacing as sigma, sqrt(3) = 1.73 times that deviation;
 #: 2.2 scored best (object PSNR and SSIM of the untrained PBR core on data-set objects, 1.73 to 2.8 tried).
@@ -101,12 +103,14 @@ def voxel_surfels(coords: np.ndarray, resolution: int) -> np.ndarray:
 
 
 def _sample_surface(vertices: np.ndarray, triangles: np.ndarray, count: int, seed: int
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """`count` points uniformly on the mesh's area (seeded) and their faces' unit normals."""
+                    ) -> tuple[np.ndarray, np.ndarray] | None:
+    """`count` points uniformly on the mesh's area (seeded) and their faces' unit normals; None without area."""
     corners = vertices[triangles]  # [T, 3, 3]
     cross = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
     area = np.linalg.norm(cross, axis=-1)
-    keep = area > 0
+    keep = np.isfinite(area) & (area > 0)
+    if not keep.any():
+        return None
     corners, cross, area = corners[keep], cross[keep], area[keep]
     rng = np.random.default_rng(seed)
     face = rng.choice(len(area), size=count, p=area / area.sum())
@@ -143,13 +147,15 @@ def mesh_surfels(vertices: np.ndarray, triangles: np.ndarray, coords: np.ndarray
     surfels = voxel_surfels(coords, resolution)
     if n == 0 or len(triangles) == 0:
         return surfels
+    sampled = _sample_surface(vertices, triangles, min(SAMPLES_PER_VOXEL * n, MAX_SAMPLES), seed)
+    if sampled is None:  # no area at all
+        return surfels
     lookup = np.full((resolution,) * 3, -1, np.int64)
     lookup[tuple(coords.T)] = np.arange(n)
-    points, normals = _sample_surface(vertices, triangles, SAMPLES_PER_VOXEL * n, seed)
-    cell = np.clip(np.floor((points + 0.5) * resolution).astype(np.int64), 0, resolution - 1)
+    cell = np.clip(np.floor((sampled[0] + 0.5) * resolution).astype(np.int64), 0, resolution - 1)
     voxel = lookup[tuple(cell.T)]
     inside = voxel >= 0
-    points, normals, voxel = points[inside], normals[inside], voxel[inside]
+    points, normals, voxel = sampled[0][inside], sampled[1][inside], voxel[inside]
     local = (points + 0.5) * resolution - (coords[voxel] + 0.5)  # in voxels, from the voxel centre
 
     count = np.bincount(voxel, minlength=n).astype(np.float64)
@@ -189,7 +195,7 @@ def mesh_surfels(vertices: np.ndarray, triangles: np.ndarray, coords: np.ndarray
                    sigmas.reshape(n, PER_VOXEL, 3))
     surfels[seen] = packed[seen]
     if not seen.all():
-        surfels[~seen] = _touching(coords[~seen], points, normals, resolution)
+        surfels[~seen] = _touching(coords[~seen], *sampled, resolution)
     return surfels
 
 

@@ -227,3 +227,30 @@ def test_a_lad_restarts_its_geometry_rows_only() -> None:
         start += k * g
     assert kept == 2  # base colour and opacity keep what they learned
     assert not lad.scale_out_layer.weight.abs().sum() and not lad.normal_out_layer.weight.abs().sum()
+
+
+def test_a_lift_without_a_mesh_puts_its_surfels_on_the_surface_it_inflated() -> None:
+    """`own` and `inflate` lifts triangulate their slab's front and back depth maps: the surfels lie on those
+    surfaces (checked against the maps themselves), where the voxel centres lie up to half a voxel off."""
+    from near_engine.lift import photo_camera
+    from near_engine.lift.geometry import inflate_silhouette, inflated_slab
+
+    size = 256
+    camera = photo_camera(0.0, size)
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+    alpha = (((xs - 128) / 90) ** 2 + ((ys - 128) / 60) ** 2 < 1).astype(np.float32)  # an ellipse
+    coords, surfels = inflate_silhouette(alpha, camera, R, with_surfels=True)
+    front, back, mask, small = inflated_slab(alpha, camera)
+
+    def off_surface(points: np.ndarray) -> np.ndarray:
+        """Distance in voxels along the view axis to the nearer of the two surfaces, where the pixel is inside."""
+        pixels, z = small.project(points)
+        grid = torch.from_numpy(2 * pixels / np.array(mask.shape[::-1]) - 1).float()[None, None]
+        maps = torch.from_numpy(np.stack([front, back, mask]).astype(np.float32))[None]
+        near, far, inside = torch.nn.functional.grid_sample(maps, grid, align_corners=False)[0, :, 0].numpy()
+        keep = (inside > 0.999) & (far - near > 8.0 / R)  # away from the rim, where the surfaces are steep and meet
+        return (np.minimum(np.abs(z - near), np.abs(z - far)) * R)[keep]
+
+    on = off_surface(_positions(coords, surfels)[0].reshape(-1, 3))
+    centres = off_surface(_positions(coords, voxel_surfels(coords, R))[0].reshape(-1, 3))
+    assert np.median(on) < 0.1 and np.median(on) < 0.5 * np.median(centres)

@@ -172,6 +172,31 @@ def test_init_from_weights_and_checkpoints_from_before_exposure(obj, tmp_path):
         tuned.load_checkpoint(tmp_path / "old.pt")
 
 
+def test_frozen_networks_stay_as_loaded_and_weights_from_before_surfels_restart_their_geometry(obj, tmp_path):
+    """`--freeze encoder` keeps the LH latent a lift was trained on; weights whose pipeline.json does not say their
+    Gaussians start at surfels restart the LAD's geometry rows at zero when a run starts from them."""
+    trained = Trainer(CONFIG, [obj])
+    trained.train_step()
+    trained.export(tmp_path / "weights")
+    assert json.loads((tmp_path / "weights" / "pipeline.json").read_text())["gaussians"] == "surfels"
+    frozen = Trainer(replace(CONFIG, frozen=("image_features", "encoder")), [obj])
+    assert frozen.init_networks(tmp_path / "weights") == []  # surfel weights: nothing restarted
+    before = _params(frozen)
+    frozen.train_step()
+    after = _params(frozen)
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "image_features.")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("renderer."))
+    with pytest.raises(NearError, match="cannot freeze"):
+        replace(CONFIG, frozen=("everything",))
+    settings = json.loads((tmp_path / "weights" / "pipeline.json").read_text())
+    del settings["gaussians"]  # as the weights before surfels wrote it
+    (tmp_path / "weights" / "pipeline.json").write_text(json.dumps(settings))
+    older = Trainer(CONFIG, [obj])
+    assert any("restarted" in name for name in older.init_networks(tmp_path / "weights"))
+    xyz = older.networks["renderer"].gs_out_layer[-1].weight[:3 * older.networks["renderer"].num_gaussians]
+    assert not xyz.abs().sum()
+
+
 def test_exposure_scales_inside_the_log():
     from near_engine.train.losses import stage2_losses
 
