@@ -133,7 +133,7 @@ def test_eval_reports_every_method_and_metric_on_a_tiny_dataset(tmp_path):
     weights = tmp_path / "weights"
     export_lift(weights, renderer, init_from_encoder(networks["image_features"], networks["encoder"], args,
                                                      DEFAULT_MATERIAL), args, {"test": True})
-    report_path = tmp_path / "report.md"
+    report_path = tmp_path / "reports" / "report.md"  # a folder that does not exist yet is made first
     assert main(["eval", "--data", str(data), "--weights", str(weights), "-o", str(report_path)]) == 0
 
     report = json.loads(report_path.with_suffix(".json").read_text())

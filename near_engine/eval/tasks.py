@@ -341,11 +341,18 @@ def _evaluate_lift(model: Model, networks: Mapping, folder: Path, hdris: Sequenc
 def run_eval(data: str | Path, weights: str | Path, output: str | Path, *, objects: str = VALIDATION,
              hdris: str | Sequence[str] = HELD_OUT, size: int | None = None, device: str = "auto",
              log: Callable[[str], object] = print) -> dict:
-    """Evaluate the weights on the data set; write `output` (markdown) and the same stem with `.json` (every number).
+    """Evaluate the weights on the data set; write `output` (markdown) and the same stem with `.json` (every number);
+    the report's folder is made first, so a missing folder costs no evaluation.
 
     `hdris`: "held-out" (the data set's held-out HDRIs) or names. Returns the JSON report.
     """
     data, output = Path(data), Path(output)
+    if output.is_dir():
+        raise NearError(f"{output} is a folder: give the report's file name (REPORT.md)")
+    try:  # before the evaluation's minutes, not after them
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NearError(f"cannot create the report's folder {output.parent}: {exc.strerror or exc}") from None
     manifest = data / "manifest.json"
     folders = _object_folders(data, objects)
     if hdris == HELD_OUT:
