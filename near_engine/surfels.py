@@ -154,9 +154,16 @@ def mesh_surfels(vertices: np.ndarray, triangles: np.ndarray, coords: np.ndarray
     lookup[tuple(coords.T)] = np.arange(n)
     cell = np.clip(np.floor((sampled[0] + 0.5) * resolution).astype(np.int64), 0, resolution - 1)
     voxel = lookup[tuple(cell.T)]
+    for step in np.concatenate([np.eye(3, dtype=np.int64), -np.eye(3, dtype=np.int64)]):
+        # a predicted surface (a lift's slab) may pass just outside the voxels made from it: its samples belong to
+        # the face neighbour that is listed (a mesh's own voxels hold all of its samples, so this never applies)
+        lost = voxel < 0
+        if not lost.any():
+            break
+        voxel[lost] = lookup[tuple(np.clip(cell[lost] + step, 0, resolution - 1).T)]
     inside = voxel >= 0
     points, normals, voxel = sampled[0][inside], sampled[1][inside], voxel[inside]
-    local = (points + 0.5) * resolution - (coords[voxel] + 0.5)  # in voxels, from the voxel centre
+    local = np.clip((points + 0.5) * resolution - (coords[voxel] + 0.5), -1.0, 1.0)  # voxels, from the centre
 
     count = np.bincount(voxel, minlength=n).astype(np.float64)
     seen = count > 0
