@@ -58,6 +58,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
@@ -170,9 +171,10 @@ class VoxelPriors:
     at_surfels: bool = True  # False: weights from before surfels, whose Gaussians spread over the voxel (normals
     # still come from the surfels: without a mesh those are the voxel normals those weights were trained with)
 
-    @property
+    @functools.cached_property
     def normals(self) -> torch.Tensor:
-        """Unit normals [V * PER_VOXEL, 3], one per surfel (sign arbitrary: the renderer turns them to the camera)."""
+        """Unit normals [V * PER_VOXEL, 3], one per surfel (sign arbitrary: the renderer turns them to the camera);
+        computed once per priors, which the pipeline caches per asset, not per frame."""
         return quat_to_rotmat(surfel_tensors(self.surfels)["quats"])[..., :, 2]
 
     @staticmethod

@@ -144,24 +144,19 @@ def quat_to_rotmat(quats: torch.Tensor) -> torch.Tensor:
 
 
 def rotmat_to_quat(r: torch.Tensor) -> torch.Tensor:
-    """A proper rotation matrix [3,3] -> unit (w, x, y, z) quaternion [4] (Shepperd's method, stable for all angles)."""
-    r = r.double()
-    trace = r[0, 0] + r[1, 1] + r[2, 2]
-    candidates = torch.stack([trace, r[0, 0], r[1, 1], r[2, 2]])
-    i = int(torch.argmax(candidates))
-    if i == 0:
-        s = math.sqrt(float(trace) + 1.0) * 2
-        q = [0.25 * s, (r[2, 1] - r[1, 2]) / s, (r[0, 2] - r[2, 0]) / s, (r[1, 0] - r[0, 1]) / s]
-    else:
-        j, k = (i % 3) + 1, ((i + 1) % 3) + 1
-        a, b, c = i - 1, j - 1, k - 1
-        s = math.sqrt(max(1.0 + float(r[a, a] - r[b, b] - r[c, c]), 1e-12)) * 2
-        q = [0.0] * 4
-        q[0] = (r[c, b] - r[b, c]) / s
-        q[i] = 0.25 * s
-        q[j] = (r[b, a] + r[a, b]) / s
-        q[k] = (r[c, a] + r[a, c]) / s
-    return torch.tensor([float(v) for v in q], dtype=torch.float64)
+    """Proper rotation matrices [..., 3, 3] -> unit (w, x, y, z) quaternions [..., 4], float64 (Shepperd's method:
+    of the four diagonal combinations the largest is divided by, so every angle is stable)."""
+    r = torch.as_tensor(r).double()
+    m = [[r[..., i, j] for j in range(3)] for i in range(3)]
+    candidates = torch.stack([  # row k is 4 q_k q: the row with the largest diagonal term has the largest |q_k|
+        torch.stack([1 + m[0][0] + m[1][1] + m[2][2], m[2][1] - m[1][2], m[0][2] - m[2][0], m[1][0] - m[0][1]], -1),
+        torch.stack([m[2][1] - m[1][2], 1 + m[0][0] - m[1][1] - m[2][2], m[0][1] + m[1][0], m[0][2] + m[2][0]], -1),
+        torch.stack([m[0][2] - m[2][0], m[0][1] + m[1][0], 1 - m[0][0] + m[1][1] - m[2][2], m[1][2] + m[2][1]], -1),
+        torch.stack([m[1][0] - m[0][1], m[0][2] + m[2][0], m[1][2] + m[2][1], 1 - m[0][0] - m[1][1] + m[2][2]], -1),
+    ], -2)
+    pick = torch.diagonal(candidates, dim1=-2, dim2=-1).argmax(-1)
+    q = torch.gather(candidates, -2, pick[..., None, None].expand(*pick.shape, 1, 4))[..., 0, :]
+    return torch.nn.functional.normalize(q, dim=-1)
 
 
 def quat_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from .errors import NearError
+from .gaussians import rotmat_to_quat
 from .voxelize import voxel_normals
 
 __all__ = ["PER_VOXEL", "SURFEL_CHANNELS", "EXTRA_NAME", "mesh_surfels", "voxel_surfels", "asset_surfels",
-           "surfel_tensors", "rotmat_to_quat"]
+           "surfel_tensors"]
 
 #: Surfels per voxel: near-tiny's Gaussians per voxel.
 PER_VOXEL = 4
@@ -49,22 +50,6 @@ MIN_SIGMA = 0.08
 VOXEL_SIGMA = 0.3
 
 
-def rotmat_to_quat(r: np.ndarray) -> np.ndarray:
-    """Proper rotation matrices [..., 3, 3] -> unit (w, x, y, z) quaternions [..., 4] (Shepperd: the largest of the
-    four diagonal combinations is divided by, so every angle is stable)."""
-    r = np.asarray(r, np.float64)
-    m = [[r[..., i, j] for j in range(3)] for i in range(3)]
-    candidates = np.stack([
-        np.stack([1 + m[0][0] + m[1][1] + m[2][2], m[2][1] - m[1][2], m[0][2] - m[2][0], m[1][0] - m[0][1]], -1),
-        np.stack([m[2][1] - m[1][2], 1 + m[0][0] - m[1][1] - m[2][2], m[0][1] + m[1][0], m[0][2] + m[2][0]], -1),
-        np.stack([m[0][2] - m[2][0], m[0][1] + m[1][0], 1 - m[0][0] + m[1][1] - m[2][2], m[1][2] + m[2][1]], -1),
-        np.stack([m[1][0] - m[0][1], m[0][2] + m[2][0], m[1][2] + m[2][1], 1 - m[0][0] - m[1][1] + m[2][2]], -1),
-    ], -2)  # [..., 4, 4]: row k is 4 q_k q, largest where |q_k| is
-    pick = np.argmax(np.stack([candidates[..., k, k] for k in range(4)], -1), -1)
-    q = np.take_along_axis(candidates, pick[..., None, None].repeat(4, -1), -2)[..., 0, :]
-    return q / np.linalg.norm(q, axis=-1, keepdims=True)
-
-
 def _frames(normals: np.ndarray, tangents: np.ndarray) -> np.ndarray:
     """Rotation matrices [..., 3, 3] with columns (x, y, z): z the normal, x the tangent made perpendicular to it
     (any perpendicular where the tangent is parallel), y = z cross x."""
@@ -85,7 +70,7 @@ def _principal(tensors: np.ndarray) -> np.ndarray:
 
 def _pack(offsets: np.ndarray, frames: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
     """[V, P, 3] offsets, [V, P, 3, 3] frames, [V, P, 3] sigmas -> [V, P * SURFEL_CHANNELS] float32."""
-    table = np.concatenate([offsets, rotmat_to_quat(frames), sigmas], -1)
+    table = np.concatenate([offsets, rotmat_to_quat(torch.from_numpy(frames)).numpy(), sigmas], -1)
     return table.reshape(len(table), -1).astype(np.float32)
 
 
