@@ -69,7 +69,7 @@ from torch import nn
 from .camera import Camera
 from .envmap import EnvMap
 from .gaussians import Gaussians, quat_to_rotmat
-from .ibl import IBLLight, shade
+from .ibl import IBLLight, ShadingTerms, reflect, shade
 from .models.blocks import BlockContext
 from .models.gaussian_heads import (
     MATERIAL_CHANNELS,
@@ -85,6 +85,7 @@ from .passes import gaussian_channels
 from .raster import rasterize
 from .sparse import SparseTensor
 from .surfels import PER_VOXEL, surfel_tensors, voxel_surfels
+from .visibility import occlusion_factors, sphere_directions, surfel_visibility
 
 __all__ = [
     "BACKGROUND_DEPTH",
@@ -97,6 +98,7 @@ __all__ = [
     "ablation_inputs",
     "decoder_input",
     "material_latents",
+    "surfel_materials",
     "light_planes",
     "light_tokens",
     "decode_gaussians",
@@ -113,6 +115,9 @@ MATERIAL_LATENTS: tuple[tuple[str, int], ...] = (("base_color", 3), ("material",
 #: The material of an asset that carries no material latents (assets from before them): Blender's default grey
 #: dielectric (base 0.8^2.2 linear grey, roughness 0.5, metallic 0, Specular IOR Level 0.5).
 DEFAULT_MATERIAL: tuple[float, ...] = (0.61, 0.61, 0.61, 0.5, 0.0, 0.5)
+#: Extra of the materials at each surfel's centre, [V, PER_VOXEL * MATERIAL_CHANNELS] (`lift.encode`): the material
+#: heads start from them instead of the voxel's, so painted detail keeps the surfels' resolution.
+SURFEL_MATERIALS = "surfel_materials"
 
 
 def material_latents(extras: Mapping[str, np.ndarray], count: int) -> np.ndarray:
@@ -131,6 +136,19 @@ def material_latents(extras: Mapping[str, np.ndarray], count: int) -> np.ndarray
             raise ValueError(f"the asset's {name} latent is {value.shape}, expected ({count}, {channels})")
         parts.append(value)
     return np.concatenate(parts, 1)
+
+
+def surfel_materials(extras: Mapping[str, np.ndarray], count: int) -> np.ndarray | None:
+    """The asset's materials per surfel [V * PER_VOXEL, 6] (checked), or None when it carries none."""
+    if SURFEL_MATERIALS not in extras:
+        return None
+    value = np.asarray(extras[SURFEL_MATERIALS], np.float32)
+    if value.shape != (count, PER_VOXEL * MATERIAL_CHANNELS):
+        raise ValueError(f"the asset's {SURFEL_MATERIALS} are {value.shape}, expected "
+                         f"({count}, {PER_VOXEL * MATERIAL_CHANNELS})")
+    if not np.isfinite(value).all() or value.min() < 0 or value.max() > 1:
+        raise ValueError(f"the asset's {SURFEL_MATERIALS} must be finite and in [0, 1]: re-encode it")
+    return value.reshape(count * PER_VOXEL, MATERIAL_CHANNELS)
 
 
 #: What a decoder may read, for the paper's input ablation (`train.loop.TrainConfig.inputs`).
@@ -170,6 +188,16 @@ class VoxelPriors:
     surfels: torch.Tensor
     at_surfels: bool = True  # False: weights from before surfels, whose Gaussians spread over the voxel (normals
     # still come from the surfels: without a mesh those are the voxel normals those weights were trained with)
+    surfel_materials: torch.Tensor | None = None  # [V * PER_VOXEL, 6]: the materials at the surfels' centres
+    visibility: torch.Tensor | None = None  # [V * PER_VOXEL, K] uint8: the directions each surfel sees
+
+    @property
+    def gaussian_materials(self) -> torch.Tensor:
+        """The materials the material heads start from: one per Gaussian at its surfel where the asset has them
+        (and the Gaussians sit at the surfels), else the voxel's material latents."""
+        if self.surfel_materials is not None and self.at_surfels:
+            return self.surfel_materials
+        return self.materials
 
     @functools.cached_property
     def normals(self) -> torch.Tensor:
@@ -179,12 +207,20 @@ class VoxelPriors:
 
     @staticmethod
     def of(coords: np.ndarray, resolution: int, materials: np.ndarray, surfels: np.ndarray | None = None,
-           device: torch.device | str = "cpu") -> "VoxelPriors":
-        """Priors of voxels `coords` with their material latents and surfels (default: `voxel_surfels`)."""
+           device: torch.device | str = "cpu", surfel_materials: np.ndarray | None = None) -> "VoxelPriors":
+        """Priors of voxels `coords` with their material latents, surfels (default: `voxel_surfels`), the
+        materials at the surfels ([V * PER_VOXEL, 6] or [V, PER_VOXEL * 6], optional) and what each surfel sees
+        (`visibility.surfel_visibility`, ray-marched here)."""
         if surfels is None:
             surfels = voxel_surfels(np.asarray(coords), int(resolution))
+        at_surfels = None
+        visibility = torch.from_numpy(surfel_visibility(coords, surfels, int(resolution))).to(device)
+        if surfel_materials is not None:
+            at_surfels = torch.from_numpy(np.array(surfel_materials, np.float32).reshape(-1, MATERIAL_CHANNELS))
+            at_surfels = at_surfels.to(device)
         return VoxelPriors(torch.from_numpy(np.ascontiguousarray(materials, np.float32)).to(device),
-                           torch.from_numpy(np.array(surfels, np.float32)).to(device))  # a writable copy
+                           torch.from_numpy(np.array(surfels, np.float32)).to(device),  # a writable copy
+                           surfel_materials=at_surfels, visibility=visibility)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -315,7 +351,8 @@ def decode_gaussians(
     A shading MLP with the PBR core (near-tiny) also needs `priors` (the asset's material latents and surfels)
     and `ibl` (the prefiltered light, turned into this object's asset space): the material and geometry heads are
     residuals on the material latents and the surfels, every Gaussian takes its surfel's normal (towards the camera),
-    and the MLP corrects the split-sum PBR radiance of the Gaussian's material (`ibl.shade`).
+    and the MLP corrects the split-sum PBR radiance of the Gaussian's material (`ibl.shade`), dimmed by the light
+    that the asset's own voxels block from its surfel (`priors.visibility`).
     """
     lad = _network(networks, "renderer")
     shading = _network(networks, "neural_basis")
@@ -361,7 +398,7 @@ def decode_gaussians(
     surfels = surfel_tensors(priors.surfels) if pbr_core and priors.at_surfels else None
     gaussians: HeadGaussians = heads_to_gaussians(tensor.coords[:, 1:], heads["gs"], heads["pbr"], heads["scale"],
                                                   heads["rgb"], config, lad.offset_perturbation,
-                                                  priors.materials if pbr_core else None, surfels)
+                                                  priors.gaussian_materials if pbr_core else None, surfels)
     g, lit = gaussians.intrinsic, gaussians.lit
     if not pbr_core:
         if "normal" in heads:
@@ -380,6 +417,11 @@ def decode_gaussians(
     # colour, which is what the relit loss drove them to (a -0.03 shift of every base colour after 175 steps).
     terms = shade(g.base_color.detach(), g.roughness.detach(), g.metallic.detach(), g.pbr1.detach(), normals, view,
                   ibl)
+    if priors.visibility is not None:  # the light the object's own voxels block (`visibility`)
+        directions = torch.from_numpy(sphere_directions(priors.visibility.shape[1])).to(normals)
+        diffuse, specular = occlusion_factors(priors.visibility, directions, ibl.blurred_radiance(directions),
+                                              normals, reflect(view, normals), g.roughness.detach())
+        terms = ShadingTerms(terms.diffuse * diffuse, terms.specular * specular)
     shaded = shading(lit.features, normals, terms)
     return FrameGaussians(g, lit, normals, normals, shaded[:, :3], shaded[:, 3:], cam)
 

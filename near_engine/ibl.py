@@ -170,6 +170,13 @@ class IBLLight:
         return IBLLight(prefiltered, torch.from_numpy(rotation.astype(np.float32)), float(strength))
 
 
+    def blurred_radiance(self, directions: torch.Tensor) -> torch.Tensor:
+        """The light [K, 3] arriving from unit `directions` [K, 3] (shading frame), blurred over a GGX lobe of
+        roughness 0.6 (about 20 degrees wide): what each of a coarse set of directions stands for."""
+        level = self.prefiltered.specular[ROUGHNESS_LEVELS.index(0.6)].to(directions)
+        return _sample_equirect(level, _equirect_coords(directions @ self.to_map.to(directions).T)) * self.strength
+
+
 def _equirect_coords(directions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(u, row) in [0, 1] of unit directions [N, 3] in a map's frame (Cycles' convention: u = 0.5 - atan2(y, x) /
     2 pi, row 0 at +Z). Computed once per direction and shared by every map it is looked up in."""

@@ -25,7 +25,7 @@ from .gaussians import rotmat_to_quat
 from .voxelize import voxel_normals
 
 __all__ = ["PER_VOXEL", "SURFEL_CHANNELS", "EXTRA_NAME", "mesh_surfels", "voxel_surfels", "asset_surfels",
-           "surfel_tensors"]
+           "surfel_centres", "surfel_tensors"]
 
 #: Surfels per voxel: near-tiny's Gaussians per voxel.
 PER_VOXEL = 4
@@ -224,6 +224,13 @@ def asset_surfels(extras: dict, coords: np.ndarray, resolution: int) -> np.ndarr
         raise NearError("the asset's surfels are out of range (offsets within a voxel, unit quaternions and "
                         "widths in (0, 2] voxels expected): re-encode it")
     return table
+
+
+def surfel_centres(coords: np.ndarray, surfels: np.ndarray, resolution: int) -> np.ndarray:
+    """The surfels' centres in asset space [N * PER_VOXEL, 3] (float32), in the order of the Gaussians."""
+    centres = (np.asarray(coords, np.float64) + 0.5) / resolution - 0.5
+    offsets = np.asarray(surfels, np.float64).reshape(len(centres), PER_VOXEL, SURFEL_CHANNELS)[..., :3]
+    return (centres[:, None, :] + offsets / resolution).reshape(-1, 3).astype(np.float32)
 
 
 def surfel_tensors(surfels: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from near_engine.surfels import (
     SURFEL_CHANNELS,
     asset_surfels,
     mesh_surfels,
+    surfel_centres,
     surfel_tensors,
     voxel_surfels,
 )
@@ -253,3 +254,46 @@ def test_a_lift_without_a_mesh_puts_its_surfels_on_the_surface_it_inflated() -> 
     on = off_surface(_positions(coords, surfels)[0].reshape(-1, 3))
     centres = off_surface(_positions(coords, voxel_surfels(coords, R))[0].reshape(-1, 3))
     assert np.median(on) < 0.1 and np.median(on) < 0.5 * np.median(centres)
+
+
+def test_materials_at_the_surfels_hold_detail_finer_than_a_voxel() -> None:
+    """A plane painted with a colour ramp that changes fast across each voxel, seen from above by two views with
+    exact G-buffers: the materials lifted at the surfels match the paint at their centres, those of the voxel (the
+    same for its four surfels) do not."""
+    from near_engine.lift.encode import lift_materials, lift_surfel_materials
+
+    height = 0.013
+    vertices, faces = _square(height, 0.25)
+    coords = voxelize_mesh(vertices, faces, R)
+    surfels = mesh_surfels(vertices, faces, coords, R)
+
+    def paint(x: np.ndarray) -> np.ndarray:  # red rises, blue falls, over 2 voxels
+        t = 0.5 + 0.45 * np.sin(2 * np.pi * x * R / 2.0)
+        return np.stack([t, np.full_like(t, 0.3), 1 - t], -1)
+
+    cameras = [Camera.look_at(np.array([dx, -0.0001, 1.5]), np.array([dx, 0.0, 0.0]), width=512, height=512,
+                              fov_x_deg=30.0) for dx in (-0.05, 0.05)]
+    gbuffers = {name: [] for name in ("base_color", "roughness", "metallic", "specular")}
+    alphas, depths = [], []
+    for camera in cameras:
+        origins, directions = camera.pixel_rays()
+        t = (height - origins[..., 2]) / directions[..., 2]
+        hit = origins + t[..., None] * directions
+        inside = (np.abs(hit[..., :2]) <= 0.25).all(-1)
+        alpha = inside[..., None].astype(np.float32)
+        gbuffers["base_color"].append(paint(hit[..., 0]) * alpha)
+        for name, value in (("roughness", 0.4), ("metallic", 0.0), ("specular", 0.5)):
+            gbuffers[name].append(np.full(alpha.shape[:2], value, np.float32) * alpha[..., 0])
+        alphas.append(alpha)
+        depths.append(np.where(inside, t * (directions @ camera.camera_to_world[:3, 2]), 1e10))
+    g = {k: torch.from_numpy(np.stack(v).astype(np.float32)) for k, v in gbuffers.items()}
+    alpha, depth = torch.from_numpy(np.stack(alphas)), torch.from_numpy(np.stack(depths).astype(np.float32))
+    voxel = lift_materials(g, alpha, cameras, depth, coords, R)
+    at_surfels = lift_surfel_materials(g, alpha, cameras, depth, coords, surfels, voxel, R).reshape(-1, 6)
+    truth = paint(surfel_centres(coords, surfels, R)[:, 0])
+    inner = np.repeat((np.abs((coords + 0.5) / R - 0.5)[:, :2] < 0.2).all(-1), PER_VOXEL)  # away from the edges
+    surfel_error = np.abs(at_surfels[inner, :3] - truth[inner]).mean()
+    voxel_error = np.abs(np.repeat(voxel, PER_VOXEL, 0)[inner, :3] - truth[inner]).mean()
+    assert surfel_error < 0.03, surfel_error
+    assert voxel_error > 3 * surfel_error, (voxel_error, surfel_error)
+    assert np.allclose(at_surfels[inner, 3:], [0.4, 0.0, 0.5], atol=1e-4)

@@ -56,9 +56,8 @@ def lift_assets(networks: Mapping, encoders: Mapping, coords: np.ndarray, photo:
     from ..lift.regressor import lift_inputs, projected_colours
     from ..sparse import SparseTensor
 
-    latent, materials = sample_latent(networks, coords, photo, camera, resolution)
-    lifted = {"lift": Asset(coords, latent, resolution=resolution, latent="lift",
-                            extras={"base_color": materials[:, :3], "material": materials[:, 3:]})}
+    latent, extras = sample_latent(networks, coords, photo, camera, resolution, surfels)
+    lifted = {"lift": Asset(coords, latent, resolution=resolution, latent="lift", extras=extras)}
     with torch.no_grad():  # the mesh encoder on the lit photo: features without the direction channels
         inputs = lift_inputs(encoders["image_features"], coords, torch.from_numpy(photo), camera, resolution)[:, :-3]
         coords_t = torch.as_tensor(coords, dtype=torch.int32)

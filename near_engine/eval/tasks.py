@@ -106,17 +106,16 @@ class Model:
         with `gbuffers` (name -> [V, H, W(, k)] of views with `alpha` [V, H, W, 1]) also its material latents, with
         `surfels` (`Model.voxels`) the mesh's surfels."""
         from ..surfels import EXTRA_NAME
-        from ..lift.encode import encode_views, lift_materials
+        from ..lift.encode import encode_views, material_extras
 
         with torch.no_grad():
             feats = encode_views(self.encoders, coords, torch.from_numpy(np.ascontiguousarray(rgba)), list(cameras),
                                  depth=torch.from_numpy(np.ascontiguousarray(depth)), resolution=self.resolution)
         extras = {}
         if gbuffers is not None:
-            materials = lift_materials({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in gbuffers.items()},
-                                       torch.from_numpy(np.ascontiguousarray(alpha)), list(cameras),
-                                       torch.from_numpy(np.ascontiguousarray(depth)), coords, self.resolution)
-            extras = {"base_color": materials[:, :3], "material": materials[:, 3:]}
+            extras = material_extras({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in gbuffers.items()},
+                                     torch.from_numpy(np.ascontiguousarray(alpha)), list(cameras),
+                                     torch.from_numpy(np.ascontiguousarray(depth)), coords, surfels, self.resolution)
         if surfels is not None:
             extras[EXTRA_NAME] = surfels
         return Asset(coords, feats.detach().cpu().numpy(), resolution=self.resolution, latent="eval", extras=extras)

@@ -35,6 +35,8 @@ __all__ = ["GEOMETRY_SOURCES", "LiftCancelled", "LiftRequest", "lift_image", "pr
 GEOMETRY_SOURCES: tuple[str, ...] = ("mesh", "own", "inflate", "trellis")
 #: Size of the photo near-tiny's lift reads (its image features are one per voxel of the 64^3 grid).
 LIFT_SIZE = 128
+#: Size of the same crop the surfels' colours are read from: a surfel is half a voxel, so 128 px would blur them.
+DETAIL_SIZE = 512
 #: Without a mesh, the object's silhouette box spans this many asset units at the origin (a normalized object's
 #: largest side is 1).
 PHOTO_OBJECT_EXTENT = 0.95
@@ -125,15 +127,31 @@ def sample_structure(request: LiftRequest, photo, networks: dict, resolution: in
     raise NearError("internal: the trellis structure is sampled by `lift_image`")
 
 
-def sample_latent(networks: dict, coords: np.ndarray, photo: np.ndarray, camera: Camera, resolution: int = 64
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Stage 3: (LH latent [N, 8], material latents [N, 6]) of the prepared photo [S, S, 4] seen by `camera`, with
-    near-tiny's regressor."""
-    from .regressor import predict_latents
+def sample_latent(networks: dict, coords: np.ndarray, photo: np.ndarray, camera: Camera, resolution: int = 64,
+                  surfels: np.ndarray | None = None, detail: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Stage 3: (LH latent [N, 8], material extras) of the prepared photo [S, S, 4] seen by `camera`, with
+    near-tiny's regressor. With the `surfels`, the extras hold the materials at them as well
+    (`regressor.surfel_materials_from_photo`), read from `detail`, the same crop prepared sharper (default: the
+    photo), and the voxels' base colour is their surfels' mean."""
+    from ..frame import SURFEL_MATERIALS
+    from ..surfels import PER_VOXEL
+    from .regressor import predict_latents, surfel_materials_from_photo
 
     with torch.no_grad():
-        latent, materials = predict_latents(networks, coords, torch.from_numpy(photo), camera, resolution)
-    return latent.numpy().astype(np.float32), materials.numpy().astype(np.float32)
+        latent, materials, gain = predict_latents(networks, coords, torch.from_numpy(photo), camera, resolution,
+                                                  with_gain=True)
+        extras = {}
+        if surfels is not None:
+            sharp = photo if detail is None else detail
+            at_surfels = surfel_materials_from_photo(torch.from_numpy(sharp), camera.scaled(
+                sharp.shape[0] / photo.shape[0]), coords, surfels, materials, gain, resolution)
+            materials = torch.cat([at_surfels.reshape(len(coords), PER_VOXEL, -1).mean(1)[:, :3], materials[:, 3:]],
+                                  -1)
+            extras[SURFEL_MATERIALS] = at_surfels.reshape(len(coords), -1).numpy().astype(np.float32)
+    materials = materials.numpy().astype(np.float32)
+    return latent.numpy().astype(np.float32), {"base_color": materials[:, :3], "material": materials[:, 3:],
+                                               **extras}
 
 
 def load_lift_networks(weights: str | Path, geometry: str) -> dict:
@@ -220,8 +238,8 @@ def lift_image(request: LiftRequest, progress: Progress | None = None,
         latent = official.sample_latent(stage1, cond, torch.from_numpy(np.asarray(coords)), seed=request.seed,
                                         cancel=cancel, progress=steps("sampling the latent", 0.7, 1.0)).numpy()
     else:
-        latent, materials = sample_latent(networks, coords, photo.rgba, camera, resolution)
-        extras = {"base_color": materials[:, :3], "material": materials[:, 3:]}
+        detail = prepare_image(request, DETAIL_SIZE).rgba if surfels is not None else None
+        latent, extras = sample_latent(networks, coords, photo.rgba, camera, resolution, surfels, detail)
         if surfels is not None:
             extras[SURFELS] = surfels
     stage("done", 1.0)

@@ -14,7 +14,7 @@ from ..models.encoder import lift_features
 from ..models.gaussian_heads import voxel_centres
 from ..sparse import SparseTensor
 
-__all__ = ["encode_views", "lift_materials"]
+__all__ = ["encode_views", "lift_materials", "lift_surfel_materials", "material_extras"]
 
 #: The G-buffers the material latents are lifted from, in the latents' channel order (`frame.MATERIAL_LATENTS`).
 MATERIAL_GBUFFERS: tuple[str, ...] = ("base_color", "roughness", "metallic", "specular")
@@ -38,26 +38,61 @@ def encode_views(networks: Mapping[str, nn.Module], coords: np.ndarray, rgba: to
     return encoder(SparseTensor.from_list([(coords_t, lifted)], resolution)).feats
 
 
+def _lift_gbuffers(gbuffers: Mapping[str, torch.Tensor], alpha: torch.Tensor, cameras: Sequence[Camera],
+                   depth: torch.Tensor | None, points: torch.Tensor, tolerance: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(materials [P, 6], seen [P, 1] bool) of the asset-space `points` from the premultiplied G-buffers: lifted
+    with their alpha and divided by it, so edge pixels count at their true value."""
+    maps = torch.cat([gbuffers[name].float() if gbuffers[name].ndim == 4 else gbuffers[name][..., None].float()
+                      for name in MATERIAL_GBUFFERS] + [alpha.float()], -1).permute(0, 3, 1, 2)
+    lifted = lift_features(maps, points.float(), cameras, None if depth is None else depth.float(), tolerance)
+    covered = lifted[:, -1:]
+    return (lifted[:, :-1] / covered.clamp_min(1e-6)).clamp(0.0, 1.0), covered > 1e-3
+
+
 def lift_materials(gbuffers: Mapping[str, torch.Tensor], alpha: torch.Tensor, cameras: Sequence[Camera],
                    depth: torch.Tensor | None, coords: np.ndarray, resolution: int = 64) -> np.ndarray:
     """near-tiny's material latents [N, 6] (float32): each voxel's base colour (linear RGB), roughness, metallic and
     Specular IOR Level, averaged over the views that see it.
 
     `gbuffers[name]` [V, H, W, k] are the Cycles AOVs of those views, premultiplied by `alpha` [V, H, W, 1] as Cycles
-    filters them: both are lifted (`lift_features`, depth-tested) and divided, so edge pixels count at their true
-    value. A voxel no view sees gets the mean material of those seen (Blender's default material,
+    filters them. A voxel no view sees gets the mean material of those seen (Blender's default material,
     `frame.DEFAULT_MATERIAL`, when none is).
     """
     from ..frame import DEFAULT_MATERIAL
 
-    maps = torch.cat([gbuffers[name].float() if gbuffers[name].ndim == 4 else gbuffers[name][..., None].float()
-                      for name in MATERIAL_GBUFFERS] + [alpha.float()], -1).permute(0, 3, 1, 2)
     points = voxel_centres(torch.as_tensor(np.asarray(coords), dtype=torch.int32), resolution)
-    lifted = lift_features(maps, points, cameras, None if depth is None else depth.float(),
-                           tolerance=2.0 / resolution)
-    covered = lifted[:, -1:]
-    values = lifted[:, :-1] / covered.clamp_min(1e-6)
-    seen = covered > 1e-3
+    values, seen = _lift_gbuffers(gbuffers, alpha, cameras, depth, points, 2.0 / resolution)
     default = (values * seen).sum(0) / seen.sum() if bool(seen.any()) else torch.tensor(DEFAULT_MATERIAL)
-    values = torch.where(seen, values, default).clamp(0.0, 1.0)
-    return values.numpy().astype(np.float32)
+    return torch.where(seen, values, default).numpy().astype(np.float32)
+
+
+def lift_surfel_materials(gbuffers: Mapping[str, torch.Tensor], alpha: torch.Tensor, cameras: Sequence[Camera],
+                          depth: torch.Tensor | None, coords: np.ndarray, surfels: np.ndarray,
+                          voxel_materials: np.ndarray, resolution: int = 64) -> np.ndarray:
+    """The materials at each surfel's centre [N, PER_VOXEL * 6] (the asset extra `frame.SURFEL_MATERIALS`).
+
+    A voxel centre lies up to a voxel off the surface, so its projections into the views land on different surface
+    points, whose average blurs painted lines over about a voxel; a surfel's centre lies on the surface, where the
+    views agree, and there are four of them per voxel. A surfel no view sees takes its voxel's material."""
+    from ..surfels import PER_VOXEL, surfel_centres
+
+    points = torch.from_numpy(surfel_centres(coords, surfels, resolution))
+    values, seen = _lift_gbuffers(gbuffers, alpha, cameras, depth, points, 1.0 / resolution)
+    fallback = torch.from_numpy(np.repeat(np.asarray(voxel_materials, np.float32), PER_VOXEL, 0))
+    return torch.where(seen, values, fallback).reshape(len(coords), -1).numpy().astype(np.float32)
+
+
+def material_extras(gbuffers: Mapping[str, torch.Tensor], alpha: torch.Tensor, cameras: Sequence[Camera],
+                    depth: torch.Tensor | None, coords: np.ndarray, surfels: np.ndarray | None,
+                    resolution: int = 64) -> dict[str, np.ndarray]:
+    """An asset's material extras from its views' G-buffers: the material latents ("base_color", "material") and,
+    where the surfels are known, the materials at them (`frame.SURFEL_MATERIALS`)."""
+    from ..frame import SURFEL_MATERIALS
+
+    materials = lift_materials(gbuffers, alpha, cameras, depth, coords, resolution)
+    extras = {"base_color": materials[:, :3], "material": materials[:, 3:]}
+    if surfels is not None:
+        extras[SURFEL_MATERIALS] = lift_surfel_materials(gbuffers, alpha, cameras, depth, coords, surfels, materials,
+                                                         resolution)
+    return extras

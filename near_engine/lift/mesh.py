@@ -50,7 +50,7 @@ def encode_mesh(mesh: str | Path, weights: str | Path, *, views: int = DEFAULT_V
     from ..cycles.settings import RenderSettings
     from ..cycles.views import view_cameras
     from ..exr_layers import read_channels, stack_channels
-    from .encode import encode_views, lift_materials
+    from .encode import encode_views, material_extras
     from ..surfels import EXTRA_NAME as SURFELS, mesh_surfels
     from ..voxelize import voxelize_mesh
 
@@ -83,12 +83,11 @@ def encode_mesh(mesh: str | Path, weights: str | Path, *, views: int = DEFAULT_V
     log(f"{mesh.name}: encoding the latent from {views} views")
     with torch.no_grad():
         latent = encode_views(networks, coords, rgba, cameras, depth, resolution)
-    materials = lift_materials({k: torch.from_numpy(v) for k, v in gbuffers.items()}, torch.from_numpy(alpha),
-                               cameras, depth, coords, resolution)
-    digest = hashlib.sha256(mesh.read_bytes()).hexdigest()[:16]
     surfels = mesh_surfels(vertices, triangles, coords, resolution)
-    return Asset(coords, latent.cpu().numpy(), resolution=resolution,
-                 extras={"base_color": materials[:, :3], "material": materials[:, 3:], SURFELS: surfels},
+    extras = material_extras({k: torch.from_numpy(v) for k, v in gbuffers.items()}, torch.from_numpy(alpha),
+                             cameras, depth, coords, surfels, resolution)
+    digest = hashlib.sha256(mesh.read_bytes()).hexdigest()[:16]
+    return Asset(coords, latent.cpu().numpy(), resolution=resolution, extras={**extras, SURFELS: surfels},
                  latent="lh-slat" if shaded is None else f"shaded-slat:{shaded.hdri}",
                  model=Path(weights).name, source=f"mesh:{mesh.name}:sha256:{digest}")
 

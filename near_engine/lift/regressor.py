@@ -56,17 +56,39 @@ def lift_inputs(image_features: nn.Module, coords: np.ndarray, photo: torch.Tens
     return torch.cat([lifted, towards / towards.norm(dim=-1, keepdim=True).clamp_min(1e-9)], -1)
 
 
+def photo_colours(photo: torch.Tensor, points: torch.Tensor, coords: np.ndarray, camera: Camera, resolution: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(colour [P, 3] straight linear, seen [P] bool) of the photo [S, S, 4] (premultiplied) at the asset-space
+    `points` [P, 3], where the photo sees them: depth-tested against the voxels' own z-buffer."""
+    maps = photo.permute(2, 0, 1)[None].float()
+    depth = torch.from_numpy(voxel_depth(coords, resolution, camera))[None].float()
+    lifted = lift_features(maps, points.float(), [camera], depth, VISIBILITY_TOLERANCE_VOXELS / resolution)
+    return lifted[:, :3] / lifted[:, 3:].clamp_min(1e-6), lifted[:, 3] > 1e-3
+
+
 def projected_colours(photo: torch.Tensor, coords: np.ndarray, camera: Camera, resolution: int) -> torch.Tensor:
     """Each voxel's colour in the photo [N, 3] (straight, linear) where the photo sees it, the mean of those seen
     elsewhere: the photo painted on the geometry, light and all."""
-    maps = photo.permute(2, 0, 1)[None].float()
-    depth = torch.from_numpy(voxel_depth(coords, resolution, camera))[None].float()
-    lifted = lift_features(maps, torch.from_numpy(voxel_points(coords, resolution)).float(), [camera], depth,
-                           VISIBILITY_TOLERANCE_VOXELS / resolution)
-    seen = lifted[:, 3:] > 1e-3
-    colour = lifted[:, :3] / lifted[:, 3:].clamp_min(1e-6)
+    colour, seen = photo_colours(photo, torch.from_numpy(voxel_points(coords, resolution)), coords, camera,
+                                 resolution)
+    seen = seen[:, None]
     fill = (colour * seen).sum(0) / seen.sum().clamp_min(1) if bool(seen.any()) else torch.full((3,), 0.5)
     return torch.where(seen, colour, fill)
+
+
+def nearest_filled(values: torch.Tensor, points: torch.Tensor, known: torch.Tensor, chunk: int = 4096
+                   ) -> torch.Tensor:
+    """`values` [P, k] where `known` [P] (bool), and elsewhere the value of the nearest known point (`points`
+    [P, 3]): what the photo does not show is taken to continue what it shows nearest (a band round a vase continues
+    round its back), rather than the object's mean colour."""
+    if bool(known.all()) or not bool(known.any()):
+        return values
+    source, target = points[known], torch.nonzero(~known)[:, 0]
+    out = values.clone()
+    for start in range(0, len(target), chunk):
+        rows = target[start:start + chunk]
+        out[rows] = values[known][torch.cdist(points[rows], source).argmin(1)]
+    return out
 
 
 #: The base colour the regressor predicts is the photo's colour on the voxel times exp(output), clamped to this.
@@ -74,8 +96,10 @@ BASE_GAIN_LIMIT = 3.0
 
 
 def predict_latents(networks: Mapping[str, nn.Module], coords: np.ndarray, photo: torch.Tensor, camera: Camera,
-                    resolution: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(LH latent [N, 8], material latents [N, 6] in [0, 1] at inference) of the voxels `coords` from one photo.
+                    resolution: int = 64, with_gain: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(LH latent [N, 8], material latents [N, 6] in [0, 1] at inference) of the voxels `coords` from one photo,
+    and with `with_gain` the base colour's gain [N, 3] too.
 
     The base colour is the photo's own colour on each voxel (`projected_colours`) times a learned gain: at step 0
     it is the photo painted on, which is already a fair albedo under everyday light, and training learns how light
@@ -90,7 +114,59 @@ def predict_latents(networks: Mapping[str, nn.Module], coords: np.ndarray, photo
     materials = torch.cat([prior * gain, materials[:, 3:]], -1)
     if not torch.is_grad_enabled():
         materials = materials.clamp(0.0, 1.0)
-    return latent, materials
+    return (latent, materials, gain) if with_gain else (latent, materials)
+
+
+GAIN_MODE = "voxel"
+FILL_MODE = "nearest"
+
+
+def surface_filled(values: torch.Tensor, known: torch.Tensor, coords: np.ndarray, resolution: int,
+                   iterations: int = 300) -> torch.Tensor:
+    """`values` [V, k] of the voxels `coords` where `known` [V], and elsewhere a smooth continuation over the
+    surface: the nearest known value first, then `iterations` Jacobi steps of the surface's Laplace equation
+    (each unknown voxel the mean of its 26 neighbours), so colours that differ round a hidden side blend there."""
+    coords_t = torch.as_tensor(np.asarray(coords), dtype=torch.long)
+    lookup = torch.full((resolution + 2,) * 3, -1, dtype=torch.long)
+    lookup[tuple((coords_t + 1).T)] = torch.arange(len(coords_t))
+    steps = torch.stack(torch.meshgrid(*[torch.arange(-1, 2)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    steps = steps[(steps != 0).any(-1)]
+    neighbours = lookup[tuple((coords_t[:, None, :] + 1 + steps[None]).permute(2, 0, 1))]  # [V, 26]
+    present = (neighbours >= 0).to(values)
+    index = neighbours.clamp_min(0)
+    out = nearest_filled(values, torch.from_numpy(voxel_points(coords, resolution)).to(values), known)
+    unknown = ~known
+    counts = present.sum(1, keepdim=True).clamp_min(1)
+    for _ in range(iterations):
+        mean = (out[index] * present[..., None]).sum(1) / counts
+        out = torch.where(unknown[:, None], mean, out)
+    return out
+
+
+def surfel_materials_from_photo(photo: torch.Tensor, camera: Camera, coords: np.ndarray, surfels: np.ndarray,
+                                materials: torch.Tensor, gain: torch.Tensor, resolution: int = 64) -> torch.Tensor:
+    """The materials at each surfel [N * PER_VOXEL, 6] of a lift: the photo's colour at the surfel's centre (the
+    nearest one the photo shows where it does not show this one) times its voxel's gain from the regressor, and the
+    voxel's roughness, metallic and specular level. `photo` [S, S, 4] may be sharper than the one the regressor
+    read (`camera` is its camera): a surfel is half a voxel, finer than the regressor's 128 px."""
+    from ..surfels import PER_VOXEL, surfel_centres
+
+    points = torch.from_numpy(surfel_centres(coords, surfels, resolution))
+    colour, seen = photo_colours(photo, points, coords, camera, resolution)
+    if FILL_MODE == "nearest":
+        colour = nearest_filled(colour, points, seen)
+    else:
+        per_voxel = seen.reshape(-1, PER_VOXEL)
+        voxel_colour = (colour.reshape(-1, PER_VOXEL, 3) * per_voxel[..., None]).sum(1) / per_voxel.sum(1, keepdim=True).clamp_min(1)
+        voxel_colour = surface_filled(voxel_colour, per_voxel.any(1), coords, resolution)
+        colour = torch.where(seen[:, None], colour, voxel_colour.repeat_interleave(PER_VOXEL, 0))
+    if GAIN_MODE == "median":
+        gain = gain.median(0).values.expand_as(gain)
+    elif GAIN_MODE == "one":
+        gain = torch.ones_like(gain)
+    base = colour * gain.to(colour).repeat_interleave(PER_VOXEL, 0)
+    rest = materials[:, 3:].to(colour).repeat_interleave(PER_VOXEL, 0)
+    return torch.cat([base, rest], -1).clamp(0.0, 1.0)
 
 
 def lift_network_args(encoder_args: Mapping, flow: bool = False) -> dict:

@@ -237,8 +237,9 @@ def intrinsic_gaussians(coords: torch.Tensor, gs_out: torch.Tensor, pbr_out: tor
     (Gaussian ``v * G + k`` is the k-th of voxel v). ``offset_perturbation`` [G, 3] defaults to `hammersley_offsets`;
     pass the checkpoint's buffer to use exactly its values.
 
-    ``material_prior`` [V, 6] (`MATERIAL_CHANNELS`: base colour, roughness, metallic, specular level; near-tiny's
-    material latents) makes the material heads residuals on it: base colour ``max(prior + SH_C0 raw, 0)`` and
+    ``material_prior`` [V, 6] or, one per Gaussian, [V * G, 6] (`MATERIAL_CHANNELS`: base colour, roughness,
+    metallic, specular level; near-tiny's material latents, or the materials at its surfels) makes the material
+    heads residuals on it: base colour ``max(prior + SH_C0 raw, 0)`` and
     ``sigmoid(logit(prior) + raw)`` for roughness, metallic and pbr1 (the specular level), so zero head outputs give
     the prior itself.
 
@@ -276,9 +277,13 @@ def intrinsic_gaussians(coords: torch.Tensor, gs_out: torch.Tensor, pbr_out: tor
     if material_prior is None:
         base = base + 0.5
     else:
-        if material_prior.shape != (gs_out.shape[0], MATERIAL_CHANNELS):
-            raise ValueError(f"material_prior must be [V, {MATERIAL_CHANNELS}], got {tuple(material_prior.shape)}")
-        prior = material_prior.to(gs_out).repeat_interleave(g, dim=0)  # [V * G, 6]
+        v = gs_out.shape[0]
+        if material_prior.shape not in ((v, MATERIAL_CHANNELS), (v * g, MATERIAL_CHANNELS)):
+            raise ValueError(f"material_prior must be [V, {MATERIAL_CHANNELS}] or [V * G, {MATERIAL_CHANNELS}], got "
+                             f"{tuple(material_prior.shape)}")
+        prior = material_prior.to(gs_out)
+        if len(prior) == v:
+            prior = prior.repeat_interleave(g, dim=0)  # [V * G, 6]
         logits = _logit(prior[:, 3:6])
         base = base + prior[:, :3]
         roughness, metallic, pbr1 = roughness + logits[:, 0:1], metallic + logits[:, 1:2], pbr1 + logits[:, 2:3]

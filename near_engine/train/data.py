@@ -2,8 +2,8 @@
 
 Only lightings that an environment map describes train (HDRIs, baked skies, and the uniform light of the G-buffer
 views): the tokenizer and the PBR core need the map, and an area-light frame has none. Validation objects (`split`
-"val") and the held-out HDRIs never train. Each object also carries its material latents (`encode.lift_materials`
-of its G-buffers) and voxel normals, computed once when it is loaded.
+"val") and the held-out HDRIs never train. Each object also carries its material latents, its surfels and the
+materials at them (`lift.encode.material_extras` of its G-buffers), computed once when it is loaded.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from ..cycles.lights import UNIFORM, Light
 from ..datagen.dataset import load_object
 from ..envmap import EnvMap
 from ..errors import NearError
-from ..frame import VoxelPriors, light_planes
+from ..frame import SURFEL_MATERIALS, VoxelPriors, light_planes
 from ..ibl import PrefilteredLight, prefilter
 from ..surfels import mesh_surfels
 from ..voxelize import voxelize_mesh
-from ..lift.encode import lift_materials
+from ..lift.encode import material_extras
 
 __all__ = ["TrainObject", "Sample", "list_objects", "load_training_object", "hdri", "hdri_planes", "LightSource"]
 
@@ -168,10 +168,11 @@ def load_training_object(folder: str | Path, size: int, resolution: int) -> Trai
     coords = voxelize_mesh(data["vertices"], data["triangles"], resolution)
     rgba = _pool(data["rgba"], factor)
     depth = _pool(data["depth"][..., None], factor, "min")[..., 0]
-    materials = lift_materials(gbuffers, rgba[..., 3:], cameras, depth, coords, resolution)
+    surfels = mesh_surfels(data["vertices"], data["triangles"], coords, resolution)
+    extras = material_extras(gbuffers, rgba[..., 3:], cameras, depth, coords, surfels, resolution)
+    materials = np.concatenate([extras["base_color"], extras["material"]], 1)
     return TrainObject(
         id=Path(folder).name, coords=coords, cameras=cameras, rgba=rgba, depth=depth, gbuffers=gbuffers,
         lights=[light_source(lights[i], Path(folder)) for i in keep], lit_views=[int(v) for v in data["lit_views"]],
         lit_rgba=_pool(data["lit_rgba"][keep], factor), materials=materials,
-        priors=VoxelPriors.of(coords, resolution, materials, mesh_surfels(data["vertices"], data["triangles"],
-                                                                          coords, resolution)))
+        priors=VoxelPriors.of(coords, resolution, materials, surfels, surfel_materials=extras[SURFEL_MATERIALS]))

@@ -1,0 +1,111 @@
+"""Which directions of the environment each surfel sees: ray-marched once per asset on its own voxels.
+
+The split-sum core (`ibl.shade`) lights every point with the whole environment. A vase's foot under its belly, the
+inside of a cup, the crease between two parts see much less of it: in Cycles they are darker. That is geometry, and
+the voxels hold it, so it is computed rather than learned:
+
+* **Per asset, once** (`surfel_visibility`): from each surfel, `DIRECTIONS` rays (a Fibonacci sphere) are marched
+  through the occupancy grid; a ray that meets a voxel is blocked. A ray starts `LIFT_VOXELS` off the surface on the
+  side it leaves towards, so the surface's own voxels (one or two thick) do not block it.
+* **Per frame** (`occlusion_factors`): with the light seen through a lobe about as wide as the directions' spacing,
+  the diffuse factor is the cosine-weighted share of the light that the visible directions bring, per RGB channel,
+  ``sum_k V_k L_k max(n.w_k, 0) / sum_k L_k max(n.w_k, 0)``, and the specular factor the same share within the
+  specular lobe around the reflected direction. Both are 1 where nothing blocks (a convex object), so the shader
+  is unchanged there.
+
+This is ambient and specular occlusion of distant light, not interreflection: light bounced off the object itself
+is left to the shading MLP's additive term.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+import torch
+
+from .surfels import surfel_centres, surfel_tensors
+from .gaussians import quat_to_rotmat
+
+__all__ = ["DIRECTIONS", "sphere_directions", "surfel_visibility", "occlusion_factors"]
+
+#: Rays per surfel: about 18 degrees apart, the width of the softest shadows worth drawing at 64^3.
+DIRECTIONS = 128
+#: A ray starts this far (voxels) off the surfel's surface, so the surface's own voxel shell does not block it: a
+#: voxel the surface touches reaches up to sqrt(3) voxels from it (on a sphere, a start 1.2 voxels off left 13 % of
+#: the light falsely blocked, 1.5 left 0.5 %, 1.8 left 0.02 %).
+LIFT_VOXELS = 1.8
+#: March step (voxels): small enough not to slip between the voxels of a one-voxel-thick diagonal shell.
+STEP_VOXELS = 0.3
+#: The narrowest specular lobe the directions can resolve (von Mises-Fisher sharpness, about their spacing).
+MAX_SHARPNESS = 16.0
+
+
+def sphere_directions(count: int = DIRECTIONS) -> np.ndarray:
+    """`count` unit directions [count, 3] spread evenly over the sphere (a Fibonacci lattice), float32."""
+    i = np.arange(count) + 0.5
+    z = 1.0 - 2.0 * i / count
+    phi = math.pi * (3.0 - math.sqrt(5.0)) * i
+    r = np.sqrt(np.clip(1.0 - z * z, 0.0, 1.0))
+    return np.stack([r * np.cos(phi), r * np.sin(phi), z], -1).astype(np.float32)
+
+
+@nb.njit(cache=True, nogil=True)
+def _march(occupied, starts, normals, directions, lift, step, out):  # pragma: no cover - compiled
+    resolution = occupied.shape[0]
+    for p in range(starts.shape[0]):
+        for k in range(directions.shape[0]):
+            dx, dy, dz = directions[k, 0], directions[k, 1], directions[k, 2]
+            side = 1.0 if normals[p, 0] * dx + normals[p, 1] * dy + normals[p, 2] * dz >= 0.0 else -1.0
+            x = starts[p, 0] + side * lift * normals[p, 0]
+            y = starts[p, 1] + side * lift * normals[p, 1]
+            z = starts[p, 2] + side * lift * normals[p, 2]
+            visible = 1
+            while 0.0 <= x < resolution and 0.0 <= y < resolution and 0.0 <= z < resolution:
+                if occupied[int(x), int(y), int(z)]:
+                    visible = 0
+                    break
+                x += dx * step
+                y += dy * step
+                z += dz * step
+            out[p, k] = visible
+
+
+def surfel_visibility(coords: np.ndarray, surfels: np.ndarray, resolution: int,
+                      directions: np.ndarray | None = None) -> np.ndarray:
+    """Visibility [V * PER_VOXEL, K] (uint8, 1 = the ray escapes the grid) of `directions` [K, 3] (default
+    `sphere_directions`) from each surfel of the voxels `coords` [V, 3] (asset axes)."""
+    directions = sphere_directions() if directions is None else np.asarray(directions, np.float64)
+    coords = np.asarray(coords, np.int64)
+    occupied = np.zeros((resolution,) * 3, np.uint8)
+    if len(coords):
+        occupied[tuple(coords.T)] = 1
+    starts = (surfel_centres(coords, surfels, resolution).astype(np.float64) + 0.5) * resolution  # grid units
+    normals = quat_to_rotmat(surfel_tensors(torch.from_numpy(np.array(surfels, np.float32)))["quats"])[..., :, 2]
+    out = np.empty((len(starts), len(directions)), np.uint8)
+    _march(occupied, starts, normals.double().numpy(), np.ascontiguousarray(directions, np.float64), LIFT_VOXELS,
+           STEP_VOXELS, out)
+    return out
+
+
+def occlusion_factors(visibility: torch.Tensor, directions: torch.Tensor, radiance: torch.Tensor,
+                      normals: torch.Tensor, reflected: torch.Tensor, roughness: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(diffuse, specular) factors [N, 3] in [0, 1]: the share of the light that reaches each point.
+
+    `visibility` [N, K] (0/1), `directions` [K, 3] unit, `radiance` [K, 3] the light arriving from each direction
+    (blurred over its spacing), `normals` and `reflected` (the specular lobe's axis) [N, 3] unit, `roughness` [N, 1]
+    (Blender's; the lobe is a von Mises-Fisher of sharpness 2 / alpha^2, capped at `MAX_SHARPNESS`)."""
+    visible = visibility.to(radiance)
+    cosine = (normals @ directions.T).clamp_min(0.0)  # [N, K]
+    alpha2 = (roughness * roughness).clamp_min(1e-4) ** 2
+    sharpness = (2.0 / alpha2).clamp(max=MAX_SHARPNESS)
+    lobe = torch.exp(sharpness * ((reflected @ directions.T) - 1.0)) * cosine
+
+    def share(weights: torch.Tensor) -> torch.Tensor:
+        total = weights @ radiance
+        seen = (weights * visible) @ radiance
+        return torch.where(total > 1e-12, seen / total.clamp_min(1e-12), torch.ones_like(total))
+
+    return share(cosine), share(lobe)
