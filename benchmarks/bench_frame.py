@@ -6,8 +6,9 @@
 The networks carry seeded random weights: speed does not depend on the values. The object is a ~5,000-voxel sphere
 shell (a surface-only structured latent, like a real asset). Per configuration: a whole first frame through
 `NearPipeline` (empty caches: tokenizer, IAD, and for the PBR core the prefiltered light) against a cached frame
-(camera moved, same light and asset). Three configurations run in the same process: near-tiny (PBR core, 4 Gaussians
-per voxel starting at surfels), the same with its Gaussians spread over the voxels (before surfels), and the design
+(camera moved, same light and asset). Four configurations run in the same process: near-tiny (PBR core, 4 Gaussians
+per voxel starting at surfels, self-occlusion from its voxels), the same without self-occlusion, the same with its
+Gaussians spread over the voxels (before surfels), and the design
 the PBR core replaced (16 Gaussians per voxel, sine shading MLP, no PBR core, 8-channel input); the ratios of their
 cached frames are printed. The full-size line times IAD + LAD of near-official at a few voxel
 counts.
@@ -55,13 +56,15 @@ def previous_tiny_config() -> dict:
     return config
 
 
-def bench_tiny(size: int, name: str, config: str | dict, placement: str = "surfels") -> dict:
+def bench_tiny(size: int, name: str, config: str | dict, placement: str = "surfels", self_occlusion: bool = True
+               ) -> dict:
     networks = random_weights(config, seed=0)
     coords = shell(17.5)
     feats = torch.randn(len(coords), 8, generator=torch.Generator().manual_seed(0)).numpy()
     env = EnvMap.uniform([1.0, 0.9, 0.8], height=256)
     cam = Camera.orbit(30, 20, 2.0, width=size, height=size, fov_x_deg=40)
-    pipeline = NearPipeline(networks, f"bench-{name}", light_size=512, placement=placement)
+    pipeline = NearPipeline(networks, f"bench-{name}", light_size=512, placement=placement,
+                            self_occlusion=self_occlusion)
     scene = Scene([(Asset(coords, feats), np.eye(4))], env, cam)
     pipeline.render(Scene(scene.objects, env, Camera.orbit(10, 25, 2.0, width=size, height=size, fov_x_deg=40)))
     pipeline.iad_cache.clear(), pipeline.light_cache.clear(), pipeline.ibl_cache.clear()  # warm kernels, cold caches
@@ -99,14 +102,20 @@ def main() -> None:
     torch.manual_seed(0)
     for size in (256,) if args.quick else (256, 512):
         ours = bench_tiny(size, "near-tiny", "near-tiny")
-        voxels = bench_tiny(size, "near-tiny, Gaussians over the voxels (before surfels)", "near-tiny", "voxels")
+        unoccluded = bench_tiny(size, "near-tiny without self-occlusion", "near-tiny", self_occlusion=False)
+        voxels = bench_tiny(size, "near-tiny, Gaussians over the voxels (before surfels)", "near-tiny", "voxels",
+                            self_occlusion=False)
         before = bench_tiny(size, "near-tiny before the PBR core", previous_tiny_config())
-        for row in (ours, voxels, before):
+        for row in (ours, unoccluded, voxels, before):
             print(json.dumps(row), flush=True)
         print(json.dumps({"size": size, "cached_frame_ratio_new_over_previous":
                           round(ours["cached_frame_ms"] / before["cached_frame_ms"], 2),
                           "cached_frame_ratio_surfels_over_voxels":
-                          round(ours["cached_frame_ms"] / voxels["cached_frame_ms"], 2)}), flush=True)
+                          round(unoccluded["cached_frame_ms"] / voxels["cached_frame_ms"], 2),
+                          "cached_frame_ratio_occlusion_over_none":
+                          round(ours["cached_frame_ms"] / unoccluded["cached_frame_ms"], 2),
+                          "first_frame_ratio_occlusion_over_none":
+                          round(ours["first_frame_ms"] / unoccluded["first_frame_ms"], 2)}), flush=True)
     if not args.quick:
         for row in bench_full((500, 2000)):
             print(json.dumps(row), flush=True)

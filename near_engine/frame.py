@@ -69,7 +69,7 @@ from torch import nn
 from .camera import Camera
 from .envmap import EnvMap
 from .gaussians import Gaussians, quat_to_rotmat
-from .ibl import IBLLight, ShadingTerms, reflect, shade
+from .ibl import IBLLight, ShadingTerms, shade
 from .models.blocks import BlockContext
 from .models.gaussian_heads import (
     MATERIAL_CHANNELS,
@@ -85,7 +85,7 @@ from .passes import gaussian_channels
 from .raster import rasterize
 from .sparse import SparseTensor
 from .surfels import PER_VOXEL, surfel_tensors, voxel_surfels
-from .visibility import occlusion_factors, sphere_directions, surfel_visibility
+from .visibility import diffuse_occlusion, sphere_directions, surfel_visibility
 
 __all__ = [
     "BACKGROUND_DEPTH",
@@ -207,20 +207,21 @@ class VoxelPriors:
 
     @staticmethod
     def of(coords: np.ndarray, resolution: int, materials: np.ndarray, surfels: np.ndarray | None = None,
-           device: torch.device | str = "cpu", surfel_materials: np.ndarray | None = None) -> "VoxelPriors":
+           device: torch.device | str = "cpu", surfel_materials: np.ndarray | None = None,
+           visibility: bool = True) -> "VoxelPriors":
         """Priors of voxels `coords` with their material latents, surfels (default: `voxel_surfels`), the
         materials at the surfels ([V * PER_VOXEL, 6] or [V, PER_VOXEL * 6], optional) and what each surfel sees
-        (`visibility.surfel_visibility`, ray-marched here)."""
+        (`visibility.surfel_visibility`, ray-marched here unless `visibility` is False)."""
         if surfels is None:
             surfels = voxel_surfels(np.asarray(coords), int(resolution))
         at_surfels = None
-        visibility = torch.from_numpy(surfel_visibility(coords, surfels, int(resolution))).to(device)
+        seen = torch.from_numpy(surfel_visibility(coords, surfels, int(resolution))).to(device) if visibility else None
         if surfel_materials is not None:
             at_surfels = torch.from_numpy(np.array(surfel_materials, np.float32).reshape(-1, MATERIAL_CHANNELS))
             at_surfels = at_surfels.to(device)
         return VoxelPriors(torch.from_numpy(np.ascontiguousarray(materials, np.float32)).to(device),
                            torch.from_numpy(np.array(surfels, np.float32)).to(device),  # a writable copy
-                           surfel_materials=at_surfels, visibility=visibility)
+                           surfel_materials=at_surfels, visibility=seen)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -351,8 +352,8 @@ def decode_gaussians(
     A shading MLP with the PBR core (near-tiny) also needs `priors` (the asset's material latents and surfels)
     and `ibl` (the prefiltered light, turned into this object's asset space): the material and geometry heads are
     residuals on the material latents and the surfels, every Gaussian takes its surfel's normal (towards the camera),
-    and the MLP corrects the split-sum PBR radiance of the Gaussian's material (`ibl.shade`), dimmed by the light
-    that the asset's own voxels block from its surfel (`priors.visibility`).
+    and the MLP corrects the split-sum PBR radiance of the Gaussian's material (`ibl.shade`), whose diffuse term is
+    dimmed by the light that the asset's own voxels block from its surfel (`priors.visibility`).
     """
     lad = _network(networks, "renderer")
     shading = _network(networks, "neural_basis")
@@ -417,11 +418,11 @@ def decode_gaussians(
     # colour, which is what the relit loss drove them to (a -0.03 shift of every base colour after 175 steps).
     terms = shade(g.base_color.detach(), g.roughness.detach(), g.metallic.detach(), g.pbr1.detach(), normals, view,
                   ibl)
-    if priors.visibility is not None:  # the light the object's own voxels block (`visibility`)
+    if priors.visibility is not None:  # the diffuse light the asset's own voxels block (`visibility`)
         directions = torch.from_numpy(sphere_directions(priors.visibility.shape[1])).to(normals)
-        diffuse, specular = occlusion_factors(priors.visibility, directions, ibl.blurred_radiance(directions),
-                                              normals, reflect(view, normals), g.roughness.detach())
-        terms = ShadingTerms(terms.diffuse * diffuse, terms.specular * specular)
+        terms = ShadingTerms(terms.diffuse * diffuse_occlusion(priors.visibility, directions,
+                                                               ibl.blurred_radiance(directions), normals),
+                             terms.specular)
     shaded = shading(lit.features, normals, terms)
     return FrameGaussians(g, lit, normals, normals, shaded[:, :3], shaded[:, 3:], cam)
 

@@ -193,9 +193,10 @@ class NearPipeline:
 
     def __init__(self, networks: Mapping[str, nn.Module], weights_id: str, device: str | torch.device = "cpu", *,
                  light_size: int = 512, cache_size: int = 8, inputs: str = "lh+material",
-                 placement: str = "surfels") -> None:
+                 placement: str = "surfels", self_occlusion: bool = True) -> None:
         self.device = _resolve_device(device)
         self.placement = str(placement)  # where near-tiny's Gaussians start: "surfels", or "voxels" (older weights)
+        self.self_occlusion = bool(self_occlusion)  # the PBR core dims the light the asset's own voxels block
         self.light_size = int(light_size)
         self.inputs = str(inputs)  # what the decoder was trained to read (`train.loop.INPUTS`)
         self.iad_cache = LRUCache(cache_size)
@@ -299,7 +300,8 @@ class NearPipeline:
                                   else None)
                 except (ValueError, NearError) as exc:
                     raise AssetError(f"this asset's extra latents cannot be used: {exc}") from None
-                priors = VoxelPriors.of(asset.coords, asset.resolution, materials, surfels, self.device, at_surfels)
+                priors = VoxelPriors.of(asset.coords, asset.resolution, materials, surfels, self.device, at_surfels,
+                                        visibility=self.self_occlusion)
                 try:
                     feats, used = ablation_inputs(feats, priors.materials, self.inputs)
                 except ValueError as exc:
@@ -309,7 +311,8 @@ class NearPipeline:
             h, registers = decoder(SparseTensor.from_list([(coords, feats)], asset.resolution))
             return h, registers, priors
 
-        return self.iad_cache.get((asset.fingerprint(), self.weights_id, self.inputs, self.placement), compute)
+        return self.iad_cache.get((asset.fingerprint(), self.weights_id, self.inputs, self.placement,
+                                   self.self_occlusion), compute)
 
     def prefiltered_light(self, envmap: EnvMap) -> PrefilteredLight:
         """The split-sum terms of `envmap`'s image (`ibl.prefilter`), cached by image content."""

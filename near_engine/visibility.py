@@ -7,11 +7,15 @@ the voxels hold it, so it is computed rather than learned:
 * **Per asset, once** (`surfel_visibility`): from each surfel, `DIRECTIONS` rays (a Fibonacci sphere) are marched
   through the occupancy grid; a ray that meets a voxel is blocked. A ray starts `LIFT_VOXELS` off the surface on the
   side it leaves towards, so the surface's own voxels (one or two thick) do not block it.
-* **Per frame** (`occlusion_factors`): with the light seen through a lobe about as wide as the directions' spacing,
-  the diffuse factor is the cosine-weighted share of the light that the visible directions bring, per RGB channel,
-  ``sum_k V_k L_k max(n.w_k, 0) / sum_k L_k max(n.w_k, 0)``, and the specular factor the same share within the
-  specular lobe around the reflected direction. Both are 1 where nothing blocks (a convex object), so the shader
-  is unchanged there.
+* **Per frame** (`diffuse_occlusion`): with the light seen through a lobe about as wide as the directions' spacing,
+  the diffuse term is scaled by the cosine-weighted share of the light that the visible directions bring, per RGB
+  channel, ``sum_k V_k L_k max(n.w_k, 0) / sum_k L_k max(n.w_k, 0)``, on the side of the surfel that sees more. It
+  is 1 where nothing blocks (a convex object), so the shader is unchanged there.
+
+Specular occlusion stays with the shading MLP's learned specular factor: a specular lobe is narrower than the
+directions' spacing, and Lagarde and de Rousiers' approximation from the diffuse share (2014) cost the rough metals
+of the held-out set up to 1 dB against the learned factor, while the computed diffuse share gained up to 2.9 dB on
+dielectrics (the issue note has the figures).
 
 This is ambient and specular occlusion of distant light, not interreflection: light bounced off the object itself
 is left to the shading MLP's additive term.
@@ -25,10 +29,11 @@ import numba as nb
 import numpy as np
 import torch
 
+from .raster.cpu import KERNEL_LOCK
 from .surfels import surfel_centres, surfel_tensors
 from .gaussians import quat_to_rotmat
 
-__all__ = ["DIRECTIONS", "sphere_directions", "surfel_visibility", "occlusion_factors"]
+__all__ = ["DIRECTIONS", "sphere_directions", "surfel_visibility", "diffuse_occlusion"]
 
 #: Rays per surfel: about 18 degrees apart, the width of the softest shadows worth drawing at 64^3.
 DIRECTIONS = 128
@@ -38,8 +43,6 @@ DIRECTIONS = 128
 LIFT_VOXELS = 1.8
 #: March step (voxels): small enough not to slip between the voxels of a one-voxel-thick diagonal shell.
 STEP_VOXELS = 0.3
-#: The narrowest specular lobe the directions can resolve (von Mises-Fisher sharpness, about their spacing).
-MAX_SHARPNESS = 16.0
 
 
 def sphere_directions(count: int = DIRECTIONS) -> np.ndarray:
@@ -51,10 +54,10 @@ def sphere_directions(count: int = DIRECTIONS) -> np.ndarray:
     return np.stack([r * np.cos(phi), r * np.sin(phi), z], -1).astype(np.float32)
 
 
-@nb.njit(cache=True, nogil=True)
+@nb.njit(cache=True, nogil=True, parallel=True)
 def _march(occupied, starts, normals, directions, lift, step, out):  # pragma: no cover - compiled
     resolution = occupied.shape[0]
-    for p in range(starts.shape[0]):
+    for p in nb.prange(starts.shape[0]):
         for k in range(directions.shape[0]):
             dx, dy, dz = directions[k, 0], directions[k, 1], directions[k, 2]
             side = 1.0 if normals[p, 0] * dx + normals[p, 1] * dy + normals[p, 2] * dz >= 0.0 else -1.0
@@ -84,28 +87,29 @@ def surfel_visibility(coords: np.ndarray, surfels: np.ndarray, resolution: int,
     starts = (surfel_centres(coords, surfels, resolution).astype(np.float64) + 0.5) * resolution  # grid units
     normals = quat_to_rotmat(surfel_tensors(torch.from_numpy(np.array(surfels, np.float32)))["quats"])[..., :, 2]
     out = np.empty((len(starts), len(directions)), np.uint8)
-    _march(occupied, starts, normals.double().numpy(), np.ascontiguousarray(directions, np.float64), LIFT_VOXELS,
-           STEP_VOXELS, out)
+    with KERNEL_LOCK:  # numba's parallel kernels take turns (see `raster.cpu`)
+        _march(occupied, starts, normals.double().numpy(), np.ascontiguousarray(directions, np.float64),
+               LIFT_VOXELS, STEP_VOXELS, out)
     return out
 
 
-def occlusion_factors(visibility: torch.Tensor, directions: torch.Tensor, radiance: torch.Tensor,
-                      normals: torch.Tensor, reflected: torch.Tensor, roughness: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(diffuse, specular) factors [N, 3] in [0, 1]: the share of the light that reaches each point.
+def _share(weights: torch.Tensor, visible: torch.Tensor, radiance: torch.Tensor) -> torch.Tensor:
+    """The share [N, 3] of the light `weights` [N, K] gather that comes from the visible directions (1 if none)."""
+    total = weights @ radiance
+    seen = (weights * visible) @ radiance
+    return torch.where(total > 1e-12, seen / total.clamp_min(1e-12), torch.ones_like(total))
+
+
+def diffuse_occlusion(visibility: torch.Tensor, directions: torch.Tensor, radiance: torch.Tensor,
+                      normals: torch.Tensor) -> torch.Tensor:
+    """The share [N, 3] of the diffuse light that reaches each point, in [0, 1].
 
     `visibility` [N, K] (0/1), `directions` [K, 3] unit, `radiance` [K, 3] the light arriving from each direction
-    (blurred over its spacing), `normals` and `reflected` (the specular lobe's axis) [N, 3] unit, `roughness` [N, 1]
-    (Blender's; the lobe is a von Mises-Fisher of sharpness 2 / alpha^2, capped at `MAX_SHARPNESS`)."""
+    (blurred over its spacing), `normals` [N, 3] unit. It is the cosine-weighted share of the light from the visible
+    directions, on the side of the surfel that sees more of it: a surfel is one disc for both sides of a surface, and
+    the side that faces the camera may be the inside of a closed object, seen through the gaps between the surfels
+    in front (drawn dark, those gaps speckled a whole vase 10 % darker)."""
     visible = visibility.to(radiance)
-    cosine = (normals @ directions.T).clamp_min(0.0)  # [N, K]
-    alpha2 = (roughness * roughness).clamp_min(1e-4) ** 2
-    sharpness = (2.0 / alpha2).clamp(max=MAX_SHARPNESS)
-    lobe = torch.exp(sharpness * ((reflected @ directions.T) - 1.0)) * cosine
-
-    def share(weights: torch.Tensor) -> torch.Tensor:
-        total = weights @ radiance
-        seen = (weights * visible) @ radiance
-        return torch.where(total > 1e-12, seen / total.clamp_min(1e-12), torch.ones_like(total))
-
-    return share(cosine), share(lobe)
+    facing = normals @ directions.T  # [N, K]
+    return torch.maximum(_share(facing.clamp_min(0.0), visible, radiance),
+                         _share((-facing).clamp_min(0.0), visible, radiance))

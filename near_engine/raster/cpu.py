@@ -27,7 +27,7 @@ from .projection import ALPHA_MAX, ALPHA_MIN, T_MIN
 
 # numba's fallback threading layer (workqueue) aborts the process if two threads enter parallel kernels at once;
 # Blender may render and draw the viewport from different threads, so kernel calls take turns.
-_KERNEL_LOCK = threading.Lock()
+KERNEL_LOCK = threading.Lock()
 
 
 @nb.njit(cache=True, nogil=True)
@@ -376,7 +376,7 @@ def bin_projected(means2d: np.ndarray, radii: np.ndarray, depths: np.ndarray, wi
                   tile_size: int) -> TileBins:
     """Tile lists for the Gaussians with non-zero radii, front to back (equal depths keep index order)."""
     tiles_x, tiles_y = -(-width // tile_size), -(-height // tile_size)
-    with _KERNEL_LOCK:
+    with KERNEL_LOCK:
         offsets, ids = bin_gaussians(means2d, radii, depths, tile_size, tiles_x, tiles_y)
     return TileBins(offsets, ids, radii, width, height, tile_size)
 
@@ -388,7 +388,7 @@ class CompositeCPU(torch.autograd.Function):
     def forward(ctx, means2d, conics, opacities, feats, bins: TileBins):
         arrays = [x.detach().contiguous().numpy() for x in (means2d, conics, opacities)]
         layout = (bins.offsets, bins.ids, bins.width, bins.height, bins.tile_size, bins.tiles_x)
-        with _KERNEL_LOCK:
+        with KERNEL_LOCK:
             packed = pack_gaussians(*arrays, bins.radii, feats.detach().contiguous().numpy())
             out, out_t, last = composite_forward(packed, *layout)
         ctx.saved = (packed, layout, out_t, last)
@@ -400,7 +400,7 @@ class CompositeCPU(torch.autograd.Function):
         dtype = torch.from_numpy(packed[:0]).dtype
         g_out = grad_out.detach().to(dtype).contiguous().numpy()
         g_alpha = grad_alpha.detach().to(dtype).contiguous().numpy()
-        with _KERNEL_LOCK:
+        with KERNEL_LOCK:
             g_geom, g_feat = composite_backward(packed, *layout, out_t, last, g_out, g_alpha)
             sums = _sum_per_gaussian(layout[1], g_geom, g_feat, packed.shape[0])
         geom, feat = (torch.from_numpy(a) for a in sums)
