@@ -8,9 +8,11 @@ Steps (all offline, on the CPU):
    first turntable view, then `NearPipeline.render` from every turntable azimuth over the HDRI background.
 3. The photo row: a Cycles render of the mesh from the photo convention's front view under `PHOTO_HDRI` stands in
    for a user's photo (`photo.png`, with alpha); `lift_image` lifts it with near-tiny (geometry from the mesh) and
-   the lifted object is relit under each HDRI from the first turntable view, next to the same Cycles reference.
+   the lifted object is relit under each HDRI in the photo's own view and from the first turntable view (a novel
+   view), each scored against Cycles.
 4. Files: `HDRI_azNNN.exr` (scene-linear RGBA + `Depth.Z`) and `.png` (Standard view transform),
-   `HDRI_cycles.png`, `contact_sheet.png` (one row per HDRI: Cycles, then NeAR's turntable) and `summary.json`
+   `HDRI_cycles.png`, `contact_sheet.png` (one row per HDRI: Cycles, then NeAR's turntable; then the photo row:
+   the photo, the lift relit in its view under each HDRI, then in the novel view) and `summary.json`
    (timings; PSNR/SSIM of NeAR against Cycles on the object and on the full image, and the silhouettes' IoU).
 """
 
@@ -135,8 +137,9 @@ def render_demo(out_dir: str | Path, size: int = 384, hdris: Sequence[str] = DEF
     bar.close()
     lift_row = _photo_row(out, mesh, weights, hdris, size, samples, references, pipeline, summary, log)
     if lift_row is not None:
-        width = rows[0].shape[1]
-        rows.append(np.concatenate([lift_row, np.zeros((size, width - lift_row.shape[1], 3))], axis=1))
+        rows.append(lift_row)
+    width = max(row.shape[1] for row in rows)  # rows of different lengths are padded with black
+    rows = [np.concatenate([row, np.zeros((size, width - row.shape[1], 3))], axis=1) for row in rows]
     write_png(out / "contact_sheet.png", np.concatenate(rows, axis=0))
     summary["contact_sheet"] = str(out / "contact_sheet.png")
     write_bytes_atomically(out / "summary.json", json.dumps(summary, indent=1).encode())
@@ -146,8 +149,9 @@ def render_demo(out_dir: str | Path, size: int = 384, hdris: Sequence[str] = DEF
 def _photo_row(out: Path, mesh: Path, weights, hdris: Sequence[str], size: int, samples: int,
                references: dict[str, np.ndarray], pipeline, summary: dict,
                log: Callable[[str], object]) -> np.ndarray | None:
-    """The lift's row: the stand-in photo, then the lifted object under each HDRI; None (said why) when the weights
-    cannot lift."""
+    """The lift's row: the stand-in photo, then the lifted object under each HDRI in the photo's own view and in the
+    first turntable view (a novel view: most of what it shows, the photo did not), each scored against Cycles; None
+    (said why) when the weights cannot lift."""
     from .eval.tasks import score
     from .lift import LiftRequest, lift_image, load_lift_networks
     from .lift.views import front_camera
@@ -168,16 +172,22 @@ def _photo_row(out: Path, mesh: Path, weights, hdris: Sequence[str], size: int, 
                        "lift_seconds": round(time.perf_counter() - start, 1), "cycles": {}}
     env = EnvMap.read(blender_hdri(PHOTO_HDRI), rotation_z=math.radians(WORLD_ROTATION_DEG))
     tiles = [photo[..., :3] + (1 - photo[..., 3:]) * env.background(photo_camera)]
-    camera = turntable_camera(DEFAULT_AZIMUTHS[0], size)
-    for name in hdris:
-        env = EnvMap.read(blender_hdri(name), rotation_z=math.radians(WORLD_ROTATION_DEG))
-        rgba = pipeline.render(Scene([(asset, np.eye(4))], env, camera, transparent=True), ("combined",))["combined"]
-        background = env.background(camera)
-        rgb = rgba[..., :3] + (1 - rgba[..., 3:]) * background
-        write_png(out / f"{name}_lifted.png", rgb)
-        tiles.append(rgb)
-        scores = score(references[name], rgba, background, with_flip=False)
-        summary["lift"]["cycles"][name] = {key: round(value, 4) for key, value in scores.items()}
-    log("lifted photo.png: " + ", ".join(f"{name} {v['psnr_object']:.2f} dB" for name, v in
-                                         summary["lift"]["cycles"].items()) + " object PSNR against Cycles")
+    photo_view = cycles_references(mesh, hdris, photo_camera, samples)  # the photo's own view, relit
+    views = {"photo view": (photo_camera, photo_view, "lifted_photo_view"),
+             "novel view": (turntable_camera(DEFAULT_AZIMUTHS[0], size), references, "lifted")}
+    for view, (camera, truth, suffix) in views.items():
+        summary["lift"]["cycles"][view] = {}
+        for name in hdris:
+            env = EnvMap.read(blender_hdri(name), rotation_z=math.radians(WORLD_ROTATION_DEG))
+            rgba = pipeline.render(Scene([(asset, np.eye(4))], env, camera, transparent=True), ("combined",))[
+                "combined"]
+            background = env.background(camera)
+            rgb = rgba[..., :3] + (1 - rgba[..., 3:]) * background
+            write_png(out / f"{name}_{suffix}.png", rgb)
+            tiles.append(rgb)
+            scores = score(truth[name], rgba, background, with_flip=False)
+            summary["lift"]["cycles"][view][name] = {key: round(value, 4) for key, value in scores.items()}
+        log(f"lifted photo.png, {view}: " + ", ".join(f"{name} {v['psnr_object']:.2f} dB" for name, v in
+                                                     summary["lift"]["cycles"][view].items())
+            + " object PSNR against Cycles")
     return np.concatenate(tiles, axis=1)

@@ -241,3 +241,58 @@ def _renderer_only(tmp_path: Path) -> Path:
         pipeline["models"].pop(key, None)
     (folder / "pipeline.json").write_text(json.dumps(pipeline))
     return folder
+
+
+def test_surface_fill_is_the_laplace_solution_along_a_line():
+    """Known values 0 and 1 at the ends of a straight row of voxels: the unknown ones between are the linear ramp
+    (the 1-D Laplace equation's solution), not a step from the nearest end."""
+    from near_engine.lift.regressor import surface_filled
+
+    coords = np.stack([np.arange(10, 30), np.full(20, 32), np.full(20, 32)], -1)
+    values = torch.zeros(20, 1)
+    values[-1] = 1.0
+    known = torch.zeros(20, dtype=torch.bool)
+    known[[0, -1]] = True
+    filled = surface_filled(values, known, coords, R)[:, 0].numpy()
+    np.testing.assert_allclose(filled, np.linspace(0, 1, 20), atol=0.02)
+
+
+def test_a_lift_colours_its_surfels_from_the_photo_face_on_and_continues_them_round_the_back():
+    """A sphere photographed from the front: painted with stripes finer than a voxel where it faces the camera, and
+    darkened at its rim, where it is seen at a slant (as shading and Fresnel darken a real photo's rim). The surfels
+    facing the camera take the stripes (closed form at their centres); the hidden back takes the face-on colours,
+    not the dark rim."""
+    from near_engine.lift.regressor import surfel_materials_from_photo
+    from near_engine.surfels import PER_VOXEL, mesh_surfels, surfel_centres
+    from test_surfels import _sphere
+
+    vertices, faces = _sphere(0.4)
+    from near_engine.voxelize import voxelize_mesh
+
+    coords = voxelize_mesh(vertices, faces, R)
+    surfels = mesh_surfels(vertices, faces, coords, R)
+    camera = fit_crop_camera(front_camera(0.0, 512), coords, R, 512)
+    origins, directions = camera.pixel_rays()
+    b = (origins * directions).sum(-1)
+    c = (origins ** 2).sum(-1) - 0.4 ** 2
+    hit = b * b - c > 0
+    point = origins + (-b - np.sqrt(np.clip(b * b - c, 0, None)))[..., None] * directions
+    facing = np.abs((point / 0.4 * -directions).sum(-1))
+
+    def paint(x: np.ndarray) -> np.ndarray:  # stripes along x, 1.5 voxels a period
+        return np.stack([0.5 + 0.3 * np.sin(2 * np.pi * x * R / 1.5), np.full_like(x, 0.4), np.full_like(x, 0.2)],
+                        -1)
+
+    rgb = paint(point[..., 0]) * np.where(facing > 0.45, 1.0, 0.2)[..., None]  # a dark rim, seen at a slant
+    photo = np.concatenate([rgb * hit[..., None], hit[..., None]], -1).astype(np.float32)
+    materials = torch.tensor([DEFAULT_MATERIAL]).expand(len(coords), 6)
+    out = surfel_materials_from_photo(torch.from_numpy(photo), camera, coords, surfels, materials,
+                                      torch.ones(len(coords), 3), R).numpy()
+    assert out.shape == (len(coords) * PER_VOXEL, 6)
+    centres = surfel_centres(coords, surfels, R)
+    towards = camera.position - centres
+    cosine = (centres / 0.4 * towards / np.linalg.norm(towards, axis=1, keepdims=True)).sum(1)
+    front, back = cosine > 0.8, cosine < -0.5
+    assert np.abs(out[front, 0] - paint(centres[front, 0])[:, 0]).mean() < 0.05  # the stripes, per surfel
+    assert np.abs(out[back, 1] - 0.4).mean() < 0.05 and np.abs(out[back, 2] - 0.2).mean() < 0.05  # not the rim's
+    np.testing.assert_allclose(out[:, 3:], np.broadcast_to(DEFAULT_MATERIAL[3:], (len(out), 3)), atol=1e-6)

@@ -27,13 +27,15 @@ from typing import Mapping
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..camera import Camera
 from ..models.encoder import ImageFeatures, LatentEncoder, lift_features
 from ..sparse import SparseTensor
 from .views import VISIBILITY_TOLERANCE_VOXELS, voxel_depth, voxel_points
 
-__all__ = ["LIFT_KEYS", "LATENT_CHANNELS", "MATERIAL_CHANNELS", "lift_inputs", "predict_latents", "init_from_encoder"]
+__all__ = ["LIFT_KEYS", "LATENT_CHANNELS", "MATERIAL_CHANNELS", "lift_inputs", "predict_latents", "init_from_encoder",
+           "surfel_materials_from_photo"]
 
 #: The networks of near-tiny's regressor in a weights folder.
 LIFT_KEYS: tuple[str, ...] = ("lift_features", "lift_encoder")
@@ -117,54 +119,58 @@ def predict_latents(networks: Mapping[str, nn.Module], coords: np.ndarray, photo
     return (latent, materials, gain) if with_gain else (latent, materials)
 
 
-GAIN_MODE = "voxel"
-FILL_MODE = "nearest"
+#: A surfel whose normal is closer than this (cosine) to the photo's image plane is treated as unseen: at grazing
+#: angles a photo's colour is mostly shading and Fresnel, and spread over the hidden side it darkened it.
+TRUSTED_FACING = 0.5
 
 
 def surface_filled(values: torch.Tensor, known: torch.Tensor, coords: np.ndarray, resolution: int,
                    iterations: int = 300) -> torch.Tensor:
     """`values` [V, k] of the voxels `coords` where `known` [V], and elsewhere a smooth continuation over the
     surface: the nearest known value first, then `iterations` Jacobi steps of the surface's Laplace equation
-    (each unknown voxel the mean of its 26 neighbours), so colours that differ round a hidden side blend there."""
+    (each unknown voxel the mean of its 26 neighbours), so colours that differ round a hidden side blend there
+    instead of meeting in a seam or streaking from the nearest rim."""
     coords_t = torch.as_tensor(np.asarray(coords), dtype=torch.long)
     lookup = torch.full((resolution + 2,) * 3, -1, dtype=torch.long)
     lookup[tuple((coords_t + 1).T)] = torch.arange(len(coords_t))
     steps = torch.stack(torch.meshgrid(*[torch.arange(-1, 2)] * 3, indexing="ij"), -1).reshape(-1, 3)
     steps = steps[(steps != 0).any(-1)]
     neighbours = lookup[tuple((coords_t[:, None, :] + 1 + steps[None]).permute(2, 0, 1))]  # [V, 26]
-    present = (neighbours >= 0).to(values)
+    present = (neighbours >= 0).to(values)[..., None]
     index = neighbours.clamp_min(0)
+    counts = present.sum(1).clamp_min(1)
     out = nearest_filled(values, torch.from_numpy(voxel_points(coords, resolution)).to(values), known)
-    unknown = ~known
-    counts = present.sum(1, keepdim=True).clamp_min(1)
     for _ in range(iterations):
-        mean = (out[index] * present[..., None]).sum(1) / counts
-        out = torch.where(unknown[:, None], mean, out)
+        out = torch.where(known[:, None], out, (out[index] * present).sum(1) / counts)
     return out
 
 
 def surfel_materials_from_photo(photo: torch.Tensor, camera: Camera, coords: np.ndarray, surfels: np.ndarray,
                                 materials: torch.Tensor, gain: torch.Tensor, resolution: int = 64) -> torch.Tensor:
-    """The materials at each surfel [N * PER_VOXEL, 6] of a lift: the photo's colour at the surfel's centre (the
-    nearest one the photo shows where it does not show this one) times its voxel's gain from the regressor, and the
-    voxel's roughness, metallic and specular level. `photo` [S, S, 4] may be sharper than the one the regressor
-    read (`camera` is its camera): a surfel is half a voxel, finer than the regressor's 128 px."""
-    from ..surfels import PER_VOXEL, surfel_centres
+    """The materials at each surfel [N * PER_VOXEL, 6] of a lift.
+
+    The base colour is the photo's colour at the surfel's centre where the photo sees the surfel face on
+    (`TRUSTED_FACING`); elsewhere the voxel's mean of those, continued over the surface where none is seen
+    (`surface_filled`). It is multiplied by the median of the regressor's gains [N, 3]: their per-voxel spread
+    speckled a real photo's lift (1.1 dB below their median on the demo's vase), their median keeps the learned
+    exposure and white balance. Roughness, metallic and specular level are the voxel's. `photo` [S, S, 4] may be
+    sharper than the one the regressor read (`camera` is its camera): a surfel is half a voxel, finer than 128 px
+    resolve."""
+    from ..gaussians import quat_to_rotmat
+    from ..surfels import PER_VOXEL, surfel_centres, surfel_tensors
 
     points = torch.from_numpy(surfel_centres(coords, surfels, resolution))
     colour, seen = photo_colours(photo, points, coords, camera, resolution)
-    if FILL_MODE == "nearest":
-        colour = nearest_filled(colour, points, seen)
-    else:
-        per_voxel = seen.reshape(-1, PER_VOXEL)
-        voxel_colour = (colour.reshape(-1, PER_VOXEL, 3) * per_voxel[..., None]).sum(1) / per_voxel.sum(1, keepdim=True).clamp_min(1)
-        voxel_colour = surface_filled(voxel_colour, per_voxel.any(1), coords, resolution)
-        colour = torch.where(seen[:, None], colour, voxel_colour.repeat_interleave(PER_VOXEL, 0))
-    if GAIN_MODE == "median":
-        gain = gain.median(0).values.expand_as(gain)
-    elif GAIN_MODE == "one":
-        gain = torch.ones_like(gain)
-    base = colour * gain.to(colour).repeat_interleave(PER_VOXEL, 0)
+    normals = quat_to_rotmat(surfel_tensors(torch.from_numpy(np.array(surfels, np.float32)))["quats"])[..., :, 2]
+    towards = F.normalize(torch.from_numpy(camera.position).float() - points, dim=-1)
+    face_on = seen & ((normals * towards).sum(-1).abs() > TRUSTED_FACING)
+    seen = face_on if bool(face_on.any()) else seen
+    per_voxel = seen.reshape(-1, PER_VOXEL)
+    voxel_colour = ((colour.reshape(-1, PER_VOXEL, 3) * per_voxel[..., None]).sum(1)
+                    / per_voxel.sum(1, keepdim=True).clamp_min(1))
+    voxel_colour = surface_filled(voxel_colour, per_voxel.any(1), coords, resolution)
+    colour = torch.where(seen[:, None], colour, voxel_colour.repeat_interleave(PER_VOXEL, 0))
+    base = colour * gain.median(0).values.to(colour)
     rest = materials[:, 3:].to(colour).repeat_interleave(PER_VOXEL, 0)
     return torch.cat([base, rest], -1).clamp(0.0, 1.0)
 
