@@ -184,6 +184,9 @@ def _photo_row(out: Path, mesh: Path, weights, hdris: Sequence[str], size: int, 
             background = env.background(camera)
             rgb = rgba[..., :3] + (1 - rgba[..., 3:]) * background
             write_png(out / f"{name}_{suffix}.png", rgb)
+            if view == "photo view":  # its Cycles reference, for a side-by-side look
+                write_png(out / f"{name}_cycles_photo_view.png", truth[name][..., :3]
+                          + (1 - truth[name][..., 3:]) * background)
             tiles.append(rgb)
             scores = score(truth[name], rgba, background, with_flip=False)
             summary["lift"]["cycles"][view][name] = {key: round(value, 4) for key, value in scores.items()}

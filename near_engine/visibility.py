@@ -1,7 +1,7 @@
 """Which directions of the environment each surfel sees: ray-marched once per asset on its own voxels.
 
 The split-sum core (`ibl.shade`) lights every point with the whole environment. A vase's foot under its belly, the
-inside of a cup, the crease between two parts see much less of it: in Cycles they are darker. That is geometry, and
+crease between two parts, the floor of a well see much less of it: in Cycles they are darker. That is geometry, and
 the voxels hold it, so it is computed rather than learned:
 
 * **Per asset, once** (`surfel_visibility`): from each surfel, `DIRECTIONS` rays (a Fibonacci sphere) are marched
@@ -10,15 +10,17 @@ the voxels hold it, so it is computed rather than learned:
 * **Per frame** (`diffuse_occlusion`): with the light seen through a lobe about as wide as the directions' spacing,
   the diffuse term is scaled by the cosine-weighted share of the light that the visible directions bring, per RGB
   channel, ``sum_k V_k L_k max(n.w_k, 0) / sum_k L_k max(n.w_k, 0)``, on the side of the surfel that sees more. It
-  is 1 where nothing blocks (a convex object), so the shader is unchanged there.
+  is 1 where nothing blocks (a convex object), so the shader is unchanged there. The side rule has a cost: a shell
+  thinner than a voxel (a thin cup's wall) is one layer of surfels whose outside sees the sky, so its inside is not
+  darkened; closed objects (every training object, the vase) are what it is right for.
 
 Specular occlusion stays with the shading MLP's learned specular factor: a specular lobe is narrower than the
-directions' spacing, and Lagarde and de Rousiers' approximation from the diffuse share (2014) cost the rough metals
-of the held-out set up to 1 dB against the learned factor, while the computed diffuse share gained up to 2.9 dB on
-dielectrics (the issue note has the figures).
+directions' spacing, and Lagarde and de Rousiers' approximation from the diffuse share (2014) cost a rough metal
+of the held-out set 1 dB against the learned factor, while the computed diffuse share gained up to 2.9 dB on
+dielectrics (untrained for it, before near-tiny's run 4).
 
-This is ambient and specular occlusion of distant light, not interreflection: light bounced off the object itself
-is left to the shading MLP's additive term.
+This is occlusion of distant light, not interreflection: light bounced off the object itself is left to the shading
+MLP's additive term.
 """
 
 from __future__ import annotations
