@@ -52,6 +52,7 @@ def previous_tiny_config() -> dict:
     rep = config["renderer"]["args"]
     rep["representation_config"].update({"scaling_bias": 0.004, "opacity_bias": 0.1, "voxel_size": 1.5})
     rep["zero_init_heads"] = False
+    rep["normal_head"] = False  # its residual corrects the normals of the PBR core, which this design lacks
     config["neural_basis"]["args"].update({"activation": "sine", "core": "none"})
     return config
 
