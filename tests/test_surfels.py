@@ -297,3 +297,18 @@ def test_materials_at_the_surfels_hold_detail_finer_than_a_voxel() -> None:
     assert surfel_error < 0.03, surfel_error
     assert voxel_error > 3 * surfel_error, (voxel_error, surfel_error)
     assert np.allclose(at_surfels[inner, 3:], [0.4, 0.0, 0.5], atol=1e-4)
+
+
+def test_materials_at_the_surfels_are_checked_before_use() -> None:
+    from near_engine.frame import SURFEL_MATERIALS, surfel_materials
+
+    assert surfel_materials({}, 3) is None  # assets from before them
+    good = np.full((3, PER_VOXEL * 6), 0.5, np.float32)
+    assert surfel_materials({SURFEL_MATERIALS: good}, 3).shape == (3 * PER_VOXEL, 6)
+    with pytest.raises(ValueError, match="expected"):
+        surfel_materials({SURFEL_MATERIALS: good[:, :12]}, 3)
+    for bad in (np.nan, 1.5, -0.1):
+        table = good.copy()
+        table[1, 2] = bad
+        with pytest.raises(ValueError, match="re-encode"):
+            surfel_materials({SURFEL_MATERIALS: table}, 3)
