@@ -16,7 +16,7 @@ the voxels hold it, so it is computed rather than learned:
 
 Specular occlusion stays with the shading MLP's learned specular factor: a specular lobe is narrower than the
 directions' spacing, and Lagarde and de Rousiers' approximation from the diffuse share (2014) cost a rough metal
-of the held-out set 1 dB against the learned factor, while the computed diffuse share gained up to 2.9 dB on
+of the held-out set 1 dB against the learned factor, while the computed diffuse share gained up to 3.1 dB on
 dielectrics (untrained for it, before near-tiny's run 4).
 
 This is occlusion of distant light, not interreflection: light bounced off the object itself is left to the shading
