@@ -45,6 +45,8 @@ DIRECTIONS = 128
 LIFT_VOXELS = 1.8
 #: March step (voxels): small enough not to slip between the voxels of a one-voxel-thick diagonal shell.
 STEP_VOXELS = 0.3
+#: Surfels shaded at a time per frame (each needs a few rows of K floats).
+CHUNK = 65536
 
 
 def sphere_directions(count: int = DIRECTIONS) -> np.ndarray:
@@ -111,7 +113,10 @@ def diffuse_occlusion(visibility: torch.Tensor, directions: torch.Tensor, radian
     directions, on the side of the surfel that sees more of it: a surfel is one disc for both sides of a surface, and
     the side that faces the camera may be the inside of a closed object, seen through the gaps between the surfels
     in front (drawn dark, those gaps speckled a whole vase 10 % darker)."""
-    visible = visibility.to(radiance)
-    facing = normals @ directions.T  # [N, K]
-    return torch.maximum(_share(facing.clamp_min(0.0), visible, radiance),
-                         _share((-facing).clamp_min(0.0), visible, radiance))
+    parts = []
+    for start in range(0, len(normals), CHUNK):  # bounded memory: a few [CHUNK, K] floats at a time
+        visible = visibility[start:start + CHUNK].to(radiance)
+        facing = normals[start:start + CHUNK] @ directions.T
+        parts.append(torch.maximum(_share(facing.clamp_min(0.0), visible, radiance),
+                                   _share((-facing).clamp_min(0.0), visible, radiance)))
+    return torch.cat(parts) if parts else torch.ones_like(normals)

@@ -133,3 +133,17 @@ def test_priors_carry_visibility_and_the_renderer_dims_what_is_blocked() -> None
     assert floor.sum() > 10
     ratio = float(shaded.radiance[floor].mean() / bright.radiance[floor].mean())
     assert 0.07 < ratio < 0.25  # sin^2(beta) = 0.1 of the diffuse light, the weak specular term unoccluded
+
+
+def test_the_share_is_the_same_in_chunks(monkeypatch) -> None:
+    import near_engine.visibility as visibility
+
+    generator = torch.Generator().manual_seed(2)
+    normals = torch.nn.functional.normalize(torch.randn(50, 3, generator=generator), dim=-1)
+    directions = torch.from_numpy(sphere_directions())
+    light = torch.rand(len(directions), 3, generator=generator)
+    seen = (torch.rand(50, len(directions), generator=generator) > 0.5).to(torch.uint8)
+    whole = diffuse_occlusion(seen, directions, light, normals)
+    monkeypatch.setattr(visibility, "CHUNK", 7)
+    torch.testing.assert_close(diffuse_occlusion(seen, directions, light, normals), whole)
+    assert diffuse_occlusion(seen[:0], directions, light, normals[:0]).shape == (0, 3)
