@@ -68,7 +68,7 @@ from torch import nn
 
 from .camera import Camera
 from .envmap import EnvMap
-from .gaussians import Gaussians, quat_to_rotmat
+from .gaussians import Gaussians
 from .ibl import IBLLight, ShadingTerms, shade
 from .models.blocks import BlockContext
 from .models.gaussian_heads import (
@@ -84,7 +84,7 @@ from .models.tokenizer import tokenizer_input
 from .passes import gaussian_channels
 from .raster import rasterize
 from .sparse import SparseTensor
-from .surfels import PER_VOXEL, surfel_tensors, voxel_surfels
+from .surfels import PER_VOXEL, surfel_normals, surfel_tensors, voxel_surfels
 from .visibility import diffuse_occlusion, sphere_directions, surfel_visibility
 
 __all__ = [
@@ -203,7 +203,7 @@ class VoxelPriors:
     def normals(self) -> torch.Tensor:
         """Unit normals [V * PER_VOXEL, 3], one per surfel (sign arbitrary: the renderer turns them to the camera);
         computed once per priors, which the pipeline caches per asset, not per frame."""
-        return quat_to_rotmat(surfel_tensors(self.surfels)["quats"])[..., :, 2]
+        return surfel_normals(self.surfels)
 
     @staticmethod
     def of(coords: np.ndarray, resolution: int, materials: np.ndarray, surfels: np.ndarray | None = None,
@@ -214,14 +214,12 @@ class VoxelPriors:
         (`visibility.surfel_visibility`, ray-marched here unless `visibility` is False)."""
         if surfels is None:
             surfels = voxel_surfels(np.asarray(coords), int(resolution))
-        at_surfels = None
         seen = torch.from_numpy(surfel_visibility(coords, surfels, int(resolution))).to(device) if visibility else None
-        if surfel_materials is not None:
-            at_surfels = torch.from_numpy(np.array(surfel_materials, np.float32).reshape(-1, MATERIAL_CHANNELS))
-            at_surfels = at_surfels.to(device)
+        per_surfel = None if surfel_materials is None else torch.from_numpy(
+            np.array(surfel_materials, np.float32).reshape(-1, MATERIAL_CHANNELS)).to(device)
         return VoxelPriors(torch.from_numpy(np.ascontiguousarray(materials, np.float32)).to(device),
                            torch.from_numpy(np.array(surfels, np.float32)).to(device),  # a writable copy
-                           surfel_materials=at_surfels, visibility=seen)
+                           surfel_materials=per_surfel, visibility=seen)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

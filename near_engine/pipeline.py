@@ -296,11 +296,11 @@ class NearPipeline:
                 try:
                     materials = material_latents(asset.extras, asset.num_voxels)
                     surfels = asset_surfels(asset.extras, asset.coords, asset.resolution)
-                    at_surfels = (surfel_materials(asset.extras, asset.num_voxels) if "material" in self.inputs
+                    per_surfel = (surfel_materials(asset.extras, asset.num_voxels) if "material" in self.inputs
                                   else None)
                 except (ValueError, NearError) as exc:
                     raise AssetError(f"this asset's extra latents cannot be used: {exc}") from None
-                priors = VoxelPriors.of(asset.coords, asset.resolution, materials, surfels, self.device, at_surfels,
+                priors = VoxelPriors.of(asset.coords, asset.resolution, materials, surfels, self.device, per_surfel,
                                         visibility=self.self_occlusion)
                 try:
                     feats, used = ablation_inputs(feats, priors.materials, self.inputs)

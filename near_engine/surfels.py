@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from .errors import NearError
-from .gaussians import rotmat_to_quat
+from .gaussians import quat_to_rotmat, rotmat_to_quat
 from .voxelize import voxel_normals
 
 __all__ = ["PER_VOXEL", "SURFEL_CHANNELS", "EXTRA_NAME", "mesh_surfels", "voxel_surfels", "asset_surfels",
-           "surfel_centres", "surfel_tensors"]
+           "surfel_centres", "surfel_normals", "surfel_tensors"]
 
 #: Surfels per voxel: near-tiny's Gaussians per voxel.
 PER_VOXEL = 4
@@ -231,6 +231,12 @@ def surfel_centres(coords: np.ndarray, surfels: np.ndarray, resolution: int) -> 
     centres = (np.asarray(coords, np.float64) + 0.5) / resolution - 0.5
     offsets = np.asarray(surfels, np.float64).reshape(len(centres), PER_VOXEL, SURFEL_CHANNELS)[..., :3]
     return (centres[:, None, :] + offsets / resolution).reshape(-1, 3).astype(np.float32)
+
+
+def surfel_normals(surfels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Unit normals [V * PER_VOXEL, 3] (float32; sign arbitrary): each surfel's local z axis."""
+    table = torch.as_tensor(np.array(surfels, np.float32) if isinstance(surfels, np.ndarray) else surfels)
+    return quat_to_rotmat(surfel_tensors(table)["quats"])[..., :, 2]
 
 
 def surfel_tensors(surfels: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:

@@ -32,8 +32,7 @@ import numpy as np
 import torch
 
 from .raster.cpu import KERNEL_LOCK
-from .surfels import surfel_centres, surfel_tensors
-from .gaussians import quat_to_rotmat
+from .surfels import surfel_centres, surfel_normals
 
 __all__ = ["DIRECTIONS", "sphere_directions", "surfel_visibility", "diffuse_occlusion"]
 
@@ -89,7 +88,7 @@ def surfel_visibility(coords: np.ndarray, surfels: np.ndarray, resolution: int,
     if len(coords):
         occupied[tuple(coords.T)] = 1
     starts = (surfel_centres(coords, surfels, resolution).astype(np.float64) + 0.5) * resolution  # grid units
-    normals = quat_to_rotmat(surfel_tensors(torch.from_numpy(np.array(surfels, np.float32)))["quats"])[..., :, 2]
+    normals = surfel_normals(surfels)
     out = np.empty((len(starts), len(directions)), np.uint8)
     with KERNEL_LOCK:  # numba's parallel kernels take turns (see `raster.cpu`)
         _march(occupied, starts, normals.double().numpy(), np.ascontiguousarray(directions, np.float64),

@@ -144,11 +144,11 @@ def sample_latent(networks: dict, coords: np.ndarray, photo: np.ndarray, camera:
         extras = {}
         if surfels is not None:
             sharp = photo if detail is None else detail
-            at_surfels = surfel_materials_from_photo(torch.from_numpy(sharp), camera.scaled(
+            per_surfel = surfel_materials_from_photo(torch.from_numpy(sharp), camera.scaled(
                 sharp.shape[0] / photo.shape[0]), coords, surfels, materials, gain, resolution)
-            materials = torch.cat([at_surfels.reshape(len(coords), PER_VOXEL, -1).mean(1)[:, :3], materials[:, 3:]],
+            materials = torch.cat([per_surfel.reshape(len(coords), PER_VOXEL, -1).mean(1)[:, :3], materials[:, 3:]],
                                   -1)
-            extras[SURFEL_MATERIALS] = at_surfels.reshape(len(coords), -1).numpy().astype(np.float32)
+            extras[SURFEL_MATERIALS] = per_surfel.reshape(len(coords), -1).numpy().astype(np.float32)
     materials = materials.numpy().astype(np.float32)
     return latent.numpy().astype(np.float32), {"base_color": materials[:, :3], "material": materials[:, 3:],
                                                **extras}

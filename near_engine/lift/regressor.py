@@ -157,12 +157,11 @@ def surfel_materials_from_photo(photo: torch.Tensor, camera: Camera, coords: np.
     exposure and white balance. Roughness, metallic and specular level are the voxel's. `photo` [S, S, 4] may be
     sharper than the one the regressor read (`camera` is its camera): a surfel is half a voxel, finer than 128 px
     resolve."""
-    from ..gaussians import quat_to_rotmat
-    from ..surfels import PER_VOXEL, surfel_centres, surfel_tensors
+    from ..surfels import PER_VOXEL, surfel_centres, surfel_normals
 
     points = torch.from_numpy(surfel_centres(coords, surfels, resolution))
     colour, seen = photo_colours(photo, points, coords, camera, resolution)
-    normals = quat_to_rotmat(surfel_tensors(torch.from_numpy(np.array(surfels, np.float32)))["quats"])[..., :, 2]
+    normals = surfel_normals(surfels)
     towards = F.normalize(torch.from_numpy(camera.position).float() - points, dim=-1)
     face_on = seen & ((normals * towards).sum(-1).abs() > TRUSTED_FACING)
     seen = face_on if bool(face_on.any()) else seen

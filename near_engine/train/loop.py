@@ -146,9 +146,9 @@ class StepModel(nn.Module):
         else:
             latent = encode_views(nets, obj.coords, obj.rgba, obj.cameras, obj.depth, res)
         latent, materials = ablation_inputs(latent, obj.priors.materials.to(latent), inputs)
-        at_surfels = obj.priors.surfel_materials if "material" in inputs else None
+        per_surfel = obj.priors.surfel_materials if "material" in inputs else None
         return latent, VoxelPriors(materials, obj.priors.surfels.to(latent),
-                                   surfel_materials=None if at_surfels is None else at_surfels.to(latent),
+                                   surfel_materials=None if per_surfel is None else per_surfel.to(latent),
                                    visibility=obj.priors.visibility)
 
     def object_losses(self, obj: TrainObject, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
