@@ -175,3 +175,17 @@ def test_eval_reports_every_method_and_metric_on_a_tiny_dataset(tmp_path):
                 over = [linear_to_srgb(x[..., :3] + (1 - x[..., 3:]) * bg) for x in (truth, baked)]
                 expected.append(metrics.psnr(*over))
     assert report["table"]["baked_light"]["psnr_full"] == pytest.approx(np.mean(expected), rel=1e-9)
+
+    # A subset of the rows (the input ablation scores one row per decoder): the same numbers as the full run.
+    from near_engine.errors import NearError
+    from near_engine.eval.tasks import Model, evaluate_object, summarize
+
+    model = Model.load(weights, "cpu")
+    subset = evaluate_object(model, data / "objects" / "00009", ["city", "night"], with_flip=metrics.flip_available(),
+                             methods=["baked_light"])
+    assert [list(r["scores"]) for r in subset] == [["baked_light"]] * 4
+    assert summarize(subset)["baked_light"] == pytest.approx(report["table"]["baked_light"], rel=1e-9)
+    with pytest.raises(NearError, match="shades the passes"):
+        evaluate_object(model, data / "objects" / "00009", ["city"], methods=["lambertian"])
+    with pytest.raises(NearError, match="must be among"):
+        evaluate_object(model, data / "objects" / "00009", ["city"], methods=["nothing"])

@@ -188,6 +188,19 @@ def test_frozen_networks_stay_as_loaded_and_weights_from_before_surfels_restart_
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("renderer."))
     with pytest.raises(NearError, match="cannot freeze"):
         replace(CONFIG, frozen=("everything",))
+    # The input ablation's start: the encoder as trained, the renderer networks fresh; no steps carried over.
+    part = Trainer(CONFIG, [obj])
+    fresh, loaded = _params(part), _params(trained)
+    assert part.init_networks(tmp_path / "weights", keys=("image_features", "encoder")) == []
+    now = _params(part)
+    assert all(torch.equal(now[k], (loaded if k.startswith(("encoder.", "image_features.")) else fresh)[k])
+               for k in now)
+    assert any(not torch.equal(fresh[k], loaded[k]) for k in now if k.startswith("encoder."))
+    part.export(tmp_path / "part")
+    note = json.loads((tmp_path / "part" / "pipeline.json").read_text())["training"]
+    assert note["total_steps"] == 0 and note["started_from"]["networks"] == ["image_features", "encoder"]
+    with pytest.raises(NearError, match="no network named"):
+        part.init_networks(tmp_path / "weights", keys=("everything",))
     settings = json.loads((tmp_path / "weights" / "pipeline.json").read_text())
     del settings["gaussians"]  # as the weights before surfels wrote it
     (tmp_path / "weights" / "pipeline.json").write_text(json.dumps(settings))

@@ -199,7 +199,7 @@ def _camera(record: Mapping) -> Camera:
                   np.array(record["world_to_camera"], dtype=np.float64))
 
 
-def _object_folders(data: Path, objects: str) -> list[Path]:
+def object_folders(data: Path, objects: str) -> list[Path]:
     """The finished objects of the manifest: the validation split (`objects` = "val") or comma-separated ids."""
     manifest = data / "manifest.json"
     if not manifest.is_file():
@@ -215,15 +215,20 @@ def _object_folders(data: Path, objects: str) -> list[Path]:
 
 
 def evaluate_object(model: Model, folder: Path, hdris: Sequence[str], size: int | None = None,
-                    with_flip: bool = False) -> list[dict]:
-    """Score every method on one data-set object under its lights that are HDRIs in `hdris`; one record per
-    (HDRI, view): {"object", "hdri", "view", "scores": {method: {column: value}}}.
+                    with_flip: bool = False, methods: Sequence[str] = tuple(METHODS)) -> list[dict]:
+    """Score `methods` (default: every row of `METHODS`) on one data-set object under its lights that are HDRIs in
+    `hdris`; one record per (HDRI, view): {"object", "hdri", "view", "scores": {method: {column: value}}}.
 
     `size`: evaluate at this many pixels per side (a divisor of the data set's size; default: the data set's size).
     """
     from ..datagen.dataset import load_object
     from ..datagen.lights import TRAIN_HDRIS
 
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise NearError(f"methods must be among {', '.join(METHODS)}, got {', '.join(unknown) or 'none'}")
+    if "lambertian" in methods and "near_lh" not in methods:
+        raise NearError("the 'lambertian' row shades the passes of 'near_lh': evaluate both")
     data = load_object(folder)
     meta = data["meta"]
     lights = meta["lights"]
@@ -243,11 +248,13 @@ def evaluate_object(model: Model, folder: Path, hdris: Sequence[str], size: int 
     gbuffers = {name: data[name] for name in ("base_color", "roughness", "metallic", "specular")}
     alpha = data["rgba"][..., 3:]
     few_gbuffers = {name: g[views] for name, g in gbuffers.items()}
-    assets = {"near_lh": model.latent(coords, data["rgba"], cameras, data["depth"], gbuffers, alpha, surfels),
-              "ablation_lh_relit_views": model.latent(coords, data["rgba"][views], few, data["depth"][views],
-                                                      few_gbuffers, alpha[views], surfels),
-              "ablation_shaded": model.latent(coords, data["lit_rgba"][shading], few, data["depth"][views],
-                                              few_gbuffers, alpha[views], surfels)}
+    encodings = {"near_lh": lambda: model.latent(coords, data["rgba"], cameras, data["depth"], gbuffers, alpha,
+                                                 surfels),
+                 "ablation_lh_relit_views": lambda: model.latent(coords, data["rgba"][views], few, data["depth"][views],
+                                                                 few_gbuffers, alpha[views], surfels),
+                 "ablation_shaded": lambda: model.latent(coords, data["lit_rgba"][shading], few,
+                                                         data["depth"][views], few_gbuffers, alpha[views], surfels)}
+    assets = {method: encode() for method, encode in encodings.items() if method in methods}
     recipe = meta.get("recipe", {}).get("material")
     kind = material_class(recipe["roughness"], recipe["metallic"]) if recipe else "real mesh"
     records = []
@@ -264,31 +271,36 @@ def evaluate_object(model: Model, folder: Path, hdris: Sequence[str], size: int 
                           else ("combined",))
                 out = model.pipeline.render(Scene([(asset, np.eye(4))], envmap, camera, transparent=True), passes)
                 predictions[method] = out["combined"]
-                if method == "near_lh":
+                if method == "near_lh" and "lambertian" in methods:
                     albedo = out["base_color"] * (1 - np.clip(out["metallic"], 0, 1))
                     predictions["lambertian"] = np.concatenate(
                         [lambertian_radiance(envmap, albedo, out["normal"]), out["alpha"]], axis=-1)
             view_alpha = _downscale(alpha[view], factor)
             view_gbuffers = {name: _downscale(g[view], factor) for name, g in gbuffers.items()}
             view_gbuffers["normal"] = _downscale(data["normal"][view], factor)
-            covered = np.clip(view_alpha, 1e-6, None)
-            gt_albedo = view_gbuffers["base_color"] / covered * (1 - np.clip(
-                view_gbuffers["metallic"][..., None] / covered, 0, 1))
-            gt_normals = view_gbuffers["normal"] / np.maximum(
-                np.linalg.norm(view_gbuffers["normal"], axis=-1, keepdims=True), 1e-9)
-            predictions["lambertian_gt"] = np.concatenate(
-                [lambertian_radiance(envmap, gt_albedo, gt_normals) * view_alpha, view_alpha], axis=-1)
-            predictions["oracle_pbr"] = oracle_pbr(envmap, model.pipeline.prefiltered_light(envmap), camera,
-                                                   view_gbuffers, view_alpha)
+            if "lambertian_gt" in methods:
+                covered = np.clip(view_alpha, 1e-6, None)
+                gt_albedo = view_gbuffers["base_color"] / covered * (1 - np.clip(
+                    view_gbuffers["metallic"][..., None] / covered, 0, 1))
+                gt_normals = view_gbuffers["normal"] / np.maximum(
+                    np.linalg.norm(view_gbuffers["normal"], axis=-1, keepdims=True), 1e-9)
+                predictions["lambertian_gt"] = np.concatenate(
+                    [lambertian_radiance(envmap, gt_albedo, gt_normals) * view_alpha, view_alpha], axis=-1)
+            if "oracle_pbr" in methods:
+                predictions["oracle_pbr"] = oracle_pbr(envmap, model.pipeline.prefiltered_light(envmap), camera,
+                                                       view_gbuffers, view_alpha)
             records.append({"object": meta["id"], "class": kind, "hdri": light["hdri"], "view": int(view),
-                            "scores": {m: score(truth, predictions[m], background, with_flip) for m in METHODS}})
+                            "scores": {m: score(truth, predictions[m], background, with_flip)
+                                       for m in METHODS if m in methods}})
     return records
 
 
 def summarize(records: Sequence[dict]) -> dict[str, dict[str, float]]:
-    """{method: {column: mean over the samples}} in table order."""
-    columns = [c for c in COLUMNS if c in records[0]["scores"]["near_lh"]]
-    return {m: {c: float(np.mean([r["scores"][m][c] for r in records])) for c in columns} for m in METHODS}
+    """{method: {column: mean over the samples}} in table order, for the methods the records score."""
+    scored = records[0]["scores"]
+    columns = [c for c in COLUMNS if c in next(iter(scored.values()))]
+    return {m: {c: float(np.mean([r["scores"][m][c] for r in records])) for c in columns}
+            for m in METHODS if m in scored}
 
 
 def markdown_table(table: Mapping[str, Mapping[str, float]]) -> str:
@@ -353,7 +365,7 @@ def run_eval(data: str | Path, weights: str | Path, output: str | Path, *, objec
     except OSError as exc:
         raise NearError(f"cannot create the report's folder {output.parent}: {exc.strerror or exc}") from None
     manifest = data / "manifest.json"
-    folders = _object_folders(data, objects)
+    folders = object_folders(data, objects)
     if hdris == HELD_OUT:
         hdris = json.loads(manifest.read_text())["splits"]["held_out_hdris"]
     model = Model.load(weights, device)

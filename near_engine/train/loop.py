@@ -50,7 +50,7 @@ from .data import Sample, TrainObject, list_objects, load_training_object
 from ..lift.encode import encode_views
 from .losses import LossWeights, stage2_losses
 
-__all__ = ["TrainConfig", "Trainer", "StepModel", "train", "warmup_cosine"]
+__all__ = ["TrainConfig", "Trainer", "StepModel", "fit", "load_objects", "train", "warmup_cosine"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -264,13 +264,19 @@ class Trainer:
         self.step = int(state["step"])
         self.started_from = json.loads(state.get("started_from", "null"))
 
-    def init_networks(self, folder: str | Path) -> list[str]:
-        """Start the six networks from a weights folder: every tensor whose name and shape match is loaded, the
-        others keep their fresh initialization (an architecture change, say); returns the names left out."""
+    def init_networks(self, folder: str | Path, keys: Sequence[str] | None = None) -> list[str]:
+        """Start the six networks (or those named in `keys`) from a weights folder: every tensor whose name and shape
+        match is loaded, the others keep their fresh initialization (an architecture change, say); returns the names
+        left out."""
         from ..checkpoints import read_safetensors, read_weights_folder
 
-        settings, entries = read_weights_folder(weights_folder(folder), tuple(self.model.networks))
-        own = self.model.networks.state_dict()
+        keys = tuple(self.model.networks) if keys is None else tuple(keys)
+        unknown = sorted(set(keys) - set(self.model.networks))
+        if unknown:
+            raise NearError(f"no network named {', '.join(unknown)}: the networks are {', '.join(self.model.networks)}")
+        settings, entries = read_weights_folder(weights_folder(folder), keys)
+        state = self.model.networks.state_dict()
+        own = {name: value for name, value in state.items() if name.split(".")[0] in keys}
         loaded, skipped = {}, []
         for key, entry in entries.items():
             for name, tensor in read_safetensors(entry.weights).items():
@@ -282,11 +288,13 @@ class Trainer:
         skipped += sorted(set(own) - set(loaded) - set(skipped))
         if not loaded:
             raise NearError(f"{folder}: no tensor fits these networks")
-        self.model.networks.load_state_dict({**own, **loaded})
-        if settings.get("gaussians") != GAUSSIANS and "renderer" in self.model.networks:
+        self.model.networks.load_state_dict({**state, **loaded})
+        if settings.get("gaussians") != GAUSSIANS and "renderer" in keys:
             self.model.networks["renderer"].restart_geometry()  # residuals learned on another placement
             skipped.append("renderer geometry rows (weights from before surfels: restarted at zero)")
-        self.started_from = {"folder": str(folder), "training": settings.get("training")}
+        whole = set(keys) == set(self.model.networks)  # a partial start does not continue that training's steps
+        self.started_from = {"folder": str(folder), "networks": list(keys),
+                             "training": settings.get("training") if whole else None}
         return sorted(set(skipped))
 
     def export(self, folder: str | Path, note: Mapping[str, Any] | None = None) -> None:
@@ -328,37 +336,53 @@ def train(data: str | Path, out: str | Path, config: TrainConfig, *, resume: boo
     """
     rank, world_size, started = _distributed()
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    Path(out).mkdir(parents=True, exist_ok=True)
     try:
-        folders = list_objects(data, "train")[rank::world_size]
-        objects = [load_training_object(f, config.size, config.resolution)
-                   for f in progress(folders, "loading objects", log)]
+        objects = load_objects(list_objects(data, "train")[rank::world_size], config, log)
         log(f"rank {rank}/{world_size}: {len(objects)} objects, {sum(len(o.coords) for o in objects)} voxels")
         trainer = Trainer(config, objects, rank, world_size, device)
-        if resume and (out / CHECKPOINT).is_file():
-            trainer.load_checkpoint(out / CHECKPOINT)
-            log(f"resumed at step {trainer.step}")
-        elif init_from is not None:
-            skipped = trainer.init_networks(init_from)
-            log(f"networks initialized from {init_from}" + (f"; freshly initialized (no match there): "
-                                                            f"{', '.join(skipped)}" if skipped else ""))
-        last: dict[str, float] = {}
-        start, first_step, times = time.perf_counter(), trainer.step, []
-        while trainer.step < config.steps:
-            t0 = time.perf_counter()
-            last = trainer.train_step()
-            times.append(time.perf_counter() - t0)
-            if rank == 0 and (trainer.step % log_every == 0 or trainer.step == config.steps):
-                images = ((trainer.step - first_step) * world_size * config.images_per_step
-                          / (time.perf_counter() - start))
-                left = (config.steps - trainer.step) * (time.perf_counter() - start) / (trainer.step - first_step)
-                log(f"step {trainer.step:6d}/{config.steps}  " + "  ".join(f"{k} {v:.4g}" for k, v in last.items())
-                    + f"  {images:.2f} images/s, {duration(left)} left")
-            if rank == 0 and (trainer.step % checkpoint_every == 0 or trainer.step == config.steps):
-                trainer.save_checkpoint(out / CHECKPOINT)  # and usable weights, should the run stop here
-                trainer.export(out / "weights", {"objects": [o.id for o in objects], "world_size": world_size})
-        return {"last": last, "step_seconds": float(np.mean(times)) if times else 0.0, "step": trainer.step}
+        return fit(trainer, out, resume=resume, init_from=init_from, log_every=log_every,
+                   checkpoint_every=checkpoint_every, log=log)
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def load_objects(folders: Sequence[Path], config: TrainConfig,
+                 log: Callable[[str], object] = print) -> list[TrainObject]:
+    """The training objects in `folders`, loaded at the run's image size and grid, with a progress line."""
+    return [load_training_object(f, config.size, config.resolution) for f in progress(folders, "loading objects", log)]
+
+
+def fit(trainer: Trainer, out: str | Path, *, resume: bool = False, init_from: str | Path | None = None,
+        init_keys: Sequence[str] | None = None, log_every: int = 10, checkpoint_every: int = 200,
+        log: Callable[[str], object] = print) -> dict[str, Any]:
+    """Run `trainer` to its last step: resume `out/checkpoint.pt` if asked and present, else start the networks (or
+    `init_keys` of them) from `init_from`; checkpoint and export `out/weights/` as it goes. See `train`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config, rank, world_size = trainer.config, trainer.rank, trainer.world_size
+    if resume and (out / CHECKPOINT).is_file():
+        trainer.load_checkpoint(out / CHECKPOINT)
+        log(f"resumed at step {trainer.step}")
+    elif init_from is not None:
+        skipped = trainer.init_networks(init_from, init_keys)
+        log(f"networks {'initialized' if init_keys is None else ', '.join(init_keys) + ' started'} from {init_from}"
+            + (f"; freshly initialized (no match there): {', '.join(skipped)}" if skipped else ""))
+    last: dict[str, float] = {}
+    start, first_step, times = time.perf_counter(), trainer.step, []
+    while trainer.step < config.steps:
+        t0 = time.perf_counter()
+        last = trainer.train_step()
+        times.append(time.perf_counter() - t0)
+        if rank == 0 and (trainer.step % log_every == 0 or trainer.step == config.steps):
+            images = ((trainer.step - first_step) * world_size * config.images_per_step
+                      / (time.perf_counter() - start))
+            left = (config.steps - trainer.step) * (time.perf_counter() - start) / (trainer.step - first_step)
+            log(f"step {trainer.step:6d}/{config.steps}  " + "  ".join(f"{k} {v:.4g}" for k, v in last.items())
+                + f"  {images:.2f} images/s, {duration(left)} left")
+        if rank == 0 and (trainer.step % checkpoint_every == 0 or trainer.step == config.steps):
+            trainer.save_checkpoint(out / CHECKPOINT)  # and usable weights, should the run stop here
+            trainer.export(out / "weights", {"objects": [o.id for o in trainer.objects], "world_size": world_size})
+    return {"last": last, "step_seconds": float(np.mean(times)) if times else 0.0, "step": trainer.step}
+
