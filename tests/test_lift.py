@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from near_engine.camera import Camera
 from near_engine.errors import NearError
 from near_engine.frame import DEFAULT_MATERIAL
 from near_engine.lift import LiftCancelled, LiftRequest, lift_image, photo_camera
@@ -257,11 +258,36 @@ def test_surface_fill_is_the_laplace_solution_along_a_line():
     np.testing.assert_allclose(filled, np.linspace(0, 1, 20), atol=0.02)
 
 
+def test_the_level_fill_carries_a_band_round_the_hidden_sides_of_an_upright_cylinder():
+    """A cylinder's shell painted with a band (1 between two heights, 0 elsewhere), known on its front and back
+    arcs only. Filled level (`LEVEL_FILL`), the sides take the band at its heights; an isotropic fill blurs it. A
+    voxel with no level neighbour keeps its nearest known value."""
+    from near_engine.lift.regressor import LEVEL_FILL, surface_filled
+
+    grid = np.stack(np.meshgrid(*[np.arange(R)] * 3, indexing="ij"), -1)
+    x, y, z = (grid[..., 0] + 0.5 - R / 2), (grid[..., 1] + 0.5 - R / 2), grid[..., 2]
+    coords = surface_of((np.hypot(x, y) < 20) & (z >= 10) & (z < 54))
+    coords = coords[(coords[:, 2] > 10) & (coords[:, 2] < 53)]  # the side wall only: no lids
+    cx, cy = coords[:, 0] + 0.5 - R / 2, coords[:, 1] + 0.5 - R / 2
+    band = ((coords[:, 2] >= 28) & (coords[:, 2] < 34)).astype(np.float32)
+    known = torch.from_numpy(np.abs(cy) > 0.5 * np.hypot(cx, cy))  # front and back arcs, 60 degrees either way
+    values = torch.from_numpy(band[:, None]) * known[:, None]
+    sides = ~known.numpy()
+    level = surface_filled(values, known, coords, R, vertical=LEVEL_FILL)[:, 0].numpy()
+    isotropic = surface_filled(values, known, coords, R)[:, 0].numpy()
+    assert np.abs(level - band)[sides].mean() < 0.01
+    assert np.abs(isotropic - band)[sides].mean() > 0.1
+    lone = np.array([[2, 32, 31]])  # a voxel with no neighbour, level with the band: its nearest known value
+    filled = surface_filled(torch.cat([values, torch.zeros(1, 1)]), torch.cat([known, torch.zeros(1, dtype=bool)]),
+                            np.concatenate([coords, lone]), R, vertical=LEVEL_FILL)
+    assert float(filled[-1, 0]) == 1.0 and torch.isfinite(filled).all()
+
+
 def test_a_lift_colours_its_surfels_from_the_photo_face_on_and_continues_them_round_the_back():
     """A sphere photographed from the front: painted with stripes finer than a voxel where it faces the camera, and
     darkened at its rim, where it is seen at a slant (as shading and Fresnel darken a real photo's rim). The surfels
-    facing the camera take the stripes (closed form at their centres); the hidden back takes the face-on colours,
-    not the dark rim."""
+    facing the camera take the stripes (closed form at their centres); the hidden back, the front's mirror image
+    (the stripes run on round it), never the dark rim."""
     from near_engine.lift.regressor import surfel_materials_from_photo
     from near_engine.surfels import PER_VOXEL, mesh_surfels, surfel_centres
     from test_surfels import _sphere
@@ -295,4 +321,28 @@ def test_a_lift_colours_its_surfels_from_the_photo_face_on_and_continues_them_ro
     front, back = cosine > 0.8, cosine < -0.5
     assert np.abs(out[front, 0] - paint(centres[front, 0])[:, 0]).mean() < 0.05  # the stripes, per surfel
     assert np.abs(out[back, 1] - 0.4).mean() < 0.05 and np.abs(out[back, 2] - 0.2).mean() < 0.05  # not the rim's
+    deep = cosine < -0.8  # whose mirror image the photo sees face on
+    assert np.abs(out[deep, 0] - paint(centres[deep, 0])[:, 0]).mean() < 0.05  # the stripes, mirrored
     np.testing.assert_allclose(out[:, 3:], np.broadcast_to(DEFAULT_MATERIAL[3:], (len(out), 3)), atol=1e-6)
+
+
+def test_the_front_back_mirror_is_upright_and_maps_a_symmetric_object_onto_itself():
+    """The mirror plane stands upright (assets stand on +Z) across the line of sight, even from an elevated camera,
+    through the middle of the points' extent: heights and sideways positions stay, depths flip."""
+    from near_engine.lift.regressor import front_back_mirrored
+
+    camera = Camera.orbit(-90.0, 35.0, 2.0, width=64, height=64)  # at -Y, looking down at 35 degrees
+    rng = np.random.default_rng(0)
+    half = rng.uniform(-0.3, 0.3, (500, 3))
+    p = np.concatenate([half, half * [-1, 1, 1]]) + [0.0, 0.05, 0.1]  # symmetric in x: the sight line is along y
+    normals = rng.normal(size=(1000, 3))
+    (mirrored, turned), y = front_back_mirrored(torch.from_numpy(p), torch.from_numpy(normals), camera), p[:, 1]
+    mirrored = mirrored.numpy()
+    np.testing.assert_allclose(mirrored[:, [0, 2]], p[:, [0, 2]], atol=1e-9)
+    np.testing.assert_allclose(mirrored[:, 1], y.min() + y.max() - y, atol=1e-9)
+    np.testing.assert_allclose(turned.numpy(), normals * [1, -1, 1], atol=1e-9)
+    above = Camera.look_at(np.array([0.0, 0.0, 2.0]), np.zeros(3), width=64, height=64, fov_x_deg=40.0)  # straight down: flips z
+    level = np.concatenate([half, half * [-1, -1, 1]])  # centred under it
+    flipped = front_back_mirrored(torch.from_numpy(level), torch.from_numpy(normals), above)[0].numpy()
+    np.testing.assert_allclose(flipped[:, :2], level[:, :2], atol=1e-9)
+    np.testing.assert_allclose(flipped[:, 2], level[:, 2].min() + level[:, 2].max() - level[:, 2], atol=1e-9)
