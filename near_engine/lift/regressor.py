@@ -183,8 +183,10 @@ def surfel_materials_from_photo(photo: torch.Tensor, camera: Camera, coords: np.
     """The materials at each surfel [N * PER_VOXEL, 6] of a lift.
 
     The base colour is the photo's colour at the surfel's centre where the photo sees the surfel face on
-    (`TRUSTED_FACING`); elsewhere the voxel's mean of those, continued over the surface where none is seen
-    (`surface_filled`). It is multiplied by the median of the regressor's gains [N, 3]: their per-voxel spread
+    (`TRUSTED_FACING`); on the hidden back, the colour of its mirror image (`front_back_mirrored`) where the photo
+    sees that face on; elsewhere the voxel's mean of those, continued along level rings of the surface where none is
+    known (`surface_filled`, `LEVEL_FILL`). Without the mirror, the fill of a vase's back averaged its bands and
+    zigzag away into a plain grey-white. It is multiplied by the median of the regressor's gains [N, 3]: their per-voxel spread
     speckled a real photo's lift (1.1 dB below their median on the demo's vase), their median keeps the learned
     exposure and white balance. Roughness, metallic and specular level are the voxel's. `photo` [S, S, 4] may be
     sharper than the one the regressor read (`camera` is its camera): a surfel is half a voxel, finer than 128 px
