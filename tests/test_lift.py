@@ -346,3 +346,26 @@ def test_the_front_back_mirror_is_upright_and_maps_a_symmetric_object_onto_itsel
     flipped = front_back_mirrored(torch.from_numpy(level), torch.from_numpy(normals), above)[0].numpy()
     np.testing.assert_allclose(flipped[:, :2], level[:, :2], atol=1e-9)
     np.testing.assert_allclose(flipped[:, 2], level[:, 2].min() + level[:, 2].max() - level[:, 2], atol=1e-9)
+
+
+def test_the_mirror_stands_in_for_the_back_only_where_the_object_is_symmetric():
+    """A sphere mirrored front to back lands on itself, surfel on parallel surfel; a teardrop pointing at the camera
+    lands its round back on its narrow front, across the surface, so its front's colours are not copied there."""
+    from near_engine.lift.regressor import _symmetric, front_back_mirrored
+    from near_engine.surfels import mesh_surfels, surfel_centres, surfel_normals
+    from near_engine.voxelize import voxelize_mesh
+    from test_surfels import _sphere
+
+    camera = front_camera(0.0)  # at -Y
+    shares = []
+    for squeeze in (0.0, 0.9):
+        vertices, faces = _sphere(0.4)
+        vertices = vertices * np.where(np.arange(3) == 1, 1.0, 1 - squeeze * (0.4 - vertices[:, 1:2]) / 0.8)
+        coords = voxelize_mesh(vertices, faces, R)
+        surfels = mesh_surfels(vertices, faces, coords, R)
+        points = torch.from_numpy(surfel_centres(coords, surfels, R))
+        normals = surfel_normals(surfels)
+        back = points[:, 1] > 0.1
+        mirrored = front_back_mirrored(points, normals, camera)
+        shares.append(float(_symmetric(*mirrored, coords, normals, R)[back].float().mean()))
+    assert shares[0] > 0.9 and shares[1] < 0.3, shares

@@ -151,17 +151,46 @@ def surface_filled(values: torch.Tensor, known: torch.Tensor, coords: np.ndarray
     return out
 
 
-#: The fill of the sides the photo sees neither face on nor mirrored weighs its neighbours above and below this
-#: much against those level with it. At 0 it continues what the photo shows on either side round the object, level
-#: (bands, rings and labels run round upright things): even 0.01 let a band painted round a cylinder bleed 0.04 of
-#: its contrast over the hidden sides (`tests/test_lift.py`), 0.05 twice that.
+#: On a mirror-symmetric object, the fill of the sides the photo sees neither face on nor mirrored weighs its
+#: neighbours above and below this much against those level with it. At 0 it continues what the photo shows on
+#: either side round the object, level (bands, rings and labels run round upright things): even 0.01 let a band
+#: painted round a cylinder bleed 0.04 of its contrast over the hidden sides (`tests/test_lift.py`), 0.05 twice that.
+#: On other shapes the fill is isotropic: level rings through a random shape drew streaks (-0.7 dB on a held-out
+#: object).
 LEVEL_FILL = 0.0
+#: An object is mirror symmetric when more than this share of the hidden surfels whose mirror image the photo sees
+#: face on land on its surface (`_symmetric`).
+SYMMETRIC_SHARE = 0.5
 
 
 def _facing(points: torch.Tensor, normals: torch.Tensor, camera: Camera) -> torch.Tensor:
     """Whether the camera sees each surfel face on (`TRUSTED_FACING`); surfels are two-sided."""
     towards = F.normalize(torch.from_numpy(camera.position).to(points) - points, dim=-1)
     return (normals.to(points) * towards).sum(-1).abs() > TRUSTED_FACING
+
+
+#: A mirrored surfel counts as lying on the surface where a surfel of the voxel it lands in is this parallel to it
+#: (cosine, about 18 degrees).
+SYMMETRY_COSINE = 0.95
+
+
+def _symmetric(points: torch.Tensor, normals: torch.Tensor, coords: np.ndarray, surfel_normals: torch.Tensor,
+               resolution: int) -> torch.Tensor:
+    """Whether each mirrored surfel (`points`, `normals` [P, 3]) lands on the surface: in one of the voxels `coords`,
+    parallel to one of that voxel's surfels (`surfel_normals` [V * PER_VOXEL, 3]). Where it does, the object is
+    mirror symmetric there and its front's colour may stand for its back; where not (a random shape), the mirror
+    would copy the colour and shading of an unrelated part."""
+    from ..surfels import PER_VOXEL
+
+    coords_t = torch.as_tensor(np.asarray(coords), dtype=torch.long)
+    lookup = torch.full((resolution,) * 3, -1, dtype=torch.long)
+    lookup[tuple(coords_t.T)] = torch.arange(len(coords_t))
+    cell = torch.floor((points.double() + 0.5) * resolution).long()
+    inside = ((cell >= 0) & (cell < resolution)).all(-1)
+    voxel = torch.where(inside, lookup[tuple(cell.clamp(0, resolution - 1).T)], -1)
+    theirs = surfel_normals.to(normals).reshape(-1, PER_VOXEL, 3)[voxel.clamp_min(0)]  # [P, PER_VOXEL, 3]
+    parallel = (theirs * normals[:, None]).sum(-1).abs().amax(-1) > SYMMETRY_COSINE
+    return (voxel >= 0) & parallel
 
 
 def front_back_mirrored(points: torch.Tensor, normals: torch.Tensor, camera: Camera
@@ -184,11 +213,12 @@ def surfel_materials_from_photo(photo: torch.Tensor, camera: Camera, coords: np.
 
     The base colour is the photo's colour at the surfel's centre where the photo sees the surfel face on
     (`TRUSTED_FACING`); on the hidden back, the colour of its mirror image (`front_back_mirrored`) where the photo
-    sees that face on; elsewhere the voxel's mean of those, continued along level rings of the surface where none is
-    known (`surface_filled`, `LEVEL_FILL`). Without the mirror, the fill of a vase's back averaged its bands and
-    zigzag away into a plain grey-white. It is multiplied by the median of the regressor's gains [N, 3]: their per-voxel spread
-    speckled a real photo's lift (1.1 dB below their median on the demo's vase), their median keeps the learned
-    exposure and white balance. Roughness, metallic and specular level are the voxel's. `photo` [S, S, 4] may be
+    sees that face on and the object is symmetric there (`_symmetric`); elsewhere the voxel's mean of those,
+    continued over the surface where none is known (`surface_filled`), along level rings on a symmetric object
+    (`LEVEL_FILL`). Without the mirror, the fill of a vase's back averaged its bands and zigzag away into a plain
+    grey-white. It is multiplied by the median of the regressor's gains [N, 3]: their per-voxel spread speckled a
+    real photo's lift (1.1 dB below their median on the demo's vase), their median keeps the learned exposure and
+    white balance. Roughness, metallic and specular level are the voxel's. `photo` [S, S, 4] may be
     sharper than the one the regressor read (`camera` is its camera): a surfel is half a voxel, finer than 128 px
     resolve."""
     from ..surfels import PER_VOXEL, surfel_centres, surfel_normals
@@ -200,12 +230,15 @@ def surfel_materials_from_photo(photo: torch.Tensor, camera: Camera, coords: np.
     seen = face_on if bool(face_on.any()) else seen
     mirror_points, mirror_normals = front_back_mirrored(points, normals, camera)
     mirrored, mirror_seen = photo_colours(photo, mirror_points, coords, camera, resolution)
-    from_mirror = ~seen & mirror_seen & _facing(mirror_points, mirror_normals, camera)
+    candidates = ~seen & mirror_seen & _facing(mirror_points, mirror_normals, camera)
+    from_mirror = candidates & _symmetric(mirror_points, mirror_normals, coords, normals, resolution)
+    symmetric = float(from_mirror.sum()) > SYMMETRIC_SHARE * float(candidates.sum())
     colour, seen = torch.where(from_mirror[:, None], mirrored, colour), seen | from_mirror
     per_voxel = seen.reshape(-1, PER_VOXEL)
     voxel_colour = ((colour.reshape(-1, PER_VOXEL, 3) * per_voxel[..., None]).sum(1)
                     / per_voxel.sum(1, keepdim=True).clamp_min(1))
-    voxel_colour = surface_filled(voxel_colour, per_voxel.any(1), coords, resolution, vertical=LEVEL_FILL)
+    voxel_colour = surface_filled(voxel_colour, per_voxel.any(1), coords, resolution,
+                                  vertical=LEVEL_FILL if symmetric else 1.0)
     colour = torch.where(seen[:, None], colour, voxel_colour.repeat_interleave(PER_VOXEL, 0))
     base = colour * gain.median(0).values.to(colour)
     rest = materials[:, 3:].to(colour).repeat_interleave(PER_VOXEL, 0)
