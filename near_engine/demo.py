@@ -150,8 +150,8 @@ def _photo_row(out: Path, mesh: Path, weights, hdris: Sequence[str], size: int, 
                references: dict[str, np.ndarray], pipeline, summary: dict,
                log: Callable[[str], object]) -> np.ndarray | None:
     """The lift's row: the stand-in photo, then the lifted object under each HDRI in the photo's own view and in the
-    first turntable view (a novel view: most of what it shows, the photo did not), each scored against Cycles; None
-    (said why) when the weights cannot lift."""
+    first turntable view (a novel view from the side: half of what it shows, the photo did not), each scored against
+    Cycles; None (said why) when the weights cannot lift."""
     from .eval.tasks import score
     from .lift import LiftRequest, lift_image, load_lift_networks
     from .lift.views import front_camera
