@@ -160,8 +160,8 @@ def surface_filled(values: torch.Tensor, known: torch.Tensor, coords: np.ndarray
 LEVEL_FILL = 0.0
 #: An object is mirror symmetric when more than this share of the hidden surfels whose mirror image the photo sees
 #: face on land on its surface (`_symmetric`). Only then does its back take mirrored colours: on a random shape the
-#: few surfels that happen to land on a surface would copy the shading of unrelated parts (unchecked, the mirror cost
-#: 0.3 dB on held-out objects, up to 2.4 on one).
+#: few surfels that happen to land on a surface would copy the shading of unrelated parts (unchecked, the mirror and
+#: the level fill cost 0.3 dB of novel-view relighting on held-out objects, 2.4 on one).
 SYMMETRIC_SHARE = 0.5
 
 
