@@ -25,7 +25,7 @@ from .gaussians import quat_to_rotmat, rotmat_to_quat
 from .voxelize import voxel_normals
 
 __all__ = ["PER_VOXEL", "SURFEL_CHANNELS", "EXTRA_NAME", "mesh_surfels", "voxel_surfels", "asset_surfels",
-           "surfel_centres", "surfel_normals", "surfel_tensors"]
+           "surfel_centres", "surfel_normals", "surfel_tensors", "voxel_lookup"]
 
 #: Surfels per voxel: near-tiny's Gaussians per voxel.
 PER_VOXEL = 4
@@ -135,8 +135,7 @@ def mesh_surfels(vertices: np.ndarray, triangles: np.ndarray, coords: np.ndarray
     sampled = _sample_surface(vertices, triangles, min(SAMPLES_PER_VOXEL * n, MAX_SAMPLES), seed)
     if sampled is None:  # no area at all
         return surfels
-    lookup = np.full((resolution,) * 3, -1, np.int64)
-    lookup[tuple(coords.T)] = np.arange(n)
+    lookup = voxel_lookup(coords, resolution)
     cell = np.clip(np.floor((sampled[0] + 0.5) * resolution).astype(np.int64), 0, resolution - 1)
     voxel = lookup[tuple(cell.T)]
     for step in np.concatenate([np.eye(3, dtype=np.int64), -np.eye(3, dtype=np.int64)]):
@@ -231,6 +230,14 @@ def surfel_centres(coords: np.ndarray, surfels: np.ndarray, resolution: int) -> 
     centres = (np.asarray(coords, np.float64) + 0.5) / resolution - 0.5
     offsets = np.asarray(surfels, np.float64).reshape(len(centres), PER_VOXEL, SURFEL_CHANNELS)[..., :3]
     return (centres[:, None, :] + offsets / resolution).reshape(-1, 3).astype(np.float32)
+
+
+def voxel_lookup(coords: np.ndarray, resolution: int, pad: int = 0) -> np.ndarray:
+    """The grid [R + 2 pad]^3 (int64) holding each voxel's row in `coords` at its cell (shifted by `pad`), -1
+    elsewhere: which voxel a point or a neighbouring cell belongs to, in one lookup."""
+    lookup = np.full((resolution + 2 * pad,) * 3, -1, np.int64)
+    lookup[tuple((np.asarray(coords, np.int64) + pad).T)] = np.arange(len(coords))
+    return lookup
 
 
 def surfel_normals(surfels: np.ndarray | torch.Tensor) -> torch.Tensor:

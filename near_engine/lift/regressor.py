@@ -133,9 +133,10 @@ def surface_filled(values: torch.Tensor, known: torch.Tensor, coords: np.ndarray
     there instead of meeting in a seam or streaking from the nearest rim. `vertical` weighs the neighbours above
     and below against those level with the voxel (1: isotropic; 0: the fill runs round the object along level
     rings, from the nearest known values where a ring has none)."""
+    from ..surfels import voxel_lookup
+
     coords_t = torch.as_tensor(np.asarray(coords), dtype=torch.long)
-    lookup = torch.full((resolution + 2,) * 3, -1, dtype=torch.long)
-    lookup[tuple((coords_t + 1).T)] = torch.arange(len(coords_t))
+    lookup = torch.from_numpy(voxel_lookup(coords, resolution, pad=1))
     steps = torch.stack(torch.meshgrid(*[torch.arange(-1, 2)] * 3, indexing="ij"), -1).reshape(-1, 3)
     steps = steps[(steps != 0).any(-1)]
     neighbours = lookup[tuple((coords_t[:, None, :] + 1 + steps[None]).permute(2, 0, 1))]  # [V, 26]
@@ -182,11 +183,9 @@ def _symmetric(points: torch.Tensor, normals: torch.Tensor, coords: np.ndarray, 
     parallel to one of that voxel's surfels (`surfel_normals` [V * PER_VOXEL, 3]). Where it does, the object is
     mirror symmetric there and its front's colour may stand for its back; where not (a random shape), the mirror
     would copy the colour and shading of an unrelated part."""
-    from ..surfels import PER_VOXEL
+    from ..surfels import PER_VOXEL, voxel_lookup
 
-    coords_t = torch.as_tensor(np.asarray(coords), dtype=torch.long)
-    lookup = torch.full((resolution,) * 3, -1, dtype=torch.long)
-    lookup[tuple(coords_t.T)] = torch.arange(len(coords_t))
+    lookup = torch.from_numpy(voxel_lookup(coords, resolution))
     cell = torch.floor((points.double() + 0.5) * resolution).long()
     inside = ((cell >= 0) & (cell < resolution)).all(-1)
     voxel = torch.where(inside, lookup[tuple(cell.clamp(0, resolution - 1).T)], -1)
