@@ -7,7 +7,7 @@ Steps (all offline, on the CPU):
 2. For each HDRI (rotated 30 degrees, as a Mapping node would): a Cycles path-traced reference of the mesh from the
    first turntable view, then `NearPipeline.render` from every turntable azimuth over the HDRI background.
 3. The photo row: a Cycles render of the mesh from the photo convention's front view under `PHOTO_HDRI` stands in
-   for a user's photo (`photo.png`, with alpha); `lift_image` lifts it with near-tiny (geometry from the mesh) and
+   for a user's photo (`photo.png`, with alpha, exposed as a camera meters it: `lift.image.metered`); `lift_image` lifts it with near-tiny (geometry from the mesh) and
    the lifted object is relit under each HDRI in the photo's own view and from the first turntable view (a novel
    view), each scored against Cycles.
 4. Files: `HDRI_azNNN.exr` (scene-linear RGBA + `Depth.Z`) and `.png` (Standard view transform),
@@ -154,6 +154,7 @@ def _photo_row(out: Path, mesh: Path, weights, hdris: Sequence[str], size: int, 
     Cycles; None (said why) when the weights cannot lift."""
     from .eval.tasks import score
     from .lift import LiftRequest, lift_image, load_lift_networks
+    from .lift.image import light_level, metered
     from .lift.views import front_camera
     from .pipeline import Scene
 
@@ -164,13 +165,14 @@ def _photo_row(out: Path, mesh: Path, weights, hdris: Sequence[str], size: int, 
         return None
     photo_camera = front_camera(ELEVATION_DEG, size)
     photo = cycles_references(mesh, [PHOTO_HDRI], photo_camera, samples)[PHOTO_HDRI]
-    write_png(out / "photo.png", photo[..., :3], photo[..., 3])
+    env = EnvMap.read(blender_hdri(PHOTO_HDRI), rotation_z=math.radians(WORLD_ROTATION_DEG))
+    exposed = metered(photo, light_level(env.mean_radiance()))  # as a camera would have exposed it
+    write_png(out / "photo.png", exposed[..., :3], exposed[..., 3])
     start = time.perf_counter()
     asset = lift_image(LiftRequest(out / "photo.png", weights, mesh=mesh, elevation=ELEVATION_DEG))
     write_asset(out / "photo.near", asset)
     summary["lift"] = {"photo": "photo.png", "photo_hdri": PHOTO_HDRI, "voxels": len(asset.coords),
                        "lift_seconds": round(time.perf_counter() - start, 1), "cycles": {}}
-    env = EnvMap.read(blender_hdri(PHOTO_HDRI), rotation_z=math.radians(WORLD_ROTATION_DEG))
     tiles = [photo[..., :3] + (1 - photo[..., 3:]) * env.background(photo_camera)]
     photo_view = cycles_references(mesh, hdris, photo_camera, samples)  # the photo's own view, relit
     views = {"photo view": (photo_camera, photo_view, "lifted_photo_view"),

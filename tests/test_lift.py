@@ -183,6 +183,34 @@ def test_step0_regressor_is_the_mesh_encoder_on_the_photo(lift_weights):
     torch.testing.assert_close(materials[:, 3:], torch.tensor([DEFAULT_MATERIAL[3:]]).expand(len(shell), 3))
 
 
+@pytest.mark.parametrize("probability, snapped", [(0.3, 0.0), (0.7, 1.0)])
+def test_metallic_is_snapped_to_metal_or_not_at_inference(probability, snapped):
+    """The regressor's metallic output is a probability of metal; a lift takes the likelier of the two, while
+    training sees the probability itself (its gradient)."""
+    from near_engine.bundled import weights_folder
+    from near_engine.checkpoints import read_model_entry
+    from near_engine.configs import ENCODER_KEYS, load_networks
+    from near_engine.frame import DEFAULT_MATERIAL
+    from near_engine.lift.regressor import METALLIC, init_from_encoder, predict_latents
+
+    source = Path(weights_folder("near-tiny"))
+    encoders, _ = load_networks(source, "cpu", keys=ENCODER_KEYS)
+    material = (*DEFAULT_MATERIAL[:4], probability, DEFAULT_MATERIAL[5])
+    networks = init_from_encoder(encoders["image_features"], encoders["encoder"],
+                                 read_model_entry("encoder", source / "encoder").args, material)
+    shell = surface_of(_ball(0.3))
+    camera = fit_crop_camera(front_camera(0.0), shell, R, 64)
+    alpha = torch.from_numpy((voxel_depth(shell, R, camera) < 1e9).astype(np.float32))[..., None]
+    photo = torch.cat([torch.tensor([0.5, 0.5, 0.5]) * alpha, alpha], -1)
+    _, trained = predict_latents(networks, shell, photo, camera)
+    torch.testing.assert_close(trained[:, METALLIC], torch.full((len(shell),), probability), atol=1e-5, rtol=0)
+    assert trained.requires_grad
+    with torch.no_grad():
+        _, lifted = predict_latents(networks, shell, photo, camera)
+    assert torch.equal(lifted[:, METALLIC], torch.full((len(shell),), snapped))
+    torch.testing.assert_close(lifted[:, 3], trained[:, 3].detach())  # roughness untouched
+
+
 def test_lift_image_with_inflated_geometry_writes_a_renderable_asset(lift_weights, tmp_path):
     from near_engine.asset import read_asset, write_asset
     from near_engine.envmap import EnvMap

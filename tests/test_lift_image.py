@@ -107,3 +107,38 @@ def test_nan_exr_is_refused(tmp_path):
     OpenEXR.File({"compression": OpenEXR.ZIP_COMPRESSION}, {c: pixels.copy() for c in "RGB"}).write(str(path))
     with pytest.raises(ImageError, match="NaN"):
         prepare_photo(path)
+
+
+def test_a_render_is_metered_by_its_lights_mean_level():
+    """A white diffuse surface under a uniform world of radiance L renders at L (the white furnace); metered by that
+    world's level it reads METERED_WHITE, whatever L, and any albedo keeps its ratio to white."""
+    from near_engine.envmap import EnvMap
+    from near_engine.lift.image import METERED_WHITE, light_level, metered
+
+    for radiance in (0.165, 0.6, 3.0):
+        level = light_level(EnvMap.uniform(radiance).mean_radiance())
+        assert level == pytest.approx(radiance, rel=1e-5)
+        render = np.zeros((4, 4, 4), np.float32)
+        render[..., :3] = radiance * np.array([1.0, 0.5, 0.25], np.float32)  # albedos 1, 0.5, 0.25 per channel
+        render[..., 3] = 1.0
+        exposed = metered(render, level)
+        np.testing.assert_allclose(exposed[..., :3], np.broadcast_to(METERED_WHITE * np.array([1.0, 0.5, 0.25]), (4, 4, 3)),
+                                   rtol=1e-5)
+        np.testing.assert_array_equal(exposed[..., 3], render[..., 3])
+        assert render[0, 0, 0] == np.float32(radiance)  # the input is left as it was
+
+
+def test_light_level_is_the_solid_angle_mean_luminance():
+    from near_engine.envmap import EnvMap
+    from near_engine.lift.image import light_level
+
+    sky = np.zeros((64, 128, 3), np.float32)
+    sky[:32] = (2.0, 2.0, 2.0)  # the upper hemisphere at 2, the lower black: mean 1 over the sphere
+    assert light_level(EnvMap.from_array(sky).mean_radiance()) == pytest.approx(1.0, rel=1e-3)
+    green = np.zeros((8, 16, 3), np.float32)
+    green[..., 1] = 1.0
+    assert light_level(EnvMap.from_array(green, strength=2.0).mean_radiance()) == pytest.approx(2 * 0.7152, rel=1e-4)
+    with pytest.raises(ImageError, match="no positive level"):
+        light_level(np.zeros(3))
+    with pytest.raises(ImageError, match="no positive level"):
+        light_level(np.array([np.nan, 1.0, 1.0]))

@@ -1,7 +1,8 @@
 """The paper's single-image tasks: lift one photo of a held-out object under a held-out HDRI, then render it.
 
 For every evaluation object, each held-out HDRI A in turn lights the *photo*: the first view rendered under A,
-prepared as a user's photo is (`lift.image.crop_object`), with its camera fitted from the voxels as for a photo
+exposed as a camera meters it (`lift.image.metered`) and prepared as a user's photo is (`lift.image.crop_object`),
+with its camera fitted from the voxels as for a photo
 (`lift.views.fit_crop_camera`: only the view's pose is known, as the photo convention gives it). Geometry from the
 object's mesh. Then:
 
@@ -81,7 +82,7 @@ def evaluate_lift_object(model, networks: Mapping, data: dict, coords: np.ndarra
     mesh's (the geometry is the mesh's)."""
     from ..lift import LIFT_SIZE
     from ..lift.geometry import inflate_silhouette, voxel_iou
-    from ..lift.image import crop_object
+    from ..lift.image import crop_object, light_level, metered
     from ..lift.views import fit_crop_camera
     from .tasks import _downscale, score
 
@@ -92,7 +93,10 @@ def evaluate_lift_object(model, networks: Mapping, data: dict, coords: np.ndarra
     records, ious = [], {}
     for photo_hdri, photo_light in held.items():
         photo_view = views[0]
-        prepared = crop_object(np.asarray(data["lit_rgba"][photo_light, 0], np.float32), LIFT_SIZE)
+        light = lights[photo_light]
+        level = light_level(EnvMap.read(blender_hdri(photo_hdri), rotation_z=light["rotation_z"],
+                                        strength=light["strength"]).mean_radiance())
+        prepared = crop_object(metered(data["lit_rgba"][photo_light, 0], level), LIFT_SIZE)
         camera = fit_crop_camera(cameras[photo_view], coords, resolution, LIFT_SIZE)
         assets = lift_assets(networks, model.encoders, coords, prepared.rgba, camera, resolution, surfels)
         if not ious:  # geometry from the first photo, given its true camera

@@ -1,8 +1,9 @@
 """Training near-tiny's lift regressor (`lift.regressor`): one lit view -> the object's even latents.
 
 Pairs, as NeAR's `SLatI2E` data set pairs them: the input is one view of a training object under one of its lights
-(an HDRI, a baked sky, or the uniform light itself), prepared exactly as a user's photo is (`image.crop_object` at
-`LIFT_SIZE`, exposure normalized, the camera fitted from the voxels as for a photo: `views.fit_crop_camera`); the
+(an HDRI, a baked sky, or the uniform light itself), exposed as a camera meters it (`image.metered`), prepared exactly
+as a user's photo is (`image.crop_object` at `LIFT_SIZE`, the camera fitted from the voxels as for a photo:
+`views.fit_crop_camera`); the
 targets are what the trained mesh encoder makes of the object's 12 uniformly lit views (the LH latent,
 `encode.encode_views`) and its material latents from the G-buffers (`encode.lift_materials`). Targets are computed
 once per object. The loss is the mean squared error of the LH latent, each channel divided by its variance over the
@@ -35,16 +36,18 @@ from ..files import write_atomically
 from ..frame import DEFAULT_MATERIAL
 from ..lift import LIFT_SIZE
 from ..lift.encode import encode_views
-from ..lift.image import crop_object
+from ..lift.image import crop_object, light_level, metered
 from ..lift.regressor import LATENT_CHANNELS, LIFT_KEYS, init_from_encoder, lift_network_args, predict_latents
 from ..lift.views import fit_crop_camera
 from ..progress import duration, progress
-from .data import list_objects, load_training_object
+from .data import UNIFORM_SOURCE, LightSource, list_objects, load_training_object
 from .loop import warmup_cosine
 
 __all__ = ["LiftConfig", "LiftObject", "load_lift_object", "lift_photo", "train_lift", "LIFT_SIZE"]
 
 CHECKPOINT = "lift_checkpoint.pt"
+#: How the cached photos were exposed; a cache written otherwise is computed again.
+PHOTO_EXPOSURE = "metered"
 
 
 @dataclass
@@ -72,11 +75,17 @@ class LiftObject:
     materials: torch.Tensor  # [N, 6]
 
 
-def lift_photo(image: torch.Tensor | np.ndarray, view_camera, coords: np.ndarray, resolution: int
+def lift_photo(image: torch.Tensor | np.ndarray, view_camera, coords: np.ndarray, resolution: int, level: float
                ) -> tuple[torch.Tensor, Any]:
-    """A rendered view [H, W, 4] -> (the photo as the lift prepares it, its crop camera fitted from the voxels)."""
-    prepared = crop_object(np.asarray(image, dtype=np.float32), LIFT_SIZE)
+    """A rendered view [H, W, 4] under a light of `level` (`image.light_level`) -> (the photo metered and prepared as
+    the lift prepares it, its crop camera fitted from the voxels)."""
+    prepared = crop_object(metered(np.asarray(image, dtype=np.float32), level), LIFT_SIZE)
     return torch.from_numpy(prepared.rgba), fit_crop_camera(view_camera, coords, resolution, LIFT_SIZE)
+
+
+def source_level(source: LightSource) -> float:
+    """The metering level (`image.light_level`) of a training light: its map's mean radiance times its strength."""
+    return light_level(source.envmap.mean_radiance() * source.light.strength)
 
 
 def load_lift_object(folder: str | Path, encoders: dict, resolution: int = 64, size: int = 128,
@@ -84,8 +93,8 @@ def load_lift_object(folder: str | Path, encoders: dict, resolution: int = 64, s
     """One finished data-set object with its lift targets (the mesh encoder run once on its uniform views), read
     from `cache/<id>.pt` when an earlier run stored it there (it holds no code: tensors and numbers only)."""
     cached = None if cache is None else cache / f"{Path(folder).name}.pt"
-    if cached is not None and cached.is_file():
-        state = torch.load(cached, map_location="cpu", weights_only=True)
+    state = torch.load(cached, map_location="cpu", weights_only=True) if cached is not None and cached.is_file() else {}
+    if state.get("exposure") == PHOTO_EXPOSURE:
         cameras = [Camera(int(c[0]), int(c[1]), *map(float, c[2:6]), w2c.numpy())
                    for c, w2c in zip(state["intrinsics"].tolist(), state["world_to_camera"])]
         return LiftObject(state["id"], state["coords"].numpy(), list(zip(state["photos"], cameras)),
@@ -93,14 +102,15 @@ def load_lift_object(folder: str | Path, encoders: dict, resolution: int = 64, s
     obj = load_training_object(folder, size, resolution)
     with torch.no_grad():
         latent = encode_views(encoders, obj.coords, obj.rgba, obj.cameras, obj.depth, resolution)
-    photos = [lift_photo(obj.lit_rgba[light, k], obj.cameras[view], obj.coords, resolution)
-              for light in range(obj.lit_rgba.shape[0]) for k, view in enumerate(obj.lit_views)]
+    photos = [lift_photo(obj.lit_rgba[light, k], obj.cameras[view], obj.coords, resolution, source_level(source))
+              for light, source in enumerate(obj.lights) for k, view in enumerate(obj.lit_views)]
     lit_count = len(photos)
-    photos += [lift_photo(obj.rgba[v], obj.cameras[v], obj.coords, resolution) for v in range(len(obj.cameras))]
+    photos += [lift_photo(obj.rgba[v], obj.cameras[v], obj.coords, resolution, source_level(UNIFORM_SOURCE))
+               for v in range(len(obj.cameras))]
     result = LiftObject(obj.id, obj.coords, photos, lit_count, latent, torch.from_numpy(obj.materials))
     if cached is not None:
         cache.mkdir(parents=True, exist_ok=True)
-        state = {"id": result.id, "coords": torch.from_numpy(result.coords), "lit_count": lit_count,
+        state = {"exposure": PHOTO_EXPOSURE, "id": result.id, "coords": torch.from_numpy(result.coords), "lit_count": lit_count,
                  "photos": torch.stack([p for p, _ in photos]), "latent": latent, "materials": result.materials,
                  "intrinsics": torch.tensor([[c.width, c.height, c.fx, c.fy, c.cx, c.cy] for _, c in photos],
                                             dtype=torch.float64),
