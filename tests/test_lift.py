@@ -183,6 +183,34 @@ def test_step0_regressor_is_the_mesh_encoder_on_the_photo(lift_weights):
     torch.testing.assert_close(materials[:, 3:], torch.tensor([DEFAULT_MATERIAL[3:]]).expand(len(shell), 3))
 
 
+def test_the_regressor_trains_both_networks_even_from_a_frozen_encoder():
+    """`near train-lift` freezes the mesh encoder it starts from (it makes the targets); the regressor's copies of its
+    networks must still learn: a photo's gradient reaches the image features too (they stayed frozen once)."""
+    from near_engine.bundled import weights_folder
+    from near_engine.checkpoints import read_model_entry
+    from near_engine.configs import ENCODER_KEYS, load_networks
+    from near_engine.frame import DEFAULT_MATERIAL
+    from near_engine.lift.regressor import init_from_encoder, predict_latents
+
+    source = Path(weights_folder("near-tiny"))
+    encoders, _ = load_networks(source, "cpu", keys=ENCODER_KEYS)
+    for net in encoders.values():
+        net.requires_grad_(False)
+    networks = init_from_encoder(encoders["image_features"], encoders["encoder"],
+                                 read_model_entry("encoder", source / "encoder").args, DEFAULT_MATERIAL)
+    shell = surface_of(_ball(0.3))
+    camera = fit_crop_camera(front_camera(0.0), shell, R, 64)
+    alpha = torch.from_numpy((voxel_depth(shell, R, camera) < 1e9).astype(np.float32))[..., None]
+    photo = torch.cat([torch.tensor([0.6, 0.3, 0.2]) * alpha, alpha], -1)
+    latent, materials = predict_latents(networks, shell, photo, camera)
+    (latent.square().mean() + materials.square().mean()).backward()
+    for name, net in networks.items():
+        grads = [p.grad for p in net.parameters()]
+        assert all(g is not None for g in grads), name
+        assert sum(float(g.abs().sum()) for g in grads) > 0, name
+    assert all(not p.requires_grad for p in encoders["image_features"].parameters())  # the source stays frozen
+
+
 @pytest.mark.parametrize("probability, snapped", [(0.3, 0.0), (0.7, 1.0)])
 def test_metallic_is_snapped_to_metal_or_not_at_inference(probability, snapped):
     """The regressor's metallic output is a probability of metal; a lift takes the likelier of the two, while

@@ -300,7 +300,7 @@ def init_from_encoder(image_features: ImageFeatures, encoder: LatentEncoder, enc
     encoder's on the lit photo)."""
     import copy
 
-    features = copy.deepcopy(image_features)
+    features = copy.deepcopy(image_features).requires_grad_(True)  # the mesh encoder's copy may come frozen
     lifted = LatentEncoder(**lift_network_args(encoder_args, flow))
     state = lifted.state_dict()
     for name, value in encoder.state_dict().items():
