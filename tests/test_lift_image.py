@@ -122,8 +122,8 @@ def test_a_render_is_metered_by_its_lights_mean_level():
         render[..., :3] = radiance * np.array([1.0, 0.5, 0.25], np.float32)  # albedos 1, 0.5, 0.25 per channel
         render[..., 3] = 1.0
         exposed = metered(render, level)
-        np.testing.assert_allclose(exposed[..., :3], np.broadcast_to(METERED_WHITE * np.array([1.0, 0.5, 0.25]), (4, 4, 3)),
-                                   rtol=1e-5)
+        white = np.broadcast_to(METERED_WHITE * np.array([1.0, 0.5, 0.25]), (4, 4, 3))
+        np.testing.assert_allclose(exposed[..., :3], white, rtol=1e-5)
         np.testing.assert_array_equal(exposed[..., 3], render[..., 3])
         assert render[0, 0, 0] == np.float32(radiance)  # the input is left as it was
 

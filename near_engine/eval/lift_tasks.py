@@ -14,8 +14,8 @@ Rows, all rendered by the same `NearPipeline` and scored as `tasks.score` scores
 * **Lift**: near-tiny's regressor (`lift.regressor`), the LH latent and the material latents from the photo;
 * **Ablation: no homogenization**: the latent taken from the lit photo as it is: the mesh encoder run on the photo
   (with the same visibility), and the photo's own colours as the base colour (default roughness and metallic);
-* **Baseline: photo projected, not relit**: the photo's colours painted on the voxels and shown as they are (the
-  base-colour pass of that asset), whatever the light.
+* **Baseline: photo projected, not relit**: the photo's colours, as the camera exposed them, painted on the voxels
+  and shown as they are (the base-colour pass of that asset), whatever the light.
 
 The geometry IoU (of the solids, `lift.geometry.voxel_iou`) against the voxelized mesh is reported per source that
 can run here, each given the photo's true camera (its pose and lens): the mesh itself, near-tiny's own model when
