@@ -183,25 +183,39 @@ def test_step0_regressor_is_the_mesh_encoder_on_the_photo(lift_weights):
     torch.testing.assert_close(materials[:, 3:], torch.tensor([DEFAULT_MATERIAL[3:]]).expand(len(shell), 3))
 
 
-def test_the_regressor_trains_both_networks_even_from_a_frozen_encoder():
-    """`near train-lift` freezes the mesh encoder it starts from (it makes the targets); the regressor's copies of its
-    networks must still learn: a photo's gradient reaches the image features too (they stayed frozen once)."""
+def _regressor_at_step0(material: tuple[float, ...], frozen: bool = False) -> tuple[dict, dict]:
+    """(the regressor's networks at step 0 with `material` as its default, the near-tiny encoders it copies)."""
     from near_engine.bundled import weights_folder
     from near_engine.checkpoints import read_model_entry
     from near_engine.configs import ENCODER_KEYS, load_networks
-    from near_engine.frame import DEFAULT_MATERIAL
-    from near_engine.lift.regressor import init_from_encoder, predict_latents
+    from near_engine.lift.regressor import init_from_encoder
 
     source = Path(weights_folder("near-tiny"))
     encoders, _ = load_networks(source, "cpu", keys=ENCODER_KEYS)
-    for net in encoders.values():
-        net.requires_grad_(False)
+    if frozen:
+        for net in encoders.values():
+            net.requires_grad_(False)
     networks = init_from_encoder(encoders["image_features"], encoders["encoder"],
-                                 read_model_entry("encoder", source / "encoder").args, DEFAULT_MATERIAL)
+                                 read_model_entry("encoder", source / "encoder").args, material)
+    return networks, encoders
+
+
+def _ball_photo(colour: tuple[float, float, float]) -> tuple[np.ndarray, object, torch.Tensor]:
+    """(a ball's surface voxels, a front camera fitted to them, its one-colour photo [64, 64, 4] premultiplied)."""
     shell = surface_of(_ball(0.3))
     camera = fit_crop_camera(front_camera(0.0), shell, R, 64)
     alpha = torch.from_numpy((voxel_depth(shell, R, camera) < 1e9).astype(np.float32))[..., None]
-    photo = torch.cat([torch.tensor([0.6, 0.3, 0.2]) * alpha, alpha], -1)
+    return shell, camera, torch.cat([torch.tensor(colour) * alpha, alpha], -1)
+
+
+def test_the_regressor_trains_both_networks_even_from_a_frozen_encoder():
+    """`near train-lift` freezes the mesh encoder it starts from (it makes the targets); the regressor's copies of its
+    networks must still learn: a photo's gradient reaches the image features too (they stayed frozen once)."""
+    from near_engine.frame import DEFAULT_MATERIAL
+    from near_engine.lift.regressor import predict_latents
+
+    networks, encoders = _regressor_at_step0(DEFAULT_MATERIAL, frozen=True)
+    shell, camera, photo = _ball_photo((0.6, 0.3, 0.2))
     latent, materials = predict_latents(networks, shell, photo, camera)
     (latent.square().mean() + materials.square().mean()).backward()
     for name, net in networks.items():
@@ -215,21 +229,11 @@ def test_the_regressor_trains_both_networks_even_from_a_frozen_encoder():
 def test_metallic_is_snapped_to_metal_or_not_at_inference(probability, snapped):
     """The regressor's metallic output is a probability of metal; a lift takes the likelier of the two, while
     training sees the probability itself (its gradient)."""
-    from near_engine.bundled import weights_folder
-    from near_engine.checkpoints import read_model_entry
-    from near_engine.configs import ENCODER_KEYS, load_networks
     from near_engine.frame import DEFAULT_MATERIAL
-    from near_engine.lift.regressor import METALLIC, init_from_encoder, predict_latents
+    from near_engine.lift.regressor import METALLIC, predict_latents
 
-    source = Path(weights_folder("near-tiny"))
-    encoders, _ = load_networks(source, "cpu", keys=ENCODER_KEYS)
-    material = (*DEFAULT_MATERIAL[:4], probability, DEFAULT_MATERIAL[5])
-    networks = init_from_encoder(encoders["image_features"], encoders["encoder"],
-                                 read_model_entry("encoder", source / "encoder").args, material)
-    shell = surface_of(_ball(0.3))
-    camera = fit_crop_camera(front_camera(0.0), shell, R, 64)
-    alpha = torch.from_numpy((voxel_depth(shell, R, camera) < 1e9).astype(np.float32))[..., None]
-    photo = torch.cat([torch.tensor([0.5, 0.5, 0.5]) * alpha, alpha], -1)
+    networks, _ = _regressor_at_step0((*DEFAULT_MATERIAL[:4], probability, DEFAULT_MATERIAL[5]))
+    shell, camera, photo = _ball_photo((0.5, 0.5, 0.5))
     _, trained = predict_latents(networks, shell, photo, camera)
     torch.testing.assert_close(trained[:, METALLIC], torch.full((len(shell),), probability), atol=1e-5, rtol=0)
     assert trained.requires_grad
