@@ -34,7 +34,7 @@ import torch
 from .raster.cpu import KERNEL_LOCK
 from .surfels import surfel_centres, surfel_normals
 
-__all__ = ["DIRECTIONS", "sphere_directions", "surfel_visibility", "diffuse_occlusion"]
+__all__ = ["DIRECTIONS", "sphere_directions", "surfel_visibility", "point_visibility", "diffuse_occlusion"]
 
 #: Rays per surfel: about 18 degrees apart, the width of the softest shadows worth drawing at 64^3.
 DIRECTIONS = 128
@@ -82,17 +82,25 @@ def surfel_visibility(coords: np.ndarray, surfels: np.ndarray, resolution: int,
                       directions: np.ndarray | None = None) -> np.ndarray:
     """Visibility [V * PER_VOXEL, K] (uint8, 1 = the ray escapes the grid) of `directions` [K, 3] (default
     `sphere_directions`) from each surfel of the voxels `coords` [V, 3] (asset axes)."""
+    return point_visibility(coords, surfel_centres(coords, surfels, resolution), surfel_normals(surfels).numpy(),
+                            resolution, directions)
+
+
+def point_visibility(coords: np.ndarray, points: np.ndarray, normals: np.ndarray, resolution: int,
+                     directions: np.ndarray | None = None) -> np.ndarray:
+    """Visibility [P, K] (uint8) of `directions` [K, 3] (default `sphere_directions`) from surface points [P, 3]
+    (asset space) with their normals [P, 3], through the voxels `coords` [V, 3]: `surfel_visibility` for any points
+    on the surface (a lift's mirrored surfels)."""
     directions = sphere_directions() if directions is None else np.asarray(directions, np.float64)
     coords = np.asarray(coords, np.int64)
     occupied = np.zeros((resolution,) * 3, np.uint8)
     if len(coords):
         occupied[tuple(coords.T)] = 1
-    starts = (surfel_centres(coords, surfels, resolution).astype(np.float64) + 0.5) * resolution  # grid units
-    normals = surfel_normals(surfels)
+    starts = (np.asarray(points, np.float64) + 0.5) * resolution  # grid units
     out = np.empty((len(starts), len(directions)), np.uint8)
     with KERNEL_LOCK:  # numba's parallel kernels take turns (see `raster.cpu`)
-        _march(occupied, starts, normals.double().numpy(), np.ascontiguousarray(directions, np.float64),
-               LIFT_VOXELS, STEP_VOXELS, out)
+        _march(occupied, np.ascontiguousarray(starts), np.ascontiguousarray(normals, np.float64),
+               np.ascontiguousarray(directions, np.float64), LIFT_VOXELS, STEP_VOXELS, out)
     return out
 
 

@@ -343,18 +343,20 @@ def test_the_level_fill_carries_a_band_round_the_hidden_sides_of_an_upright_cyli
     assert float(filled[-1, 0]) == 1.0 and torch.isfinite(filled).all()
 
 
-def test_a_lift_colours_its_surfels_from_the_photo_face_on_and_continues_them_round_the_back():
-    """A sphere photographed from the front: painted with stripes finer than a voxel where it faces the camera, and
-    darkened at its rim, where it is seen at a slant (as shading and Fresnel darken a real photo's rim). The surfels
-    facing the camera take the stripes (closed form at their centres); the hidden back, the front's mirror image
-    (the stripes run on round it), never the dark rim."""
-    from near_engine.lift.regressor import surfel_materials_from_photo
-    from near_engine.surfels import PER_VOXEL, mesh_surfels, surfel_centres
+def _paint(x: np.ndarray) -> np.ndarray:
+    """Stripes along x, 1.5 voxels a period."""
+    return np.stack([0.5 + 0.3 * np.sin(2 * np.pi * x * R / 1.5), np.full_like(x, 0.4), np.full_like(x, 0.2)], -1)
+
+
+def _striped_sphere(shading) -> tuple[np.ndarray, np.ndarray, np.ndarray, object, np.ndarray]:
+    """(coords, surfels, photo [512, 512, 4], its camera, the surfels' centres) of a sphere of radius 0.4 painted
+    with `_paint` and photographed from the front, each pixel's colour times `shading(normal [..., 3], facing [...])`
+    (facing: |cos| between the normal and the line of sight)."""
+    from near_engine.surfels import mesh_surfels, surfel_centres
+    from near_engine.voxelize import voxelize_mesh
     from test_surfels import _sphere
 
     vertices, faces = _sphere(0.4)
-    from near_engine.voxelize import voxelize_mesh
-
     coords = voxelize_mesh(vertices, faces, R)
     surfels = mesh_surfels(vertices, faces, coords, R)
     camera = fit_crop_camera(front_camera(0.0, 512), coords, R, 512)
@@ -364,26 +366,51 @@ def test_a_lift_colours_its_surfels_from_the_photo_face_on_and_continues_them_ro
     hit = b * b - c > 0
     point = origins + (-b - np.sqrt(np.clip(b * b - c, 0, None)))[..., None] * directions
     facing = np.abs((point / 0.4 * -directions).sum(-1))
-
-    def paint(x: np.ndarray) -> np.ndarray:  # stripes along x, 1.5 voxels a period
-        return np.stack([0.5 + 0.3 * np.sin(2 * np.pi * x * R / 1.5), np.full_like(x, 0.4), np.full_like(x, 0.2)],
-                        -1)
-
-    rgb = paint(point[..., 0]) * np.where(facing > 0.45, 1.0, 0.2)[..., None]  # a dark rim, seen at a slant
+    rgb = _paint(point[..., 0]) * shading(point / 0.4, facing)[..., None]
     photo = np.concatenate([rgb * hit[..., None], hit[..., None]], -1).astype(np.float32)
+    return coords, surfels, photo, camera, surfel_centres(coords, surfels, R)
+
+
+def test_a_lift_colours_its_surfels_from_the_photo_face_on_and_continues_them_round_the_back():
+    """A sphere photographed from the front: painted with stripes finer than a voxel where it faces the camera, and
+    darkened at its rim, where it is seen at a slant (as shading and Fresnel darken a real photo's rim). The surfels
+    facing the camera take the stripes (closed form at their centres); the hidden back, the front's mirror image
+    (the stripes run on round it), never the dark rim."""
+    from near_engine.lift.regressor import surfel_materials_from_photo
+    from near_engine.surfels import PER_VOXEL
+
+    coords, surfels, photo, camera, centres = _striped_sphere(lambda normal, facing: np.where(facing > 0.45, 1.0, 0.2))
     materials = torch.tensor([DEFAULT_MATERIAL]).expand(len(coords), 6)
     out = surfel_materials_from_photo(torch.from_numpy(photo), camera, coords, surfels, materials,
                                       torch.ones(len(coords), 3), R).numpy()
     assert out.shape == (len(coords) * PER_VOXEL, 6)
-    centres = surfel_centres(coords, surfels, R)
     towards = camera.position - centres
     cosine = (centres / 0.4 * towards / np.linalg.norm(towards, axis=1, keepdims=True)).sum(1)
     front, back = cosine > 0.8, cosine < -0.5
-    assert np.abs(out[front, 0] - paint(centres[front, 0])[:, 0]).mean() < 0.05  # the stripes, per surfel
+    assert np.abs(out[front, 0] - _paint(centres[front, 0])[:, 0]).mean() < 0.05  # the stripes, per surfel
     assert np.abs(out[back, 1] - 0.4).mean() < 0.05 and np.abs(out[back, 2] - 0.2).mean() < 0.05  # not the rim's
     deep = cosine < -0.8  # whose mirror image the photo sees face on
-    assert np.abs(out[deep, 0] - paint(centres[deep, 0])[:, 0]).mean() < 0.05  # the stripes, mirrored
+    assert np.abs(out[deep, 0] - _paint(centres[deep, 0])[:, 0]).mean() < 0.05  # the stripes, mirrored
     np.testing.assert_allclose(out[:, 3:], np.broadcast_to(DEFAULT_MATERIAL[3:], (len(out), 3)), atol=1e-6)
+
+
+def test_a_lift_with_a_light_prior_takes_the_photos_shading_out():
+    """The striped sphere photographed under a sky of radiance 1 + 0.8 w_z (metered: mean 1), Lambertian (specular
+    level 0): each point shows its paint times 1 + (2/3) 0.8 n_z, half as bright below as above. Lifted with a light
+    prior, the surfels the photo sees get their paint back (closed form); without one they keep the shading."""
+    from near_engine.lift.delight import UNIFORM_PRIOR
+    from near_engine.lift.regressor import surfel_materials_from_photo
+
+    coords, surfels, photo, camera, centres = _striped_sphere(lambda normal, facing: 1 + 2 / 3 * 0.8 * normal[..., 2])
+    materials = torch.tensor([[*DEFAULT_MATERIAL[:3], 0.5, 0.0, 0.0]]).expand(len(coords), 6)
+    towards = camera.position - centres
+    seen = (centres / 0.4 * towards / np.linalg.norm(towards, axis=1, keepdims=True)).sum(1) > 0.6
+    errors = []
+    for prior in (None, UNIFORM_PRIOR):
+        out = surfel_materials_from_photo(torch.from_numpy(photo), camera, coords, surfels, materials,
+                                          torch.ones(len(coords), 3), R, prior).numpy()
+        errors.append(np.abs(out[seen, :3] - _paint(centres[seen, 0])).mean())
+    assert errors[0] > 0.05 and errors[1] < errors[0] / 4, errors  # 0.061 and 0.0075
 
 
 def test_the_front_back_mirror_is_upright_and_maps_a_symmetric_object_onto_itself():

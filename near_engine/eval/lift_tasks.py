@@ -1,13 +1,15 @@
 """The paper's single-image tasks: lift one photo of a held-out object under a held-out HDRI, then render it.
 
-For every evaluation object, each held-out HDRI A in turn lights the *photo*: the first view rendered under A,
+For every evaluation object, each held-out HDRI A in turn lights the *photo*: the relit view nearest a
+photographer's eye level (`PHOTO_ELEVATION`; the data set's views run from far below the object to far above it,
+and its first view, the photo until stop 22, looks up at the object's underside from 60-87 degrees below) under A,
 exposed as a camera meters it (`lift.image.metered`) and prepared as a user's photo is (`lift.image.crop_object`),
 with its camera fitted from the voxels as for a photo
 (`lift.views.fit_crop_camera`: only the view's pose is known, as the photo convention gives it). Geometry from the
 object's mesh. Then:
 
 * **random illumination reconstruction**: the same view under A;
-* **novel-view relighting**: the object's other views under another held-out HDRI B.
+* **novel-view relighting**: the object's 5 other relit views under another held-out HDRI B.
 
 Rows, all rendered by the same `NearPipeline` and scored as `tasks.score` scores:
 
@@ -25,6 +27,7 @@ the weights have one, and silhouette inflation.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -45,6 +48,18 @@ LIFT_METHODS: dict[str, str] = {
 }
 LIFT_TASKS: dict[str, str] = {"reconstruction": "random illumination reconstruction (same view, same light)",
                               "relighting": "novel-view relighting (other views, another held-out HDRI)"}
+
+
+#: The photo's view: the relit view whose camera is nearest this elevation (degrees above the object's centre), a
+#: photographer's eye a little above the object, as a user shoots a photo to lift.
+PHOTO_ELEVATION = 15.0
+
+
+def photo_index(cameras: Sequence) -> int:
+    """The index of the camera among `cameras` nearest `PHOTO_ELEVATION` (the object at the origin)."""
+    elevations = [math.degrees(math.asin(float(c.position[2]) / max(float(np.linalg.norm(c.position)), 1e-9)))
+                  for c in cameras]
+    return int(np.argmin([abs(e - PHOTO_ELEVATION) for e in elevations]))
 
 
 def lift_assets(networks: Mapping, encoders: Mapping, coords: np.ndarray, photo: np.ndarray, camera,
@@ -91,12 +106,13 @@ def evaluate_lift_object(model, networks: Mapping, data: dict, coords: np.ndarra
     held = {l["hdri"]: i for i, l in enumerate(lights) if l["kind"] == "hdri" and l["hdri"] in hdris}
     views = [int(v) for v in data["lit_views"]]
     records, ious = [], {}
+    photo = photo_index([cameras[v] for v in views])
     for photo_hdri, photo_light in held.items():
-        photo_view = views[0]
+        photo_view = views[photo]
         light = lights[photo_light]
         level = light_level(EnvMap.read(blender_hdri(photo_hdri), rotation_z=light["rotation_z"],
                                         strength=light["strength"]).mean_radiance())
-        prepared = crop_object(metered(data["lit_rgba"][photo_light, 0], level), LIFT_SIZE)
+        prepared = crop_object(metered(data["lit_rgba"][photo_light, photo], level), LIFT_SIZE)
         camera = fit_crop_camera(cameras[photo_view], coords, resolution, LIFT_SIZE)
         assets = lift_assets(networks, model.encoders, coords, prepared.rgba, camera, resolution, surfels)
         if not ious:  # geometry from the first photo, given its true camera
@@ -109,9 +125,9 @@ def evaluate_lift_object(model, networks: Mapping, data: dict, coords: np.ndarra
 
                 ious["own"] = voxel_iou(predict_geometry(networks["occupancy"], prepared.rgba, true_camera,
                                                          resolution), coords, resolution)
-        targets = [("reconstruction", photo_hdri, 0)]
+        targets = [("reconstruction", photo_hdri, photo)]
         others = [h for h in held if h != photo_hdri]
-        targets += [("relighting", h, k) for h in others for k in range(1, len(views))]
+        targets += [("relighting", h, k) for h in others for k in range(len(views)) if k != photo]
         for task, hdri, k in targets:
             light = lights[held[hdri]]
             envmap = EnvMap.read(blender_hdri(hdri), rotation_z=light["rotation_z"], strength=light["strength"])

@@ -145,7 +145,8 @@ def sample_latent(networks: dict, coords: np.ndarray, photo: np.ndarray, camera:
         if surfels is not None:
             sharp = photo if detail is None else detail
             per_surfel = surfel_materials_from_photo(torch.from_numpy(sharp), camera.scaled(
-                sharp.shape[0] / photo.shape[0]), coords, surfels, materials, gain, resolution)
+                sharp.shape[0] / photo.shape[0]), coords, surfels, materials, gain, resolution,
+                networks.get(LIGHT_PRIOR_KEY))
             materials = torch.cat([per_surfel.reshape(len(coords), PER_VOXEL, -1).mean(1)[:, :3], materials[:, 3:]],
                                   -1)
             extras[SURFEL_MATERIALS] = per_surfel.reshape(len(coords), -1).numpy().astype(np.float32)
@@ -154,9 +155,15 @@ def sample_latent(networks: dict, coords: np.ndarray, photo: np.ndarray, camera:
                                                **extras}
 
 
+#: The lift's light prior (`delight.LightPrior`) in a weights folder, and its key among the lift's networks.
+LIGHT_PRIOR_FILE = "lift_light_prior.json"
+LIGHT_PRIOR_KEY = "light_prior"
+
+
 def load_lift_networks(weights: str | Path, geometry: str) -> dict:
     """The regressor (and near-tiny's own geometry model when asked for) from a weights folder, with a clear error
-    when the folder has none."""
+    when the folder has none, and the prior over lights the lift takes the photo's light out with when the folder
+    has one (`LIGHT_PRIOR_FILE`)."""
     import json
 
     from ..bundled import weights_folder
@@ -171,6 +178,11 @@ def load_lift_networks(weights: str | Path, geometry: str) -> dict:
         raise NearError(f"{folder}: these weights cannot lift a photo: they have no {' or '.join(missing)} network "
                         "(train them with `near train-lift`, or use the bundled near-tiny)")
     networks, _ = load_networks(folder, "cpu", keys=keys)
+    prior = Path(folder) / LIGHT_PRIOR_FILE
+    if prior.is_file():  # weights from before it lift without taking the light out (`delight`)
+        from .delight import read_light_prior
+
+        networks[LIGHT_PRIOR_KEY] = read_light_prior(prior)
     return networks
 
 

@@ -24,7 +24,8 @@ both).
 
 from __future__ import annotations
 
-from typing import Mapping
+import dataclasses
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 import torch
@@ -35,6 +36,9 @@ from ..camera import Camera
 from ..models.encoder import ImageFeatures, LatentEncoder, lift_features
 from ..sparse import SparseTensor
 from .views import VISIBILITY_TOLERANCE_VOXELS, voxel_depth, voxel_points
+
+if TYPE_CHECKING:
+    from .delight import LightPrior
 
 __all__ = ["LIFT_KEYS", "LATENT_CHANNELS", "MATERIAL_CHANNELS", "lift_inputs", "predict_latents", "init_from_encoder",
            "surfel_materials_from_photo"]
@@ -219,8 +223,28 @@ def front_back_mirrored(points: torch.Tensor, normals: torch.Tensor, camera: Cam
     return points - 2.0 * (depth - middle)[:, None] * axis, normals - 2.0 * (normals @ axis)[:, None] * axis
 
 
+def _delit(colour: torch.Tensor, seen: torch.Tensor, points: torch.Tensor, normals: torch.Tensor,
+           mirrored: torch.Tensor, mirror_seen: torch.Tensor, mirror_points: torch.Tensor,
+           mirror_normals: torch.Tensor, materials: torch.Tensor, coords: np.ndarray, camera: Camera,
+           resolution: int, prior: "LightPrior") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(colour, seen, mirrored, mirror_seen) with the shading of the photo's light divided out (`delight`): the
+    base colours that show as the photo's colours at the surfels and at their mirror images, under the light
+    estimated from the surfels the photo sees face on (`seen`). Points the light barely reaches are no longer seen
+    (`delight.RELIABLE_RESPONSE`). `materials` [P, 3]: each surfel's roughness, metallic and specular level."""
+    from .delight import SeenSurface, delit, estimate_light
+
+    surface = SeenSurface.of(points, normals, camera.position, coords, resolution)
+    light = estimate_light(colour[seen], SeenSurface(*(t[seen] for t in dataclasses.astuple(surface))),
+                           materials[seen], prior)
+    colour, reliable = delit(colour, light, surface, materials)
+    mirror = SeenSurface.of(mirror_points, mirror_normals, camera.position, coords, resolution)
+    mirrored, mirror_reliable = delit(mirrored, light, mirror, materials)
+    return colour, seen & reliable, mirrored, mirror_seen & mirror_reliable
+
+
 def surfel_materials_from_photo(photo: torch.Tensor, camera: Camera, coords: np.ndarray, surfels: np.ndarray,
-                                materials: torch.Tensor, gain: torch.Tensor, resolution: int = 64) -> torch.Tensor:
+                                materials: torch.Tensor, gain: torch.Tensor, resolution: int = 64,
+                                light_prior: "LightPrior | None" = None) -> torch.Tensor:
     """The materials at each surfel [N * PER_VOXEL, 6] of a lift.
 
     The base colour is the photo's colour at the surfel's centre where the photo sees the surfel face on
@@ -242,6 +266,11 @@ def surfel_materials_from_photo(photo: torch.Tensor, camera: Camera, coords: np.
     seen = face_on if bool(face_on.any()) else seen
     mirror_points, mirror_normals = front_back_mirrored(points, normals, camera)
     mirrored, mirror_seen = photo_colours(photo, mirror_points, coords, camera, resolution)
+    rest = materials[:, 3:].to(colour).repeat_interleave(PER_VOXEL, 0)
+    if light_prior is not None and bool(seen.any()):
+        colour, seen, mirrored, mirror_seen = _delit(colour, seen, points, normals, mirrored, mirror_seen,
+                                                     mirror_points, mirror_normals, rest, coords, camera, resolution,
+                                                     light_prior)
     candidates = ~seen & mirror_seen & _facing(mirror_points, mirror_normals, camera)
     from_mirror = candidates & _symmetric(mirror_points, mirror_normals, coords, normals, resolution)
     symmetric = float(from_mirror.sum()) > SYMMETRIC_SHARE * float(candidates.sum())
@@ -254,7 +283,6 @@ def surfel_materials_from_photo(photo: torch.Tensor, camera: Camera, coords: np.
                                   vertical=LEVEL_FILL if symmetric else 1.0)
     colour = torch.where(seen[:, None], colour, voxel_colour.repeat_interleave(PER_VOXEL, 0))
     base = colour * gain.median(0).values.to(colour)
-    rest = materials[:, 3:].to(colour).repeat_interleave(PER_VOXEL, 0)
     return torch.cat([base, rest], -1).clamp(0.0, 1.0)
 
 

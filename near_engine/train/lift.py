@@ -28,18 +28,20 @@ import numpy as np
 import torch
 
 from ..camera import Camera
+from ..cycles.lights import Light
 from ..checkpoints import read_model_entry, save_model
 from ..configs import ENCODER_KEYS, load_networks
 from ..errors import NearError
 from ..files import write_atomically
 from ..frame import DEFAULT_MATERIAL
-from ..lift import LIFT_SIZE
+from ..lift import LIFT_SIZE, LIGHT_PRIOR_FILE
+from ..lift.delight import LightPrior
 from ..lift.encode import encode_views
 from ..lift.image import crop_object, light_level, metered
 from ..lift.regressor import LATENT_CHANNELS, LIFT_KEYS, init_from_encoder, lift_network_args, predict_latents
 from ..lift.views import fit_crop_camera
 from ..progress import duration, progress
-from .data import UNIFORM_SOURCE, LightSource, list_objects, load_training_object
+from .data import UNIFORM_SOURCE, LightSource, light_source, list_objects, load_training_object
 from .loop import warmup_cosine
 
 __all__ = ["LiftConfig", "LiftObject", "load_lift_object", "lift_photo", "train_lift", "LIFT_SIZE"]
@@ -147,12 +149,29 @@ def lift_losses(networks, obj: LiftObject, photo: int, latent_scale: torch.Tenso
             "material": ((materials - obj.materials) ** 2).mean()}
 
 
-def export_lift(folder: Path, renderer_weights: Path, networks, encoder_args: dict, note: dict) -> None:
-    """`folder`: the renderer's weights folder with the lift networks added (their pipeline.json entries too)."""
+def training_light_prior(data: str | Path) -> LightPrior:
+    """What the training objects' lights are like (`delight.LightPrior`): every HDRI and sky they were rendered
+    under (area lights have no map)."""
+    lights = []
+    for folder in list_objects(data, "train"):
+        for record in json.loads((folder / "meta.json").read_text())["lights"]:
+            light = Light.from_json(record)
+            if light.kind in ("hdri", "sky"):
+                lights.append(light_source(light, folder).envmap)
+    return LightPrior.of(lights)
+
+
+def export_lift(folder: Path, renderer_weights: Path, networks, encoder_args: dict, note: dict,
+                light_prior: LightPrior | None = None) -> None:
+    """`folder`: the renderer's weights folder with the lift networks added (their pipeline.json entries too) and
+    the `light_prior` the lift takes a photo's light out with (`LIGHT_PRIOR_FILE`)."""
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(renderer_weights, tmp, ignore=shutil.ignore_patterns(*(f"{k}.*" for k in LIFT_KEYS + ("occupancy",))))
+    shutil.copytree(renderer_weights, tmp, ignore=shutil.ignore_patterns(
+        *(f"{k}.*" for k in LIFT_KEYS + ("occupancy",)), LIGHT_PRIOR_FILE))
+    if light_prior is not None:
+        (tmp / LIGHT_PRIOR_FILE).write_text(json.dumps(light_prior.as_dict(), indent=1))
     feature_args = read_model_entry("image_features", renderer_weights / "image_features").args
     save_model(tmp, "lift_features", networks["lift_features"], feature_args)
     save_model(tmp, "lift_encoder", networks["lift_encoder"], lift_network_args(encoder_args))
@@ -194,6 +213,7 @@ def train_lift(data: str | Path, out: str | Path, renderer_weights: str | Path, 
                 for f in progress(folders, "loading objects", log)]
 
     objects = load_new([])
+    light_prior = training_light_prior(data)
     all_latents = torch.cat([o.latent for o in objects])
     latent_scale = all_latents.var(0).clamp_min(1e-4)
     flow = config.objective == "flow"
@@ -245,7 +265,7 @@ def train_lift(data: str | Path, out: str | Path, renderer_weights: str | Path, 
             write_atomically(out / CHECKPOINT, lambda f: torch.save(state, f))
             if not flow:  # the flow is a comparison, not a product: its networks stay in the checkpoint
                 export_lift(out / "weights", Path(renderer_weights), networks, encoder_args,
-                            {**note, "objects": [o.id for o in objects], "steps": step})
+                            {**note, "objects": [o.id for o in objects], "steps": step}, light_prior)
             if step < config.steps:
                 objects += load_new(objects)
     result = {"last": last, "step": step, "seconds": time.perf_counter() - start, "objects": len(objects)}
@@ -255,7 +275,7 @@ def train_lift(data: str | Path, out: str | Path, renderer_weights: str | Path, 
         networks["occupancy"] = occupancy
         export_lift(out / "weights", Path(renderer_weights), networks, encoder_args,
                     {**note, "objects": [o.id for o in objects], "steps": step,
-                     "geometry_steps": config.geometry_steps})
+                     "geometry_steps": config.geometry_steps}, light_prior)
     return result
 
 
