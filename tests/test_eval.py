@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 
+from near_engine.camera import Camera
 from near_engine.envmap import EnvMap, diffuse_irradiance
 from near_engine.eval import metrics
 from near_engine.eval.tasks import COLUMNS, METHODS, lambertian_radiance
@@ -189,3 +190,14 @@ def test_eval_reports_every_method_and_metric_on_a_tiny_dataset(tmp_path):
         evaluate_object(model, data / "objects" / "00009", ["city"], methods=["lambertian"])
     with pytest.raises(NearError, match="must be among"):
         evaluate_object(model, data / "objects" / "00009", ["city"], methods=["nothing"])
+
+
+def test_the_lift_photo_is_the_view_nearest_a_photographers_eye():
+    """The single-image tasks photograph each object from the relit view nearest 15 degrees above it, not from
+    the data set's lowest view."""
+    from near_engine.eval.lift_tasks import photo_index
+
+    cameras = [Camera.orbit(30.0 * k, elevation, 2.0, width=8, height=8)
+               for k, elevation in enumerate((-70.0, -35.0, -12.0, 11.0, 36.0, 66.0))]
+    assert photo_index(cameras) == 3
+    assert photo_index(cameras[:3]) == 2  # none above: the highest

@@ -200,6 +200,24 @@ def _regressor_at_step0(material: tuple[float, ...], frozen: bool = False) -> tu
     return networks, encoders
 
 
+def test_lift_weights_carry_their_light_prior_and_a_broken_one_is_a_clear_error(lift_weights, tmp_path):
+    """A weights folder's light prior (`lift_light_prior.json`) is read with its lift networks; weights without one
+    lift as before; a broken one names its file. near-tiny's own says what its training lights say: the sky is
+    above."""
+    from near_engine.lift import LIGHT_PRIOR_FILE, LIGHT_PRIOR_KEY, load_lift_networks
+    from near_engine.lift.delight import UNIFORM_PRIOR
+
+    assert LIGHT_PRIOR_KEY not in load_lift_networks(lift_weights, "mesh")
+    folder = tmp_path / "weights"
+    shutil.copytree(lift_weights, folder)
+    (folder / LIGHT_PRIOR_FILE).write_text(json.dumps(UNIFORM_PRIOR.as_dict()))
+    assert torch.equal(load_lift_networks(folder, "mesh")[LIGHT_PRIOR_KEY].mean, UNIFORM_PRIOR.mean)
+    (folder / LIGHT_PRIOR_FILE).write_text('{"mean": NaN}')
+    with pytest.raises(NearError, match=LIGHT_PRIOR_FILE):
+        load_lift_networks(folder, "mesh")
+    assert float(load_lift_networks("near-tiny", "mesh")[LIGHT_PRIOR_KEY].mean[2]) > 1.0  # +Z, 1 is mean radiance
+
+
 def _ball_photo(colour: tuple[float, float, float]) -> tuple[np.ndarray, object, torch.Tensor]:
     """(a ball's surface voxels, a front camera fitted to them, its one-colour photo [64, 64, 4] premultiplied)."""
     shell = surface_of(_ball(0.3))

@@ -270,3 +270,29 @@ def test_lift_photos_are_metered_by_their_own_light(data_dir):
     for (photo, _), render, light_level in zip(lifted.photos, expected, levels):
         exposed = render * np.array([1, 1, 1, light_level], np.float32) / light_level
         np.testing.assert_allclose(photo.numpy(), crop_object(exposed, LIFT_SIZE).rgba, atol=1e-5)
+
+
+def test_the_lift_light_prior_is_what_the_training_lights_are_like(data_dir):
+    """`near train-lift`'s light prior from a data set of one object under one HDRI: that HDRI's light, its
+    spherical-harmonic terms summed here over the full-size map's texels (each texel's solid angle) and scaled to
+    mean radiance 1; every turn of it about Z, so its x and y terms average to 0."""
+    import math
+
+    from near_engine.blender_data import blender_hdri
+    from near_engine.datagen.dataset import load_object
+    from near_engine.envmap import equirect_solid_angles, uv_to_direction
+    from near_engine.lift.delight import sh_basis
+    from near_engine.train.lift import training_light_prior
+
+    (folder,) = list_objects(data_dir, "train")
+    (light,) = load_object(folder)["meta"]["lights"]
+    env = EnvMap.read(blender_hdri(light["hdri"]))
+    h, w = env.height, env.width
+    uv = np.stack(np.meshgrid((np.arange(w) + 0.5) / w, 1 - (np.arange(h) + 0.5) / h), -1).reshape(-1, 2)
+    radiance = env.pixels.reshape(-1, 3).mean(-1) * np.repeat(equirect_solid_angles(h, w), w)
+    terms = sh_basis(torch.from_numpy(uv_to_direction(uv))).numpy().T @ radiance
+    terms = terms / (terms[0] * 0.5 / math.sqrt(math.pi))
+    prior = training_light_prior(data_dir)
+    np.testing.assert_allclose(prior.mean[[0, 2, 6]].numpy(), terms[[0, 2, 6]], rtol=0.02, atol=0.02)
+    assert float(prior.mean[[1, 3, 4, 5, 7, 8]].abs().max()) == 0.0
+    np.testing.assert_allclose(prior.variance[1].numpy(), (terms[1] ** 2 + terms[3] ** 2) / 2, rtol=0.05, atol=1e-3)

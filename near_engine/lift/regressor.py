@@ -24,7 +24,6 @@ both).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
@@ -233,13 +232,16 @@ def _delit(colour: torch.Tensor, seen: torch.Tensor, points: torch.Tensor, norma
     (`delight.RELIABLE_RESPONSE`). `materials` [P, 3]: each surfel's roughness, metallic and specular level."""
     from .delight import SeenSurface, delit, estimate_light
 
-    surface = SeenSurface.of(points, normals, camera.position, coords, resolution)
-    light = estimate_light(colour[seen], SeenSurface(*(t[seen] for t in dataclasses.astuple(surface))),
-                           materials[seen], prior)
-    colour, reliable = delit(colour, light, surface, materials)
-    mirror = SeenSurface.of(mirror_points, mirror_normals, camera.position, coords, resolution)
-    mirrored, mirror_reliable = delit(mirrored, light, mirror, materials)
-    return colour, seen & reliable, mirrored, mirror_seen & mirror_reliable
+    surface = SeenSurface.of(points[seen], normals[seen], camera.position, coords, resolution)
+    light = estimate_light(colour[seen], surface, materials[seen], prior)
+    colour, mirrored, shown = colour.clone(), mirrored.clone(), seen.clone()
+    colour[seen], shown[seen] = delit(colour[seen], light, surface, materials[seen])
+    rows = mirror_seen & ~seen  # only a surfel the photo does not show may take its mirror image's colour
+    mirror_shown = rows.clone()
+    if bool(rows.any()):
+        mirror = SeenSurface.of(mirror_points[rows], mirror_normals[rows], camera.position, coords, resolution)
+        mirrored[rows], mirror_shown[rows] = delit(mirrored[rows], light, mirror, materials[rows])
+    return colour, shown, mirrored, mirror_shown
 
 
 def surfel_materials_from_photo(photo: torch.Tensor, camera: Camera, coords: np.ndarray, surfels: np.ndarray,
@@ -248,7 +250,9 @@ def surfel_materials_from_photo(photo: torch.Tensor, camera: Camera, coords: np.
     """The materials at each surfel [N * PER_VOXEL, 6] of a lift.
 
     The base colour is the photo's colour at the surfel's centre where the photo sees the surfel face on
-    (`TRUSTED_FACING`). On an object mirror symmetric front to back (`_symmetric`, `SYMMETRIC_SHARE`), the hidden
+    (`TRUSTED_FACING`), with the photo's light taken out when a `light_prior` is given (`delight`: the light
+    estimated from those colours on the known surface, its diffuse shading, self-occlusion included, divided out
+    and its specular reflection taken off; a surfel the light barely reaches counts as unseen). On an object mirror symmetric front to back (`_symmetric`, `SYMMETRIC_SHARE`), the hidden
     back takes the colour of its mirror image (`front_back_mirrored`) where the photo sees that face on. Elsewhere
     the voxel's mean of those, continued over the surface where none is known (`surface_filled`), along level rings
     on a symmetric object (`LEVEL_FILL`). Without the mirror, the fill of a vase's back averaged its bands and
