@@ -386,11 +386,12 @@ def run_eval(data: str | Path, weights: str | Path, output: str | Path, *, objec
               "table": table, "records": records}
     lift_text = ""
     if lift_records:
-        from .lift_tasks import lift_markdown, lift_table
+        from .lift_tasks import PHOTO_ELEVATION, lift_markdown, lift_table
 
         report["lift"] = {"table": lift_table(lift_records), "geometry_iou": ious, "records": lift_records}
-        lift_text = ("## Single-image lift\n\nOne photo per held-out HDRI (the first relit view), lifted with the "
-                     "mesh's geometry and relit.\n\n" + lift_markdown(report["lift"]["table"], ious) + "\n\n")
+        lift_text = ("## Single-image lift\n\nOne photo per held-out HDRI (the relit view nearest "
+                     f"{PHOTO_ELEVATION:g} degrees above the object), lifted with the mesh's geometry and relit."
+                     "\n\n" + lift_markdown(report["lift"]["table"], ious) + "\n\n")
     flip_note = "" if with_flip else " HDR-FLIP: not installed (pip install flip-evaluator to add it)."
     text = (f"# NeAR evaluation\n\nWeights `{weights}` on `{data}`: {len(folders)} object(s) "
             f"({', '.join(report['objects'])}), HDRIs {', '.join(hdris)}, {len(records)} images"

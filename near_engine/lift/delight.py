@@ -1,23 +1,25 @@
 """Take the light out of a photo's colours on known geometry: the physical half of illumination homogenization.
 
-Where a diffuse surface faces its light it is bright, where it faces away or its own shape hides the sky it is
-dark; a lift that paints the photo's colours on the surface paints that shading on, and relit under another light
-it shows both lights at once. With the surface known (its surfels, their normals, and which directions its own
-voxels block) the shading is a function of the light alone:
+Where a surface faces its light it is bright, where it faces away or its own shape hides the sky it is dark, and a
+glossy one adds the light's reflection. A lift that paints the photo's colours on the surface paints all of that
+on, and relit under another light it shows both lights at once. With the surface known (its surfels, their normals,
+which directions its own voxels block) and the light known, near-tiny's shading core (`ibl.shade` with
+`visibility.diffuse_occlusion`) says what the photo shows for any base colour; it is linear in it, so it inverts:
 
-    photo colour = albedo x S(n),  S(n) = sum_k V(w_k) max(n . w_k, 0) L(w_k) dw / (pi L_mean)
+    photo colour = base colour x gain + offset   ->   base colour = (photo colour - offset) / gain
 
-(a metered photo, `image.metered`: a white card lit by the whole scene reads 1, so S is 1 under uniform light).
+(`photo_response`, `delit`: a dielectric's gain is its diffuse response, its offset the specular reflection; a
+metal's gain is its specular response). The photo is metered (`image.metered`: a white card lit by the whole scene
+reads 1), so the light is wanted at a mean radiance of 1.
+
 The light is unknown, so it is estimated from the photo itself (`estimate_light`): order-2 spherical harmonics
-(9 coefficients per channel, Ramamoorthi and Hanrahan 2001: the cosine lobe keeps little above order 2) fitted by
-least squares to the photo's colours on the surfels it sees face on, through each surfel's visibility (precomputed
-radiance transfer, `transfer`), pulled towards a uniform light where the photo says little. One photo shows about
-half of the directions a surface can face; only the shading of the surfaces it shows is divided out
-(`relative_shading`), and a lift fills the rest from those.
-
-Albedo and the light's colour cannot be told apart from one photo: the estimate is normalized per channel to a mean
-of 1, so the light's overall colour stays in the colours (a camera's white balance keeps it too) and only its
-direction comes out.
+(Ramamoorthi and Hanrahan 2001: the cosine lobe keeps little above order 2), fitted to the photo's colours on the
+surfels it sees face on, through each surfel's visibility (precomputed radiance transfer, `transfer`). One photo
+shows at most half of the directions a surface faces, and from an eye-level view it cannot tell a dim world from a
+dark object: the fit is the most probable light under a prior over lights (`LightPrior`: the mean and variance of
+the training lights' terms, over every turn about Z, kept with the lift's weights). Albedo and the light's colour
+cannot be told apart from one photo either: the light's direction is fitted to the colours' mean over the channels
+and is the same in each, so its colour stays in the colours, as a camera's white balance keeps it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ..errors import NearError
 from ..envmap import EnvMap, equirect_solid_angles, rotation_z_matrix, uv_to_direction
 from ..ibl import IBLLight, prefilter, shade
 from ..visibility import diffuse_occlusion, point_visibility, sphere_directions
@@ -82,9 +85,9 @@ _TURNING_PAIRS = ((1, 3), (5, 7), (4, 8))
 @dataclass(frozen=True)
 class LightPrior:
     """What lights are like, from a set of them: the mean [9] and variance [9] of their coefficients (each light
-    scaled to a mean radiance of 1), over every turn about Z. A photo from below shows the surfaces that face the
-    ground; how dim those are next to the rest of the light, the photo alone cannot say, and the prior (a sky above,
-    brighter than the ground) can."""
+    scaled to a mean radiance of 1), over every turn about Z. How bright the directions are that a photo's surfaces
+    do not face, next to those they do, the photo alone cannot say; the prior (a sky above, brighter than the
+    ground) can."""
 
     mean: torch.Tensor
     variance: torch.Tensor
@@ -122,8 +125,6 @@ class LightPrior:
 
 def read_light_prior(path: str | Path) -> LightPrior:
     """A `LightPrior` from its JSON file (`LightPrior.as_dict`), with a clear error for a broken one."""
-    from ..errors import NearError
-
     try:
         if Path(path).stat().st_size > 65536:  # nine numbers twice: anything this big is not one
             raise ValueError("the file is far too big")
@@ -163,7 +164,10 @@ def fit_light(colours: torch.Tensor, transfers: torch.Tensor, prior: LightPrior 
         system = weight * transfers.T @ (transfers * robust[:, None]) + torch.diag(precision)
         x = torch.linalg.solve(system, weight * transfers.T @ (target * robust) + precision * albedo * mean)
         albedo = max(float(x[0] * Y00), 1e-6)
-    return (x / albedo).float()[:, None].expand(SH_COEFFICIENTS, 3).contiguous()
+    light = x / albedo
+    if not bool(torch.isfinite(light).all()):  # a photo with nothing to fit (black, or a single colour)
+        light = mean
+    return light.float()[:, None].expand(SH_COEFFICIENTS, 3).contiguous()
 
 
 #: Rows of the equirect map a fitted light is drawn into for the shading core (order 2 has no finer detail).
