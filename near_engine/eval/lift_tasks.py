@@ -13,7 +13,8 @@ object's mesh. Then:
 
 Rows, all rendered by the same `NearPipeline` and scored as `tasks.score` scores:
 
-* **Lift**: near-tiny's regressor (`lift.regressor`), the LH latent and the material latents from the photo;
+* **Lift**: near-tiny's regressor (`lift.regressor`), the LH latent and the material latents from the photo, the
+  surfels coloured from the photo with its light taken out (`lift.delight`, when the weights carry a light prior);
 * **Ablation: no homogenization**: the latent taken from the lit photo as it is: the mesh encoder run on the photo
   (with the same visibility), and the photo's own colours as the base colour (default roughness and metallic);
 * **Baseline: photo projected, not relit**: the photo's colours, as the camera exposed them, painted on the voxels
@@ -42,7 +43,7 @@ from ..pipeline import Scene
 __all__ = ["LIFT_METHODS", "LIFT_TASKS", "evaluate_lift_object"]
 
 LIFT_METHODS: dict[str, str] = {
-    "lift": "Lift: near-tiny regressor (LH + material latents from the photo)",
+    "lift": "Lift: near-tiny regressor (LH + material latents from the photo, its light taken out)",
     "lift_no_homogenization": "Ablation: no homogenization (latents taken from the lit photo as it is)",
     "lift_projected": "Baseline: photo projected on the geometry, not relit",
 }
