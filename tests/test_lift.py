@@ -207,10 +207,14 @@ def test_lift_weights_carry_their_light_prior_and_a_broken_one_is_a_clear_error(
     from near_engine.lift import LIGHT_PRIOR_FILE, LIGHT_PRIOR_KEY, load_lift_networks
     from near_engine.lift.delight import UNIFORM_PRIOR
 
-    assert LIGHT_PRIOR_KEY not in load_lift_networks(lift_weights, "mesh")
+    from near_engine.checkpoints import read_model_entry
+    from near_engine.train.lift import export_lift
+
+    networks = load_lift_networks(lift_weights, "mesh")
+    assert LIGHT_PRIOR_KEY not in networks
     folder = tmp_path / "weights"
-    shutil.copytree(lift_weights, folder)
-    (folder / LIGHT_PRIOR_FILE).write_text(json.dumps(UNIFORM_PRIOR.as_dict()))
+    export_lift(folder, Path(lift_weights), networks, read_model_entry("encoder", Path(lift_weights) / "encoder").args,
+                {"test": True}, UNIFORM_PRIOR)  # as `near train-lift` writes it
     assert torch.equal(load_lift_networks(folder, "mesh")[LIGHT_PRIOR_KEY].mean, UNIFORM_PRIOR.mean)
     (folder / LIGHT_PRIOR_FILE).write_text('{"mean": NaN}')
     with pytest.raises(NearError, match=LIGHT_PRIOR_FILE):

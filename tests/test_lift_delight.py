@@ -72,7 +72,8 @@ def test_a_painted_sphere_under_a_sky_gives_back_its_albedo():
     """A Lambertian sphere (specular level 0) photographed from the front under the linear sky, metered (its mean
     radiance 1): the photo is albedo x (1 + (2/3) a n_z), dark below and bright above. Plain grey, the light fitted
     from the photo alone is the sky; painted in stripes, the fit (no prior but a uniform one) still divides most of
-    the shading out: the albedo comes back at least 3 times closer than the photo's own colours (0.018 against 0.073)."""
+    the shading out: the albedo comes back at least 3 times closer than the photo's own colours (0.018 against
+    0.073)."""
     points, normals, albedo = _painted_sphere()
     shading = 1 + 2 / 3 * SKY * normals[:, 2:]
     surface = SeenSurface(normals, torch.tensor([[0.0, -1.0, 0.0]]).expand_as(normals),

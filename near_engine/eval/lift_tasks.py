@@ -2,7 +2,7 @@
 
 For every evaluation object, each held-out HDRI A in turn lights the *photo*: the relit view nearest a
 photographer's eye level (`PHOTO_ELEVATION`; the data set's views run from far below the object to far above it,
-and its first view, the photo until stop 22, looks up at the object's underside from 60-87 degrees below) under A,
+and its first view, the photo until stop 22, looks up at the object's underside from 58-87 degrees below) under A,
 exposed as a camera meters it (`lift.image.metered`) and prepared as a user's photo is (`lift.image.crop_object`),
 with its camera fitted from the voxels as for a photo
 (`lift.views.fit_crop_camera`: only the view's pose is known, as the photo convention gives it). Geometry from the

@@ -251,9 +251,10 @@ def surfel_materials_from_photo(photo: torch.Tensor, camera: Camera, coords: np.
 
     The base colour is the photo's colour at the surfel's centre where the photo sees the surfel face on
     (`TRUSTED_FACING`), with the photo's light taken out when a `light_prior` is given (`delight`: the light
-    estimated from those colours on the known surface, its diffuse shading, self-occlusion included, divided out
-    and its specular reflection taken off; a surfel the light barely reaches counts as unseen). On an object mirror symmetric front to back (`_symmetric`, `SYMMETRIC_SHARE`), the hidden
-    back takes the colour of its mirror image (`front_back_mirrored`) where the photo sees that face on. Elsewhere
+    estimated from those colours on the known surface, its diffuse shading, self-occlusion included, divided out;
+    a surfel the light barely reaches counts as unseen). On an object mirror symmetric front to back
+    (`_symmetric`, `SYMMETRIC_SHARE`), the hidden back takes the colour of its mirror image (`front_back_mirrored`)
+    where the photo sees that face on. Elsewhere
     the voxel's mean of those, continued over the surface where none is known (`surface_filled`), along level rings
     on a symmetric object (`LEVEL_FILL`). Without the mirror, the fill of a vase's back averaged its bands and
     zigzag away into a plain grey-white. The colour is multiplied by the median of the regressor's gains [N, 3]:

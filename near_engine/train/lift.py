@@ -149,16 +149,16 @@ def lift_losses(networks, obj: LiftObject, photo: int, latent_scale: torch.Tenso
             "material": ((materials - obj.materials) ** 2).mean()}
 
 
-def training_light_prior(data: str | Path) -> LightPrior:
+def training_light_prior(data: str | Path) -> LightPrior | None:
     """What the training objects' lights are like (`delight.LightPrior`): every HDRI and sky they were rendered
-    under (area lights have no map)."""
+    under (area lights have no map; None when no light has one, and the lift then keeps the photo's light)."""
     lights = []
     for folder in list_objects(data, "train"):
         for record in json.loads((folder / "meta.json").read_text())["lights"]:
             light = Light.from_json(record)
             if light.kind in ("hdri", "sky"):
                 lights.append(light_source(light, folder).envmap)
-    return LightPrior.of(lights)
+    return LightPrior.of(lights) if lights else None
 
 
 def export_lift(folder: Path, renderer_weights: Path, networks, encoder_args: dict, note: dict,
