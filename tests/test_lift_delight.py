@@ -124,12 +124,15 @@ def test_a_light_prior_averages_over_turns_and_reads_back(tmp_path):
 
 
 def test_a_black_photo_fits_the_prior_light_and_delights_to_black():
-    """Nothing to fit (a black object, or no light at all): the prior's light, finite, and a black base colour."""
+    """Nothing to fit (a black object, or surfels that see none of the sky): the prior's light, finite, and a black
+    base colour."""
     _, normals, _ = _painted_sphere(200)
     surface = SeenSurface(normals, torch.tensor([[0.0, -1.0, 0.0]]).expand_as(normals),
                           torch.ones(len(normals), 128, dtype=torch.uint8))
     black = torch.zeros(len(normals), 3)
     np.testing.assert_allclose(fit_light(black, surface.transfers())[:, 0].numpy(), UNIFORM_PRIOR.mean.numpy())
+    unlit = fit_light(torch.rand(len(normals), 3), torch.zeros(len(normals), 9))  # every surfel's sky blocked
+    np.testing.assert_allclose(unlit[:, 0].numpy(), UNIFORM_PRIOR.mean.numpy())
     materials = torch.tensor([[0.5, 0.0, 0.5]]).expand(len(normals), 3)
     out, _ = delit(black, estimate_light(black, surface, materials), surface, materials)
     assert torch.equal(out, black)

@@ -158,7 +158,7 @@ def fit_light(colours: torch.Tensor, transfers: torch.Tensor, prior: LightPrior 
         robust = 1.0 / (1.0 + (residual / (2.0 * sigma)) ** 2)
         weight = EVIDENCE / (robust.sum() * sigma ** 2)
         precision = 1.0 / (albedo ** 2 * variance)
-        precision[0] = 0.0  # the mean radiance is the albedo's: free
+        precision[0] = 1e-9  # the mean radiance is the albedo's: free (but solvable where nothing sees the light)
         system = weight * transfers.T @ (transfers * robust[:, None]) + torch.diag(precision)
         x = torch.linalg.solve(system, weight * transfers.T @ (target * robust) + precision * albedo * mean)
         albedo = max(float(x[0] * Y00), 1e-6)
