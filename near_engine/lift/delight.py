@@ -221,8 +221,10 @@ def photo_response(light: IBLLight, surface: SeenSurface, materials: torch.Tenso
     directions = torch.from_numpy(sphere_directions(surface.visibility.shape[1]))
     diffuse = dielectric.diffuse * diffuse_occlusion(surface.visibility, directions,
                                                      light.blurred_radiance(directions), surface.normals)
-    metal = shade(ones, roughness, torch.ones_like(metallic), level, surface.normals, surface.views, light).specular
     is_metal = metallic > 0.5
+    if not bool(is_metal.any()):
+        return diffuse.clamp_min(MIN_RESPONSE), dielectric.specular
+    metal = shade(ones, roughness, torch.ones_like(metallic), level, surface.normals, surface.views, light).specular
     gain = torch.where(is_metal, metal, diffuse).clamp_min(MIN_RESPONSE)
     return gain, torch.where(is_metal, torch.zeros_like(metal), dielectric.specular)
 
@@ -238,10 +240,11 @@ def estimate_light(colours: torch.Tensor, surface: SeenSurface, materials: torch
     metered photo's `colours` [P, 3] of the `surface`'s points with `materials` [P, 3] (`photo_response`)."""
     transfers = surface.transfers()
     offset = torch.zeros_like(colours)
-    for _ in range(LIGHT_PASSES):
+    for done in range(1, LIGHT_PASSES + 1):
         light = IBLLight.for_frame(prefilter(sh_environment(fit_light((colours - offset).clamp_min(0.0),
                                                                       transfers, prior))))
-        _, offset = photo_response(light, surface, materials)
+        if done < LIGHT_PASSES:
+            _, offset = photo_response(light, surface, materials)
     return light
 
 

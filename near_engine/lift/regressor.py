@@ -228,8 +228,8 @@ def _delit(colour: torch.Tensor, seen: torch.Tensor, points: torch.Tensor, norma
            resolution: int, prior: "LightPrior") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(colour, seen, mirrored, mirror_seen) with the shading of the photo's light divided out (`delight`): the
     base colours that show as the photo's colours at the surfels and at their mirror images, under the light
-    estimated from the surfels the photo sees face on (`seen`). Points the light barely reaches are no longer seen
-    (`delight.RELIABLE_RESPONSE`). `materials` [P, 3]: each surfel's roughness, metallic and specular level."""
+    estimated from the surfels the photo sees face on (`seen`); `mirror_seen`: the mirror images the photo sees face
+    on. Points the light barely reaches are no longer seen (`delight.RELIABLE_RESPONSE`). `materials` [P, 3]: each surfel's roughness, metallic and specular level."""
     from .delight import SeenSurface, delit, estimate_light
 
     surface = SeenSurface.of(points[seen], normals[seen], camera.position, coords, resolution)
@@ -271,12 +271,13 @@ def surfel_materials_from_photo(photo: torch.Tensor, camera: Camera, coords: np.
     seen = face_on if bool(face_on.any()) else seen
     mirror_points, mirror_normals = front_back_mirrored(points, normals, camera)
     mirrored, mirror_seen = photo_colours(photo, mirror_points, coords, camera, resolution)
+    mirror_seen = mirror_seen & _facing(mirror_points, mirror_normals, camera)
     rest = materials[:, 3:].to(colour).repeat_interleave(PER_VOXEL, 0)
     if light_prior is not None and bool(seen.any()):
         colour, seen, mirrored, mirror_seen = _delit(colour, seen, points, normals, mirrored, mirror_seen,
                                                      mirror_points, mirror_normals, rest, coords, camera, resolution,
                                                      light_prior)
-    candidates = ~seen & mirror_seen & _facing(mirror_points, mirror_normals, camera)
+    candidates = ~seen & mirror_seen
     from_mirror = candidates & _symmetric(mirror_points, mirror_normals, coords, normals, resolution)
     symmetric = float(from_mirror.sum()) > SYMMETRIC_SHARE * float(candidates.sum())
     if symmetric:
