@@ -97,13 +97,15 @@ class PrefilteredLight:
 
 
 def prefilter(env: EnvMap) -> PrefilteredLight:
-    """The diffuse and specular terms of `env`'s image (its rotation and strength are applied at lookup)."""
+    """The diffuse and specular terms of `env`'s image (its rotation and strength are applied at lookup). No level has
+    more rows than the map: a small map (a fitted light's, 32 rows) is not blown up to be summed over again."""
     top = max(rows[0] for rows in _LEVEL_ROWS)
     if env.height > top:  # every level is summed from at most this many rows: shrink once (area average)
         env = EnvMap.from_array(EnvMap.from_array(env.pixels, name=env.name).resized(top).pixels, name=env.name)
-    diffuse = _convolve(env, _IRRADIANCE_ROWS, lambda c: np.clip(c, 0.0, None))
+    at_most = lambda rows: tuple(min(r, env.height) for r in rows)  # noqa: E731 (a small map has no finer detail)
+    diffuse = _convolve(env, at_most(_IRRADIANCE_ROWS), lambda c: np.clip(c, 0.0, None))
     levels = []
-    for roughness, rows in zip(ROUGHNESS_LEVELS, _LEVEL_ROWS):
+    for roughness, rows in zip(ROUGHNESS_LEVELS, map(at_most, _LEVEL_ROWS)):
         if roughness == 0.0:
             levels.append(EnvMap.from_array(env.pixels, name=env.name).resized(rows[0]).pixels.copy())
             continue
