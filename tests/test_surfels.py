@@ -28,6 +28,7 @@ from near_engine.surfels import (
     SURFEL_CHANNELS,
     asset_surfels,
     mesh_surfels,
+    nearest_points,
     surfel_centres,
     surfel_tensors,
     voxel_surfels,
@@ -116,6 +117,23 @@ def test_mesh_surfels_of_a_plane_sit_at_its_height_and_tile_each_voxel() -> None
     assert balance.mean() < 0.05 and balance.max() < 0.2
     distance = np.linalg.norm(offsets, axis=-1)  # ...each a quarter voxel or so away (the split's angle is free)
     assert distance.min() > 0.15 and distance.max() < 0.5 and abs(distance.mean() - 0.33) < 0.05
+
+
+def test_nearest_points_equal_brute_force_near_and_far_from_the_points() -> None:
+    """Against `torch.cdist`'s argmin: a surface's samples (a sphere's, grouped in voxels) with queries on it, inside
+    it and far outside (up to a third of the cube away), points outside the cube, and no queries at all."""
+    rng = np.random.default_rng(3)
+    on_sphere = rng.normal(size=(20000, 3))
+    points = 0.3 * on_sphere / np.linalg.norm(on_sphere, axis=1, keepdims=True)
+    points = np.concatenate([points, rng.uniform(-0.7, 0.7, (50, 3))])  # a few beyond the cube's faces
+    queries = rng.uniform(-0.5, 0.5, (700, 3))
+    for resolution in (64, 8):
+        for chunk in (1 << 22, 1000):  # one block of queries, and many
+            found = nearest_points(queries, points, resolution, chunk=chunk)
+            truth = torch.cdist(torch.from_numpy(queries), torch.from_numpy(points)).argmin(1).numpy()
+            distance = lambda idx: ((points[idx] - queries) ** 2).sum(-1)  # noqa: E731 (ties may differ)
+            np.testing.assert_allclose(distance(found), distance(truth), rtol=0, atol=1e-15)
+    assert nearest_points(np.zeros((0, 3)), points, 64).shape == (0,)
 
 
 def test_zero_heads_put_the_gaussians_exactly_at_the_surfels() -> None:
