@@ -416,6 +416,36 @@ def test_a_lift_colours_its_surfels_from_the_photo_face_on_and_continues_them_ro
     np.testing.assert_allclose(out[:, 3:], np.broadcast_to(DEFAULT_MATERIAL[3:], (len(out), 3)), atol=1e-6)
 
 
+def test_the_hidden_side_of_a_shape_that_is_not_symmetric_takes_the_mean_of_what_the_photo_shows():
+    """A teardrop pointing at the camera (not mirror symmetric front to back), photographed red on its left half and
+    blue on its right. Its hidden back is neither: it takes the mean of the colours the photo shows, a purple, even
+    next to either rim (continuing the rims drew it red on one side and blue on the other)."""
+    from near_engine.lift.regressor import _facing, photo_colours, surfel_materials_from_photo
+    from near_engine.surfels import mesh_surfels, surfel_centres, surfel_normals
+    from near_engine.voxelize import voxelize_mesh
+    from test_surfels import _sphere
+
+    vertices, faces = _sphere(0.4)
+    vertices = vertices * np.where(np.arange(3) == 1, 1.0, 1 - 0.9 * (0.4 - vertices[:, 1:2]) / 0.8)
+    coords = voxelize_mesh(vertices, faces, R)
+    surfels = mesh_surfels(vertices, faces, coords, R)
+    camera = fit_crop_camera(front_camera(0.0, 256), coords, R, 256)  # at -Y, the teardrop's tip towards it
+    inside = voxel_depth(coords, R, camera) < 1e9
+    left = (np.arange(256) < camera.cx)[None, :].repeat(256, 0)
+    rgb = np.where(left[..., None], [0.8, 0.1, 0.1], [0.1, 0.1, 0.8]) * inside[..., None]
+    photo = torch.from_numpy(np.concatenate([rgb, inside[..., None]], -1).astype(np.float32))
+    materials = torch.tensor([DEFAULT_MATERIAL]).expand(len(coords), 6)
+    out = surfel_materials_from_photo(photo, camera, coords, surfels, materials, torch.ones(len(coords), 3), R)
+    points = torch.from_numpy(surfel_centres(coords, surfels, R))
+    colours, seen = photo_colours(photo, points, coords, camera, R)
+    seen = seen & _facing(points, surfel_normals(surfels), camera)
+    back = points[:, 1] > 0.15  # far behind the part the photo sees face on
+    assert bool(back.any()) and not bool((seen & back).any())
+    mean = colours[seen].mean(0)
+    assert 0.3 < float(mean[0]) < 0.6 and 0.3 < float(mean[2]) < 0.6  # both halves seen
+    assert float((out[back, :3] - mean).abs().max()) < 0.1
+
+
 def test_a_lift_with_a_light_prior_takes_the_photos_shading_out():
     """The striped sphere photographed under a sky of radiance 1 + 0.8 w_z (metered: mean 1), Lambertian (specular
     level 0): each point shows its paint times 1 + (2/3) 0.8 n_z, half as bright below as above. Lifted with a light
