@@ -25,7 +25,7 @@ from .gaussians import quat_to_rotmat, rotmat_to_quat
 from .voxelize import voxel_normals
 
 __all__ = ["PER_VOXEL", "SURFEL_CHANNELS", "EXTRA_NAME", "mesh_surfels", "voxel_surfels", "asset_surfels",
-           "surfel_centres", "surfel_normals", "surfel_tensors", "voxel_lookup"]
+           "surfel_centres", "surfel_normals", "surfel_tensors", "voxel_lookup", "nearest_points"]
 
 #: Surfels per voxel: near-tiny's Gaussians per voxel.
 PER_VOXEL = 4
