@@ -204,9 +204,9 @@ def nearest_points(queries: np.ndarray, points: np.ndarray, resolution: int, chu
         return nearest
     cell = np.clip(np.floor((points + 0.5) * resolution).astype(np.int64), 0, resolution - 1)
     group_of = np.unique((cell[:, 0] * resolution + cell[:, 1]) * resolution + cell[:, 2], return_inverse=True)[1]
-    order = np.argsort(group_of, kind="stable")
-    starts = np.searchsorted(group_of[order], np.arange(group_of.max() + 2))
-    count = np.diff(starts)
+    order = np.argsort(group_of, kind="stable")  # the points group by group, from `starts[g]` on
+    count = np.bincount(group_of)
+    starts = np.concatenate([[0], np.cumsum(count)])
     centroid = np.stack([np.bincount(group_of, points[:, k]) for k in range(3)], -1) / count[:, None]
     radius = np.zeros(len(count))
     np.maximum.at(radius, group_of, np.sqrt(((points - centroid[group_of]) ** 2).sum(-1)))
@@ -220,6 +220,7 @@ def nearest_points(queries: np.ndarray, points: np.ndarray, resolution: int, chu
         owner, group = owner.numpy(), group.numpy()
         sizes = count[group]
         owner = np.repeat(owner, sizes)
+        # every point of every selected group: each group's run in `order`, laid end to end
         candidate = order[np.repeat(starts[group] - np.cumsum(sizes) + sizes, sizes) + np.arange(sizes.sum())]
         squared = ((points[candidate] - block[owner]) ** 2).sum(-1)
         best = np.full(len(block), np.inf)
