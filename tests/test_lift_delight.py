@@ -1,6 +1,7 @@
 """Taking a photo's light out on known geometry (`near_engine.lift.delight`), against closed forms: the spherical
 harmonics' orthonormality, the irradiance of a linear sky (1 + (2/3) a n_z for radiance 1 + a w_z), a white furnace,
-and a painted sphere photographed under a sky whose albedo comes back."""
+and a painted sphere photographed under a sky whose albedo comes back; and a metal's base colour from its reflection
+(against the shading core's own forward model)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import torch
 
 from near_engine.envmap import EnvMap
 from near_engine.errors import NearError
+from near_engine.ibl import IBLLight, prefilter, shade
 from near_engine.lift.delight import (UNIFORM_PRIOR, Y00, LightPrior, SeenSurface, delit, estimate_light, fit_light,
-                                      project_envmap, read_light_prior, sh_basis, transfer)
+                                      photo_response, project_envmap, read_light_prior, sh_basis, transfer)
 from near_engine.visibility import sphere_directions
 from near_engine.voxelize import voxelize_mesh
 from test_surfels import _sphere
@@ -136,3 +138,29 @@ def test_a_black_photo_fits_the_prior_light_and_delights_to_black():
     materials = torch.tensor([[0.5, 0.0, 0.5]]).expand(len(normals), 3)
     out, _ = delit(black, estimate_light(black, surface, materials), surface, materials)
     assert torch.equal(out, black)
+
+
+def _seen_from_the_front(count: int = 2000) -> SeenSurface:
+    """The front of a sphere seen from -Y (orthographic), its sky unblocked."""
+    _, normals, _ = _painted_sphere(count)
+    return SeenSurface(normals, torch.tensor([[0.0, -1.0, 0.0]]).expand_as(normals),
+                       torch.ones(len(normals), 128, dtype=torch.uint8))
+
+
+def test_a_metals_base_colour_comes_back_from_its_reflection():
+    """A rough gold-coloured metal under the sky: the shading core's own reflection of base colour (0.9, 0.6, 0.3)
+    gives that colour back (to 0.005). Divided by a white metal's reflection instead, the white share of a rough
+    metal's reflection (its grazing and multiply scattered light) made it darker and more saturated."""
+    surface = _seen_from_the_front()
+    light = IBLLight.for_frame(prefilter(_sky_map()))
+    base = torch.tensor([[0.9, 0.6, 0.3]]).expand(len(surface.normals), 3)
+    materials = torch.tensor([[0.9, 1.0, 0.5]]).expand(len(surface.normals), 3)
+    photo = shade(base, materials[:, :1], materials[:, 1:2], materials[:, 2:], surface.normals, surface.views,
+                  light).radiance
+    out, reliable = delit(photo, light, surface, materials)
+    assert bool(reliable.all())
+    assert float((out - base).abs().max()) < 0.005
+    gain, _ = photo_response(light, surface, materials)
+    divided = photo / gain
+    assert float((divided[:, 2] - 0.3).mean()) < -0.02  # what `delit` did before: the blue much too dark
+

@@ -133,7 +133,7 @@ def sample_latent(networks: dict, coords: np.ndarray, photo: np.ndarray, camera:
     """Stage 3: (LH latent [N, 8], material extras) of the prepared photo [S, S, 4] seen by `camera`, with
     near-tiny's regressor. With the `surfels`, the extras hold the materials at them as well
     (`regressor.surfel_materials_from_photo`), read from `detail`, the same crop prepared sharper (default: the
-    photo), and the voxels' base colour is their surfels' mean."""
+    photo), and the voxels' materials are their surfels' mean."""
     from ..frame import SURFEL_MATERIALS
     from ..surfels import PER_VOXEL
     from .regressor import predict_latents, surfel_materials_from_photo
@@ -147,8 +147,7 @@ def sample_latent(networks: dict, coords: np.ndarray, photo: np.ndarray, camera:
             per_surfel = surfel_materials_from_photo(torch.from_numpy(sharp), camera.scaled(
                 sharp.shape[0] / photo.shape[0]), coords, surfels, materials, gain, resolution,
                 networks.get(LIGHT_PRIOR_KEY))
-            materials = torch.cat([per_surfel.reshape(len(coords), PER_VOXEL, -1).mean(1)[:, :3], materials[:, 3:]],
-                                  -1)
+            materials = per_surfel.reshape(len(coords), PER_VOXEL, -1).mean(1)
             extras[SURFEL_MATERIALS] = per_surfel.reshape(len(coords), -1).numpy().astype(np.float32)
     materials = materials.numpy().astype(np.float32)
     return latent.numpy().astype(np.float32), {"base_color": materials[:, :3], "material": materials[:, 3:],
