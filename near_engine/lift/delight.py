@@ -6,9 +6,10 @@ on, and relit under another light it shows both lights at once. With the surface
 which directions its own voxels block) and the light known, near-tiny's shading core (`ibl.shade` with
 `visibility.diffuse_occlusion`) says what the photo shows for any base colour, ``base colour x gain + offset``
 (`photo_response`: a dielectric's gain is its diffuse response, its offset the light's specular reflection; a
-metal's gain is its specular response), and the base colour is the photo's colour divided by the gain (`delit`;
-the offset is taken out of the light's fit, not off the colours). The photo is metered (`image.metered`: a white
-card lit by the whole scene reads 1), so the light is wanted at a mean radiance of 1.
+metal's gain is its specular response), and a dielectric's base colour is the photo's colour divided by the gain
+(`delit`; the offset is taken out of the light's fit, not off the colours); a metal's is found by inverting its
+reflection (`metal_base_colour`), which is not proportional to its base colour. The photo is metered
+(`image.metered`: a white card lit by the whole scene reads 1), so the light is wanted at a mean radiance of 1.
 
 The light is unknown, so it is estimated from the photo itself (`estimate_light`): order-2 spherical harmonics
 (Ramamoorthi and Hanrahan 2001: the cosine lobe keeps little above order 2), fitted to the photo's colours on the
@@ -201,6 +202,7 @@ class SeenSurface:
         return SeenSurface(facing, views, torch.from_numpy(visible))
 
     def subset(self, rows: torch.Tensor) -> "SeenSurface":
+        """The points at `rows` (a bool mask or indices)."""
         return SeenSurface(self.normals[rows], self.views[rows], self.visibility[rows])
 
     def transfers(self) -> torch.Tensor:
