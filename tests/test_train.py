@@ -92,9 +92,12 @@ def test_resume_repeats_an_uninterrupted_run_exactly(obj, tmp_path):
     assert resumed.step == 2 and resumed.scheduler.last_epoch == 2
     assert resumed.train_step()["loss"] == expected[2]
     a, b = _params(whole), _params(resumed)
-    # the loss above repeats exactly; the parameters after the resumed update agree to float32 rounding (run alone
-    # they are bit-equal, inside the whole suite a reduction's thread order can differ)
-    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    # the loss above repeats exactly; the parameters after the resumed update agree to float32 rounding, as Adam
+    # scales it: a reduction's thread order can differ between runs, and a gradient that is zero in exact arithmetic
+    # (an attention key's bias: softmax ignores it) is then rounding noise that Adam normalizes into a step of a few
+    # 1e-6 (measured: 2.4e-6, 1 run in 3). A resume that lost the optimizer's or the scheduler's state moves every
+    # parameter by about the learning rate (3e-3).
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=2e-5) for k in a)
     assert any(not torch.equal(a[k], _params(Trainer(CONFIG, [obj]))[k]) for k in a)  # training moved them
 
 
