@@ -163,4 +163,3 @@ def test_a_metals_base_colour_comes_back_from_its_reflection():
     gain, _ = photo_response(light, surface, materials)
     divided = photo / gain
     assert float((divided[:, 2] - 0.3).mean()) < -0.02  # what `delit` did before: the blue much too dark
-

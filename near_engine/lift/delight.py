@@ -298,4 +298,3 @@ def delit(colours: torch.Tensor, light: IBLLight, surface: SeenSurface, material
     if bool(metal.any()):
         base[metal] = metal_base_colour(colours[metal], light, surface.subset(metal), materials[metal])
     return base.clamp(0.0, 1.0), gain.mean(-1) >= RELIABLE_RESPONSE
-
