@@ -101,24 +101,31 @@ class Model:
 
     def latent(self, coords: np.ndarray, rgba: np.ndarray, cameras: Sequence[Camera], depth: np.ndarray,
                gbuffers: Mapping[str, np.ndarray] | None = None, alpha: np.ndarray | None = None,
-               surfels: np.ndarray | None = None) -> Asset:
+               surfels: np.ndarray | None = None, fit_views: Sequence[int] | None = None) -> Asset:
         """The asset encoded from premultiplied views `rgba` [V, H, W, 4] with their cameras and depth [V, H, W];
         with `gbuffers` (name -> [V, H, W(, k)] of views with `alpha` [V, H, W, 1]) also its material latents, with
-        `surfels` (`Model.voxels`) the mesh's surfels."""
+        `surfels` (`Model.voxels`) the mesh's surfels, their materials fitted to the G-buffers of the views
+        `fit_views` (default: all; `lift.encode.fit_asset_materials`)."""
         from ..surfels import EXTRA_NAME
-        from ..lift.encode import encode_views, material_extras
+        from ..lift.encode import encode_views, fit_asset_materials, material_extras
 
         with torch.no_grad():
             feats = encode_views(self.encoders, coords, torch.from_numpy(np.ascontiguousarray(rgba)), list(cameras),
                                  depth=torch.from_numpy(np.ascontiguousarray(depth)), resolution=self.resolution)
         extras = {}
         if gbuffers is not None:
-            extras = material_extras({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in gbuffers.items()},
-                                     torch.from_numpy(np.ascontiguousarray(alpha)), list(cameras),
-                                     torch.from_numpy(np.ascontiguousarray(depth)), coords, surfels, self.resolution)
+            gbuffers = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in gbuffers.items()}
+            alpha = torch.from_numpy(np.ascontiguousarray(alpha))
+            extras = material_extras(gbuffers, alpha, list(cameras), torch.from_numpy(np.ascontiguousarray(depth)),
+                                     coords, surfels, self.resolution)
         if surfels is not None:
             extras[EXTRA_NAME] = surfels
-        return Asset(coords, feats.detach().cpu().numpy(), resolution=self.resolution, latent="eval", extras=extras)
+        asset = Asset(coords, feats.detach().cpu().numpy(), resolution=self.resolution, latent="eval", extras=extras)
+        if gbuffers is None:
+            return asset
+        views = range(len(cameras)) if fit_views is None else [int(v) for v in fit_views]
+        return fit_asset_materials(self.pipeline, asset, {k: g[list(views)] for k, g in gbuffers.items()},
+                                   alpha[list(views)], [cameras[v] for v in views])
 
 
 def lambertian_radiance(envmap: EnvMap, base_color: np.ndarray, normals: np.ndarray,
@@ -248,12 +255,15 @@ def evaluate_object(model: Model, folder: Path, hdris: Sequence[str], size: int 
     gbuffers = {name: data[name] for name in ("base_color", "roughness", "metallic", "specular")}
     alpha = data["rgba"][..., 3:]
     few_gbuffers = {name: g[views] for name, g in gbuffers.items()}
+    # The surfels' materials are fitted to the G-buffers of the views that are not scored (all the ablations' views
+    # are scored: theirs are sampled only), so no row is scored on a view its materials were fitted to.
+    unscored = [v for v in range(len(cameras)) if v not in set(int(v) for v in views)]
     encodings = {"near_lh": lambda: model.latent(coords, data["rgba"], cameras, data["depth"], gbuffers, alpha,
-                                                 surfels),
+                                                 surfels, unscored),
                  "ablation_lh_relit_views": lambda: model.latent(coords, data["rgba"][views], few, data["depth"][views],
-                                                                 few_gbuffers, alpha[views], surfels),
+                                                                 few_gbuffers, alpha[views], surfels, ()),
                  "ablation_shaded": lambda: model.latent(coords, data["lit_rgba"][shading], few,
-                                                         data["depth"][views], few_gbuffers, alpha[views], surfels)}
+                                                         data["depth"][views], few_gbuffers, alpha[views], surfels, ())}
     assets = {method: encode() for method, encode in encodings.items() if method in methods}
     recipe = meta.get("recipe", {}).get("material")
     kind = material_class(recipe["roughness"], recipe["metallic"]) if recipe else "real mesh"
