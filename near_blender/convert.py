@@ -40,8 +40,9 @@ write_asset(job["output"], asset)
 """
 STAGE_MARK = "NEAR_STAGE "
 #: What the user reads, by how many stage lines the encoder has printed so far: none, "started", the voxel count,
-#: "encoding the latent" (encode_mesh's log messages; its warnings are not stages).
-STAGES = ("starting Blender", "voxelizing the mesh", "rendering {views} views with Cycles", "encoding the views")
+#: "encoding the latent", "fitting the materials" (encode_mesh's log messages; its warnings are not stages).
+STAGES = ("starting Blender", "voxelizing the mesh", "rendering {views} views with Cycles", "encoding the views",
+          "fitting the materials to the views")
 
 
 class ConvertJob:

@@ -50,7 +50,8 @@ def encode_mesh(mesh: str | Path, weights: str | Path, *, views: int = DEFAULT_V
     from ..cycles.settings import RenderSettings
     from ..cycles.views import view_cameras
     from ..exr_layers import read_channels, stack_channels
-    from .encode import encode_views, material_extras
+    from ..pipeline import NearPipeline
+    from .encode import encode_views, fit_asset_materials, material_extras
     from ..surfels import EXTRA_NAME as SURFELS, mesh_surfels
     from ..voxelize import voxelize_mesh
 
@@ -87,9 +88,12 @@ def encode_mesh(mesh: str | Path, weights: str | Path, *, views: int = DEFAULT_V
     extras = material_extras({k: torch.from_numpy(v) for k, v in gbuffers.items()}, torch.from_numpy(alpha),
                              cameras, depth, coords, surfels, resolution)
     digest = hashlib.sha256(mesh.read_bytes()).hexdigest()[:16]
-    return Asset(coords, latent.cpu().numpy(), resolution=resolution, extras={**extras, SURFELS: surfels},
-                 latent="lh-slat" if shaded is None else f"shaded-slat:{shaded.hdri}",
-                 model=Path(weights).name, source=f"mesh:{mesh.name}:sha256:{digest}")
+    asset = Asset(coords, latent.cpu().numpy(), resolution=resolution, extras={**extras, SURFELS: surfels},
+                  latent="lh-slat" if shaded is None else f"shaded-slat:{shaded.hdri}",
+                  model=Path(weights).name, source=f"mesh:{mesh.name}:sha256:{digest}")
+    log(f"{mesh.name}: fitting the materials to the views")
+    return fit_asset_materials(NearPipeline.from_pretrained(weights, device), asset,
+                               {k: torch.from_numpy(v) for k, v in gbuffers.items()}, torch.from_numpy(alpha), cameras)
 
 
 #: Voxels that spread less than this across their second-widest direction form a line, not a shape.

@@ -59,7 +59,7 @@ def test_the_polled_job_puts_the_near_object_in_place_and_hides_the_mesh(cube_sc
         assert time.monotonic() < deadline
         time.sleep(0.2)
     assert stages and max(stages) >= 1  # the status moved on from "starting Blender"...
-    assert job.stage_index() == 3 and "encoding the views" in job.status()  # ...through every stage, Cycles between
+    assert job.stage_index() == 4 and "fitting the materials" in job.status()  # ...through every stage, Cycles between
     obj, message = job.finish(bpy.context)
     assert obj.near.is_near and bpy.context.active_object is obj and _user_data()["objects"] == before["objects"] + 1
     assert cube.hide_get() and cube.hide_render and "'Cube' is hidden" in message
