@@ -35,9 +35,10 @@ def _gbuffers(camera: Camera, supersample: int = 8) -> tuple[np.ndarray, np.ndar
     """(base colour [H, W, 3] premultiplied, alpha [H, W, 1]): each pixel the exact average over its area (a box
     filter, `supersample`^2 rays) of the striped plane z = 0 over [-0.4, 0.4]^2."""
     offsets = (np.arange(supersample) + 0.5) / supersample
-    ys, xs = np.meshgrid(np.arange(SIZE), np.arange(SIZE), indexing="ij")
-    u = (xs[..., None, None] + offsets[None, None, None, :] + 0 * offsets[:, None]).reshape(SIZE, SIZE, -1)
-    v = (ys[..., None, None] + offsets[:, None] + 0 * offsets[None, None, None, :]).reshape(SIZE, SIZE, -1)
+    h, w = camera.height, camera.width
+    ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    u = (xs[..., None, None] + offsets[None, None, None, :] + 0 * offsets[:, None]).reshape(h, w, -1)
+    v = (ys[..., None, None] + offsets[:, None] + 0 * offsets[None, None, None, :]).reshape(h, w, -1)
     rays = np.stack([(u - camera.cx) / camera.fx, (v - camera.cy) / camera.fy, np.ones_like(u)], -1)
     directions = rays @ camera.camera_to_world[:3, :3].T
     t = -camera.position[2] / directions[..., 2]
@@ -170,3 +171,19 @@ def test_a_mismatched_fit_is_refused():
         fit_surfel_materials(sampled[:-1], gaussians, gbuffers, alpha, [_camera(0, 90)])
     with pytest.raises(ValueError, match="G-buffer views"):
         fit_surfel_materials(sampled, gaussians, gbuffers, alpha, [_camera(0, 90)] * 2)
+
+
+def test_views_larger_than_the_fit_size_are_fitted_box_filtered_down(monkeypatch):
+    """At twice the size, box-filtered down to the fit size, the views fit as the fit-size views themselves do."""
+    import near_engine.lift.encode as encode
+
+    gaussians, sampled = _plane()
+    camera = _camera(0, 90)
+    gbuffers, alpha = _inputs([camera])
+    small = fit_surfel_materials(sampled, gaussians, gbuffers, alpha, [camera])
+    monkeypatch.setattr(encode, "FIT_SIZE", SIZE)
+    large_camera = camera.scaled(2.0)
+    gbuffers, alpha = _inputs([large_camera])
+    assert alpha.shape[1] == 2 * camera.height
+    large = fit_surfel_materials(sampled, gaussians, gbuffers, alpha, [large_camera])
+    assert np.abs(large - small).mean() < 0.01 and np.abs(large - sampled).mean() > 0.03

@@ -97,6 +97,9 @@ FIT_ANCHOR = 0.05
 #: Only pixels that both the view and the surfels cover this fully constrain the fit: an outline pixel mixes the
 #: surface with the background in proportions the two disagree on.
 SOLID = 0.99
+#: Views larger than this (pixels, the longer side) are fitted box-filtered down to it: four surfels a voxel of the
+#: 64^3 grid resolve no finer, and the fit's cost grows with the pixels.
+FIT_SIZE = 256
 
 
 def fit_surfel_materials(sampled: np.ndarray, gaussians: "Gaussians", gbuffers: Mapping[str, torch.Tensor],
@@ -111,18 +114,27 @@ def fit_surfel_materials(sampled: np.ndarray, gaussians: "Gaussians", gbuffers: 
     lost most of their contrast. The views are linear in the surfels' materials (each pixel a fixed blend of the
     Gaussians over it), so the materials that reproduce them are a least-squares problem, solved here by Jacobi
     sweeps (each surfel's step is its residual's back-projection over the pixel weight it gathers), with the
-    rasterizer's own backward pass as the transpose. Only solid pixels count (`SOLID`)."""
+    rasterizer's own backward pass as the transpose. Only solid pixels count (`SOLID`), and views larger than
+    `FIT_SIZE` count box-filtered down to it. All views share one size."""
     from ..raster import rasterize
+
+    from torch.nn import functional as F
 
     means, quats, scales, opacities = (t.detach().float().cpu() for t in (gaussians.means, gaussians.quats,
                                                                            gaussians.scales, gaussians.opacities))
     shape = np.shape(sampled)
     start = torch.from_numpy(np.array(sampled, np.float32).reshape(-1, MATERIAL_CHANNELS))
     targets = torch.cat([gbuffers[name].float() if gbuffers[name].ndim == 4 else gbuffers[name][..., None].float()
-                         for name in MATERIAL_GBUFFERS], -1)
+                         for name in MATERIAL_GBUFFERS] + [alpha.float()], -1)
     if len(start) != len(means) or targets.shape[0] != len(cameras):
         raise ValueError(f"{len(start)} sampled materials for {len(means)} surfels, {targets.shape[0]} G-buffer views "
                          f"for {len(cameras)} cameras")
+    side = max(targets.shape[1:3])
+    if side > FIT_SIZE:
+        cameras = [camera.scaled(FIT_SIZE / side) for camera in cameras]
+        size = (cameras[0].height, cameras[0].width)
+        targets = F.interpolate(targets.permute(0, 3, 1, 2), size=size, mode="area").permute(0, 2, 3, 1)
+    targets, alpha = targets[..., :-1], targets[..., -1:]
 
     def draw(values: torch.Tensor, view: int):
         return rasterize(means, quats, scales, opacities, values, cameras[view], backend="cpu")
@@ -132,7 +144,7 @@ def fit_surfel_materials(sampled: np.ndarray, gaussians: "Gaussians", gbuffers: 
         for view in range(len(cameras)):  # the pixel weight each surfel gathers: A^T (m A 1)
             ones = torch.ones(len(start), 1, requires_grad=True)
             out = draw(ones, view)
-            mask = ((out.alpha > SOLID) & (alpha[view].float() > SOLID)).float()
+            mask = ((out.alpha > SOLID) & (alpha[view] > SOLID)).float()
             masks.append(mask)
             gathered += torch.autograd.grad((out.channels * mask * out.channels.detach()).sum(), ones)[0]
         anchor = FIT_ANCHOR * gathered[gathered > 0].mean() if bool((gathered > 0).any()) else torch.tensor(1.0)
