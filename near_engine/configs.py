@@ -162,7 +162,7 @@ def official_config(*, lad_blocks: int = 12, latent_channels: int = 8, cnn_out_c
     }
 
 
-def tiny_representation(num_gaussians: int = 4) -> dict[str, Any]:
+def _tiny_rep(num_gaussians: int) -> dict[str, Any]:
     """near-tiny's Gaussians: 4 per voxel instead of the official 32, each starting as one of its voxel's surfels
     (`surfels`: flat, on the surface, as wide as its quarter of the voxel's piece of surface), so the opacity starts
     at 0.99 (a single layer of surfels is a surface: at 0.9 a face-on plane let 7 % of the background through) and
@@ -203,7 +203,7 @@ def tiny_config(*, width: int = 64, heads: int = 2, iad_blocks: int = 2, lad_blo
         "renderer": {"name": "LightingAwareDecoder", "args": {
             "resolution": 64, "model_channels": width, "latent_channels": width, "cond_channels": width,
             "num_blocks": lad_blocks, "num_heads": heads, "mlp_ratio": 4, "pe_mode": "null",
-            "qk_rms_norm_cross": False, "representation_config": tiny_representation(num_gaussians),
+            "qk_rms_norm_cross": False, "representation_config": _tiny_rep(num_gaussians),
             "zero_init_heads": True, "normal_head": True}},
         "neural_basis": {"name": "ShadingMLP", "args": {
             "input_dim": 32, "output_dim": 5, "hidden_dim": 32, "num_layers": 3, "activation": "silu", "w0": 30.0,

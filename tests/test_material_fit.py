@@ -187,3 +187,17 @@ def test_views_larger_than_the_fit_size_are_fitted_box_filtered_down(monkeypatch
     assert alpha.shape[1] == 2 * camera.height
     large = fit_surfel_materials(sampled, gaussians, gbuffers, alpha, [large_camera])
     assert np.abs(large - small).mean() < 0.01 and np.abs(large - sampled).mean() > 0.03
+
+
+def test_broken_gbuffer_pixels_constrain_nothing():
+    gaussians, sampled = _plane()
+    cameras = [_camera(0, 90)]
+    gbuffers, alpha = _inputs(cameras)
+    clean = fit_surfel_materials(sampled, gaussians, gbuffers, alpha, cameras)
+    gbuffers["base_color"][:, :, SIZE // 2:] = float("nan")  # NaN pixels count as not there, like empty ones
+    broken = fit_surfel_materials(sampled, gaussians, gbuffers, alpha, cameras)
+    alpha[:, :, SIZE // 2:] = 0.0
+    empty = fit_surfel_materials(sampled, gaussians, gbuffers, alpha, cameras)
+    assert np.isfinite(broken).all()
+    np.testing.assert_allclose(broken, empty, atol=1e-6)
+    assert np.abs(broken - clean).max() > 0.05

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..camera import Camera
 from ..models.encoder import lift_features
@@ -89,7 +90,8 @@ def lift_surfel_materials(gbuffers: Mapping[str, torch.Tensor], alpha: torch.Ten
     return torch.where(seen, values, fallback).reshape(len(coords), -1).numpy().astype(np.float32)
 
 
-#: Sweeps of `fit_surfel_materials` over all views (its residual is down to a few percent of its start by then).
+#: Sweeps of `fit_surfel_materials` over all views (on a one-view closed form, `tests/test_material_fit.py`, 20 sweeps
+#: come within 2 % of the error that 100 reach).
 FIT_SWEEPS = 20
 #: How strongly a surfel's fitted material is held to the one sampled at its centre, as a share of the pixel weight
 #: an average surfel gathers: it decides surfels that few solid pixels see, and damps the fit's ringing.
@@ -114,11 +116,9 @@ def fit_surfel_materials(sampled: np.ndarray, gaussians: "Gaussians", gbuffers: 
     lost most of their contrast. The views are linear in the surfels' materials (each pixel a fixed blend of the
     Gaussians over it), so the materials that reproduce them are a least-squares problem, solved here by Jacobi
     sweeps (each surfel's step is its residual's back-projection over the pixel weight it gathers), with the
-    rasterizer's own backward pass as the transpose. Only solid pixels count (`SOLID`), and views larger than
-    `FIT_SIZE` count box-filtered down to it. All views share one size."""
+    rasterizer's own backward pass as the transpose. Only solid, finite pixels count (`SOLID`), and views larger
+    than `FIT_SIZE` count box-filtered down to it. All views share one size."""
     from ..raster import rasterize
-
-    from torch.nn import functional as F
 
     means, quats, scales, opacities = (t.detach().float().cpu() for t in (gaussians.means, gaussians.quats,
                                                                            gaussians.scales, gaussians.opacities))
@@ -135,6 +135,8 @@ def fit_surfel_materials(sampled: np.ndarray, gaussians: "Gaussians", gbuffers: 
         size = (cameras[0].height, cameras[0].width)
         targets = F.interpolate(targets.permute(0, 3, 1, 2), size=size, mode="area").permute(0, 2, 3, 1)
     targets, alpha = targets[..., :-1], targets[..., -1:]
+    finite = torch.isfinite(targets).all(-1, keepdim=True) & torch.isfinite(alpha)  # a broken pixel constrains nothing
+    targets, alpha = torch.nan_to_num(targets), torch.where(finite, alpha, torch.zeros_like(alpha))
 
     def draw(values: torch.Tensor, view: int):
         return rasterize(means, quats, scales, opacities, values, cameras[view], backend="cpu")
