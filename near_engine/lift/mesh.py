@@ -51,7 +51,7 @@ def encode_mesh(mesh: str | Path, weights: str | Path, *, views: int = DEFAULT_V
     from ..cycles.views import view_cameras
     from ..exr_layers import read_channels, stack_channels
     from ..pipeline import NearPipeline
-    from .encode import encode_views, fit_asset_materials, material_extras
+    from .encode import FIT_SWEEPS, encode_views, fit_asset_materials, material_extras
     from ..surfels import EXTRA_NAME as SURFELS, mesh_surfels
     from ..voxelize import voxelize_mesh
 
@@ -92,8 +92,10 @@ def encode_mesh(mesh: str | Path, weights: str | Path, *, views: int = DEFAULT_V
                   latent="lh-slat" if shaded is None else f"shaded-slat:{shaded.hdri}",
                   model=Path(weights).name, source=f"mesh:{mesh.name}:sha256:{digest}")
     log(f"{mesh.name}: fitting the materials to the views")
-    return fit_asset_materials(NearPipeline.from_pretrained(weights, device), asset,
-                               {k: torch.from_numpy(v) for k, v in gbuffers.items()}, torch.from_numpy(alpha), cameras)
+    pipeline = NearPipeline.from_pretrained(weights, device)
+    with Progress(f"{mesh.name}: least-squares sweeps", FIT_SWEEPS) as bar:
+        return fit_asset_materials(pipeline, asset, {k: torch.from_numpy(v) for k, v in gbuffers.items()},
+                                   torch.from_numpy(alpha), cameras, step=bar.advance)
 
 
 #: Voxels that spread less than this across their second-widest direction form a line, not a shape.
