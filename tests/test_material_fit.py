@@ -16,7 +16,7 @@ from near_engine.lift.encode import fit_surfel_materials
 
 GRID = 112
 SPACING = 0.8 / GRID  # surfels on a grid over [-0.4, 0.4]^2, about two a pixel (as near-tiny's at 128 px)
-PERIOD = 8 * SPACING  # stripes along x, two pixels wide: a painted pattern at the views' limit
+PERIOD = 8 * SPACING  # stripes along x, each four pixels wide
 RED, BLUE = np.array([0.8, 0.1, 0.1]), np.array([0.1, 0.2, 0.9])
 SIZE = 64
 
