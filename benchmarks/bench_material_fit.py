@@ -24,12 +24,11 @@ from near_engine.asset import Asset
 from near_engine.bundled import SAMPLE_MESH
 from near_engine.configs import ENCODER_KEYS, load_networks
 from near_engine.cycles.meshes import import_mesh
-from near_engine.cycles.render import render_views
+from near_engine.cycles.render import read_uniform_views, render_views
 from near_engine.cycles.settings import RenderSettings
 from near_engine.cycles.views import view_cameras
 from near_engine.envmap import EnvMap
-from near_engine.exr_layers import read_channels, stack_channels
-from near_engine.lift.encode import encode_views, fit_asset_materials, material_extras
+from near_engine.lift.encode import MATERIAL_GBUFFERS, encode_views, fit_asset_materials, material_extras
 from near_engine.pipeline import NearPipeline, Scene
 from near_engine.surfels import EXTRA_NAME, mesh_surfels
 from near_engine.voxelize import voxelize_mesh
@@ -45,13 +44,9 @@ def main() -> None:
     cameras = view_cameras(args.views + 1, (0.5, 0.5), args.size)
     with tempfile.TemporaryDirectory() as tmp:
         render_views(cameras, [], [], Path(tmp), RenderSettings(args.size, args.samples))
-        views = [read_channels(Path(tmp) / "uniform" / f"view_{v:03d}.exr") for v in range(len(cameras))]
-    rgba = torch.from_numpy(np.stack([stack_channels(v, "", "RGBA") for v in views]))
-    depth = torch.from_numpy(np.stack([v["depth.Z"] for v in views]))
-    alpha = torch.from_numpy(np.stack([v["A"] for v in views])[..., None])
-    gbuffers = {"base_color": torch.from_numpy(np.stack([stack_channels(v, "base_color.", "RGB") for v in views]))}
-    gbuffers.update({n: torch.from_numpy(np.stack([v[f"{n}.V"] for v in views]))
-                     for n in ("roughness", "metallic", "specular")})
+        uniform = {k: torch.from_numpy(v) for k, v in read_uniform_views(Path(tmp), len(cameras)).items()}
+    rgba, depth, alpha = uniform["rgba"], uniform["depth"], uniform["alpha"]
+    gbuffers = {n: uniform[n] for n in MATERIAL_GBUFFERS}
     coords = voxelize_mesh(vertices, triangles, 64)
     surfels = mesh_surfels(vertices, triangles, coords, 64)
     seen, extra = slice(0, args.views), args.views

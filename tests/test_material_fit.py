@@ -84,12 +84,11 @@ def test_fitted_materials_draw_a_view_the_fit_never_saw_closer_to_cycles(tmp_pat
     from near_engine.bundled import SAMPLE_MESH
     from near_engine.configs import ENCODER_KEYS, load_networks
     from near_engine.cycles.meshes import import_mesh
-    from near_engine.cycles.render import render_views
+    from near_engine.cycles.render import read_uniform_views, render_views
     from near_engine.cycles.settings import RenderSettings
     from near_engine.cycles.views import view_cameras
     from near_engine.envmap import EnvMap
-    from near_engine.exr_layers import read_channels, stack_channels
-    from near_engine.lift.encode import encode_views, fit_asset_materials, material_extras
+    from near_engine.lift.encode import MATERIAL_GBUFFERS, encode_views, fit_asset_materials, material_extras
     from near_engine.asset import Asset
     from near_engine.pipeline import NearPipeline, Scene
     from near_engine.surfels import EXTRA_NAME, mesh_surfels
@@ -98,13 +97,9 @@ def test_fitted_materials_draw_a_view_the_fit_never_saw_closer_to_cycles(tmp_pat
     vertices, triangles = import_mesh(SAMPLE_MESH)
     cameras = view_cameras(9, (0.5, 0.5), 96)
     render_views(cameras, [], [], tmp_path, RenderSettings(96, 8))
-    views = [read_channels(tmp_path / "uniform" / f"view_{v:03d}.exr") for v in range(9)]
-    rgba = torch.from_numpy(np.stack([stack_channels(v, "", "RGBA") for v in views]))
-    depth = torch.from_numpy(np.stack([v["depth.Z"] for v in views]))
-    alpha = torch.from_numpy(np.stack([v["A"] for v in views])[..., None])
-    gbuffers = {"base_color": torch.from_numpy(np.stack([stack_channels(v, "base_color.", "RGB") for v in views]))}
-    gbuffers.update({n: torch.from_numpy(np.stack([v[f"{n}.V"] for v in views])) for n in ("roughness", "metallic",
-                                                                                          "specular")})
+    uniform = {k: torch.from_numpy(v) for k, v in read_uniform_views(tmp_path, 9).items()}
+    rgba, depth, alpha = uniform["rgba"], uniform["depth"], uniform["alpha"]
+    gbuffers = {n: uniform[n] for n in MATERIAL_GBUFFERS}
     coords = voxelize_mesh(vertices, triangles, 64)
     surfels = mesh_surfels(vertices, triangles, coords, 64)
     seen, novel = slice(0, 8), 8

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..camera import Camera
-from ..exr_layers import read_render_passes
+from ..exr_layers import read_channels, read_render_passes, stack_channels
 from ..images import write_exr
 from ..progress import Progress
 from .lights import UNIFORM, Light, apply_light, bake_sky
@@ -29,6 +29,19 @@ GBUFFER_CHANNELS = {"": ("Combined", "RGBA", "RGBA"), "depth.": ("Depth", "Z", "
                     "roughness.": ("roughness", "X", "V"), "metallic.": ("metallic", "X", "V"),
                     "specular.": ("specular", "X", "V")}
 LIT_CHANNELS = {"": ("Combined", "RGBA", "RGBA")}
+
+
+def read_uniform_views(out_dir: Path, count: int) -> dict[str, np.ndarray]:
+    """What `render_views` wrote into `out_dir` for its first `count` cameras under the uniform light, stacked:
+    "rgba" [V, H, W, 4], "alpha" [V, H, W, 1], "depth" [V, H, W] and the material G-buffers, premultiplied as Cycles
+    filters them: "base_color" [V, H, W, 3], "roughness", "metallic", "specular" [V, H, W]."""
+    views = [read_channels(Path(out_dir) / "uniform" / f"view_{v:03d}.exr") for v in range(count)]
+    out = {"rgba": np.stack([stack_channels(v, "", "RGBA") for v in views]),
+           "depth": np.stack([v["depth.Z"] for v in views]),
+           "base_color": np.stack([stack_channels(v, "base_color.", "RGB") for v in views])}
+    out.update({name: np.stack([v[f"{name}.V"] for v in views]) for name in ("roughness", "metallic", "specular")})
+    out["alpha"] = out["rgba"][..., 3:]
+    return out
 
 
 def image_count(cameras: int, lights: int, lit_views: int) -> int:

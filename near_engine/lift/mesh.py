@@ -46,12 +46,12 @@ def encode_mesh(mesh: str | Path, weights: str | Path, *, views: int = DEFAULT_V
     """The asset of the mesh file `mesh` (OBJ, glTF/GLB, PLY, .blend) encoded with the encoder in `weights`."""
     from ..cycles.lights import Light
     from ..cycles.meshes import import_mesh
-    from ..cycles.render import image_count, render_views
+    from ..cycles.render import image_count, read_uniform_views, render_views
     from ..cycles.settings import RenderSettings
     from ..cycles.views import view_cameras
     from ..exr_layers import read_channels, stack_channels
     from ..pipeline import NearPipeline
-    from .encode import FIT_SWEEPS, encode_views, fit_asset_materials, material_extras
+    from .encode import FIT_SWEEPS, MATERIAL_GBUFFERS, encode_views, fit_asset_materials, material_extras
     from ..surfels import EXTRA_NAME as SURFELS, mesh_surfels
     from ..voxelize import voxelize_mesh
 
@@ -72,21 +72,17 @@ def encode_mesh(mesh: str | Path, weights: str | Path, *, views: int = DEFAULT_V
         with Progress(f"{mesh.name}: rendering views with Cycles", image_count(views, len(lights), views)) as bar:
             render_views(cameras, lights, list(range(views)) if lights else [], Path(tmp),
                          RenderSettings(size, samples), bar)
-        folder = Path(tmp) / (lights[0].name if lights else "uniform")
-        images = [read_channels(folder / f"view_{v:03d}.exr") for v in range(views)]
-        uniform = [read_channels(Path(tmp) / "uniform" / f"view_{v:03d}.exr") for v in range(views)]
-    depth = torch.from_numpy(np.stack([u["depth.Z"] for u in uniform]))
-    rgba = torch.from_numpy(np.stack([stack_channels(image, "", "RGBA") for image in images]))
-    gbuffers = {"base_color": np.stack([stack_channels(u, "base_color.", "RGB") for u in uniform])}
-    gbuffers.update({name: np.stack([u[f"{name}.V"] for u in uniform]) for name in ("roughness", "metallic",
-                                                                                   "specular")})
-    alpha = np.stack([u["A"] for u in uniform])[..., None]
+        uniform = {k: torch.from_numpy(v) for k, v in read_uniform_views(Path(tmp), views).items()}
+        rgba = uniform["rgba"] if not lights else torch.from_numpy(np.stack([
+            stack_channels(read_channels(Path(tmp) / lights[0].name / f"view_{v:03d}.exr"), "", "RGBA")
+            for v in range(views)]))
+    depth, alpha = uniform["depth"], uniform["alpha"]
+    gbuffers = {name: uniform[name] for name in MATERIAL_GBUFFERS}
     log(f"{mesh.name}: encoding the latent from {views} views")
     with torch.no_grad():
         latent = encode_views(networks, coords, rgba, cameras, depth, resolution)
     surfels = mesh_surfels(vertices, triangles, coords, resolution)
-    extras = material_extras({k: torch.from_numpy(v) for k, v in gbuffers.items()}, torch.from_numpy(alpha),
-                             cameras, depth, coords, surfels, resolution)
+    extras = material_extras(gbuffers, alpha, cameras, depth, coords, surfels, resolution)
     digest = hashlib.sha256(mesh.read_bytes()).hexdigest()[:16]
     asset = Asset(coords, latent.cpu().numpy(), resolution=resolution, extras={**extras, SURFELS: surfels},
                   latent="lh-slat" if shaded is None else f"shaded-slat:{shaded.hdri}",
@@ -94,8 +90,7 @@ def encode_mesh(mesh: str | Path, weights: str | Path, *, views: int = DEFAULT_V
     log(f"{mesh.name}: fitting the materials to the views")
     pipeline = NearPipeline.from_pretrained(weights, device)
     with Progress(f"{mesh.name}: least-squares sweeps", FIT_SWEEPS) as bar:
-        return fit_asset_materials(pipeline, asset, {k: torch.from_numpy(v) for k, v in gbuffers.items()},
-                                   torch.from_numpy(alpha), cameras, step=bar.advance)
+        return fit_asset_materials(pipeline, asset, gbuffers, alpha, cameras, step=bar.advance)
 
 
 #: Voxels that spread less than this across their second-widest direction form a line, not a shape.
