@@ -7,7 +7,7 @@ Steps (all offline, on the CPU):
 2. For each HDRI (rotated 30 degrees, as a Mapping node would): a Cycles path-traced reference of the mesh from the
    first turntable view, then `NearPipeline.render` from every turntable azimuth over the HDRI background.
 3. The photo row: a Cycles render of the mesh from the photo convention's front view under `PHOTO_HDRI` stands in
-   for a user's photo (`photo.png`, with alpha, exposed as a camera meters it: `lift.image.metered`); `lift_image`
+   for a user's photo (`photo.png`, with alpha, exposed and white-balanced as a camera does it: `lift.image.metered`); `lift_image`
    lifts it with near-tiny (geometry from the mesh) and the lifted object is relit under each HDRI in the photo's own
    view and from the first turntable view (a novel view), each scored against Cycles.
 4. Files: `HDRI_azNNN.exr` (scene-linear RGBA + `Depth.Z`) and `.png` (Standard view transform),
@@ -154,7 +154,7 @@ def _photo_row(out: Path, mesh: Path, weights, hdris: Sequence[str], size: int, 
     Cycles; None (said why) when the weights cannot lift."""
     from .eval.tasks import score
     from .lift import LiftRequest, lift_image, load_lift_networks
-    from .lift.image import light_level, metered
+    from .lift.image import metered
     from .lift.views import front_camera
     from .pipeline import Scene
 
@@ -166,7 +166,7 @@ def _photo_row(out: Path, mesh: Path, weights, hdris: Sequence[str], size: int, 
     photo_camera = front_camera(ELEVATION_DEG, size)
     photo = cycles_references(mesh, [PHOTO_HDRI], photo_camera, samples)[PHOTO_HDRI]
     env = EnvMap.read(blender_hdri(PHOTO_HDRI), rotation_z=math.radians(WORLD_ROTATION_DEG))
-    exposed = metered(photo, light_level(env.mean_radiance()))  # as a camera would have exposed it
+    exposed = metered(photo, env.mean_radiance())  # as a camera would have exposed and white-balanced it
     write_png(out / "photo.png", exposed[..., :3], exposed[..., 3])
     start = time.perf_counter()
     asset = lift_image(LiftRequest(out / "photo.png", weights, mesh=mesh, elevation=ELEVATION_DEG))

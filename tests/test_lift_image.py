@@ -109,36 +109,38 @@ def test_nan_exr_is_refused(tmp_path):
         prepare_photo(path)
 
 
-def test_a_render_is_metered_by_its_lights_mean_level():
-    """A white diffuse surface under a uniform world of radiance L renders at L (the white furnace); metered by that
-    world's level it reads METERED_WHITE, whatever L, and any albedo keeps its ratio to white."""
+def test_a_render_is_exposed_and_white_balanced_by_its_lights_mean():
+    """A white diffuse surface under a uniform world of radiance L renders at L (the white furnace); exposed and
+    white-balanced by that world it reads METERED_WHITE in every channel, whatever L and whatever the light's colour,
+    and any albedo keeps its ratio to white."""
     from near_engine.envmap import EnvMap
-    from near_engine.lift.image import METERED_WHITE, light_level, metered
+    from near_engine.lift.image import METERED_WHITE, light_white, metered
 
-    for radiance in (0.165, 0.6, 3.0):
-        level = light_level(EnvMap.uniform(radiance).mean_radiance())
-        assert level == pytest.approx(radiance, rel=1e-5)
+    for radiance in ((0.165, 0.165, 0.165), (0.6, 0.6, 0.6), (3.0, 2.0, 1.0), (0.2, 0.15, 0.05)):
+        sky = np.broadcast_to(np.asarray(radiance, np.float32), (8, 16, 3)).copy()
+        white = light_white(EnvMap.from_array(sky).mean_radiance())
+        np.testing.assert_allclose(white, radiance, rtol=1e-5)
         render = np.zeros((4, 4, 4), np.float32)
-        render[..., :3] = radiance * np.array([1.0, 0.5, 0.25], np.float32)  # albedos 1, 0.5, 0.25 per channel
+        render[..., :3] = np.asarray(radiance, np.float32) * np.array([1.0, 0.5, 0.25], np.float32)  # the albedos
         render[..., 3] = 1.0
-        exposed = metered(render, level)
-        white = np.broadcast_to(METERED_WHITE * np.array([1.0, 0.5, 0.25]), (4, 4, 3))
-        np.testing.assert_allclose(exposed[..., :3], white, rtol=1e-5)
+        exposed = metered(render, white)
+        card = np.broadcast_to(METERED_WHITE * np.array([1.0, 0.5, 0.25]), (4, 4, 3))
+        np.testing.assert_allclose(exposed[..., :3], card, rtol=1e-5)
         np.testing.assert_array_equal(exposed[..., 3], render[..., 3])
-        assert render[0, 0, 0] == np.float32(radiance)  # the input is left as it was
+        assert render[0, 0, 0] == np.float32(radiance[0])  # the input is left as it was
 
 
-def test_light_level_is_the_solid_angle_mean_luminance():
+def test_light_white_is_the_solid_angle_mean_radiance():
     from near_engine.envmap import EnvMap
-    from near_engine.lift.image import light_level
+    from near_engine.lift.image import light_white
 
     sky = np.zeros((64, 128, 3), np.float32)
-    sky[:32] = (2.0, 2.0, 2.0)  # the upper hemisphere at 2, the lower black: mean 1 over the sphere
-    assert light_level(EnvMap.from_array(sky).mean_radiance()) == pytest.approx(1.0, rel=1e-3)
+    sky[:32] = (2.0, 1.0, 0.5)  # the upper hemisphere lit, the lower black: half of it over the sphere
+    np.testing.assert_allclose(light_white(EnvMap.from_array(sky).mean_radiance()), (1.0, 0.5, 0.25), rtol=1e-3)
+    grey = np.full((8, 16, 3), 0.5, np.float32)
+    np.testing.assert_allclose(light_white(EnvMap.from_array(grey, strength=2.0).mean_radiance()), 1.0, rtol=1e-4)
     green = np.zeros((8, 16, 3), np.float32)
-    green[..., 1] = 1.0
-    assert light_level(EnvMap.from_array(green, strength=2.0).mean_radiance()) == pytest.approx(2 * 0.7152, rel=1e-4)
-    with pytest.raises(ImageError, match="no positive level"):
-        light_level(np.zeros(3))
-    with pytest.raises(ImageError, match="no positive level"):
-        light_level(np.array([np.nan, 1.0, 1.0]))
+    green[..., 1] = 1.0  # a light with no red or blue cannot white-balance a photo: red and blue would be infinite
+    for bad in (green.mean((0, 1)), np.zeros(3), np.array([np.nan, 1.0, 1.0]), np.ones(4)):
+        with pytest.raises(ImageError, match="no positive level in every channel"):
+            light_white(bad)

@@ -248,17 +248,18 @@ def test_encode_views_is_differentiable_and_follows_voxel_order(obj):
     torch.testing.assert_close(shuffled, latent.detach()[perm], rtol=1e-4, atol=1e-5)
 
 
-def test_lift_photos_are_metered_by_their_own_light(data_dir):
-    """`near train-lift`'s photos are exposed as a camera meters them: each render divided by the level of the light
-    it was rendered under, read here from the object's meta.json and the HDRI itself, independently of the
-    training's light records; the uniform world's level is its strength (a white diffuse card under it reads 0.6)."""
+def test_lift_photos_are_exposed_and_white_balanced_by_their_own_light(data_dir):
+    """`near train-lift`'s photos are exposed and white-balanced as a camera does it: each render divided, channel by
+    channel, by the mean radiance of the light it was rendered under, read here from the object's meta.json and the
+    HDRI itself, independently of the training's light records; the uniform world's is its strength in every
+    channel (a white diffuse card under it reads 0.6)."""
     from near_engine.blender_data import blender_hdri
     from near_engine.bundled import weights_folder
     from near_engine.configs import load_networks
     from near_engine.cycles.lights import UNIFORM_STRENGTH
     from near_engine.datagen.dataset import load_object
     from near_engine.lift import LIFT_SIZE
-    from near_engine.lift.image import LUMINANCE, crop_object
+    from near_engine.lift.image import crop_object
     from near_engine.train.lift import load_lift_object
 
     (folder,) = list_objects(data_dir, "train")
@@ -266,13 +267,13 @@ def test_lift_photos_are_metered_by_their_own_light(data_dir):
     lifted = load_lift_object(folder, encoders, 64, size=32)
     data = load_object(folder)
     (light,) = data["meta"]["lights"]
-    level = float(EnvMap.read(blender_hdri(light["hdri"]), strength=light["strength"]).mean_radiance() @ LUMINANCE)
-    assert 0.2 < level < 2.0
+    white = np.asarray(EnvMap.read(blender_hdri(light["hdri"]), strength=light["strength"]).mean_radiance())
+    assert (0.1 < white).all() and (white < 3.0).all() and np.ptp(white) > 0.01  # a coloured light
     expected = [data["lit_rgba"][0, k] for k in range(2)] + [data["rgba"][v] for v in range(3)]
-    levels = [level] * 2 + [UNIFORM_STRENGTH] * 3
+    whites = [white] * 2 + [np.full(3, UNIFORM_STRENGTH)] * 3
     assert lifted.lit_count == 2 and len(lifted.photos) == 5
-    for (photo, _), render, light_level in zip(lifted.photos, expected, levels):
-        exposed = render * np.array([1, 1, 1, light_level], np.float32) / light_level
+    for (photo, _), render, card in zip(lifted.photos, expected, whites):
+        exposed = render / np.append(card, 1.0).astype(np.float32)
         np.testing.assert_allclose(photo.numpy(), crop_object(exposed, LIFT_SIZE).rgba, atol=1e-5)
 
 

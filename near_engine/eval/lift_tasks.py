@@ -3,7 +3,7 @@
 For every evaluation object, each held-out HDRI A in turn lights the *photo*: the relit view nearest a
 photographer's eye level (`PHOTO_ELEVATION`; the data set's views run from far below the object to far above it,
 and its first view, the photo until stop 22, looks up at the object's underside from 58-87 degrees below) under A,
-exposed as a camera meters it (`lift.image.metered`) and prepared as a user's photo is (`lift.image.crop_object`),
+exposed and white-balanced as a camera does it (`lift.image.metered`) and prepared as a user's photo is (`lift.image.crop_object`),
 with its camera fitted from the voxels as for a photo
 (`lift.views.fit_crop_camera`: only the view's pose is known, as the photo convention gives it). Geometry from the
 object's mesh. Then:
@@ -98,7 +98,7 @@ def evaluate_lift_object(model, networks: Mapping, data: dict, coords: np.ndarra
     mesh's (the geometry is the mesh's)."""
     from ..lift import LIFT_SIZE
     from ..lift.geometry import inflate_silhouette, voxel_iou
-    from ..lift.image import crop_object, light_level, metered
+    from ..lift.image import crop_object, metered
     from ..lift.views import fit_crop_camera
     from .tasks import _downscale, score
 
@@ -111,9 +111,9 @@ def evaluate_lift_object(model, networks: Mapping, data: dict, coords: np.ndarra
     for photo_hdri, photo_light in held.items():
         photo_view = views[photo]
         light = lights[photo_light]
-        level = light_level(EnvMap.read(blender_hdri(photo_hdri), rotation_z=light["rotation_z"],
-                                        strength=light["strength"]).mean_radiance())
-        prepared = crop_object(metered(data["lit_rgba"][photo_light, photo], level), LIFT_SIZE)
+        white = EnvMap.read(blender_hdri(photo_hdri), rotation_z=light["rotation_z"],
+                            strength=light["strength"]).mean_radiance()
+        prepared = crop_object(metered(data["lit_rgba"][photo_light, photo], white), LIFT_SIZE)
         camera = fit_crop_camera(cameras[photo_view], coords, resolution, LIFT_SIZE)
         assets = lift_assets(networks, model.encoders, coords, prepared.rgba, camera, resolution, surfels)
         if not ious:  # geometry from the first photo, given its true camera

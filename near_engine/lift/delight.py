@@ -8,8 +8,9 @@ which directions its own voxels block) and the light known, near-tiny's shading 
 (`photo_response`: a dielectric's gain is its diffuse response, its offset the light's specular reflection; a
 metal's gain is its specular response), and a dielectric's base colour is the photo's colour divided by the gain
 (`delit`; the offset is taken out of the light's fit, not off the colours); a metal's is found by inverting its
-reflection (`metal_base_colour`), which is not proportional to its base colour. The photo is metered
-(`image.metered`: a white card lit by the whole scene reads 1), so the light is wanted at a mean radiance of 1.
+reflection (`metal_base_colour`), which is not proportional to its base colour. The photo is exposed and
+white-balanced (`image.metered`: a white card lit by the whole scene reads 1 in every channel), so the light is wanted
+grey, at a mean radiance of 1 in every channel.
 
 The light is unknown, so it is estimated from the photo itself (`estimate_light`): order-2 spherical harmonics
 (Ramamoorthi and Hanrahan 2001: the cosine lobe keeps little above order 2), fitted to the photo's colours on the
@@ -17,8 +18,8 @@ surfels it sees face on, through each surfel's visibility (precomputed radiance 
 shows at most half of the directions a surface faces, and from an eye-level view it cannot tell a dim world from a
 dark object: the fit is the most probable light under a prior over lights (`LightPrior`: the mean and variance of
 the training lights' terms, over every turn about Z, kept with the lift's weights). Albedo and the light's colour
-cannot be told apart from one photo either: the light's direction is fitted to the colours' mean over the channels
-and is the same in each, so its colour stays in the colours, as a camera's white balance keeps it.
+cannot be told apart from one photo either, and a camera's white balance has taken the light's mean colour out:
+the light's direction is fitted to the colours' mean over the channels and is the same in each.
 """
 
 from __future__ import annotations
@@ -241,8 +242,8 @@ LIGHT_PASSES = 3
 
 def estimate_light(colours: torch.Tensor, surface: SeenSurface, materials: torch.Tensor,
                    prior: LightPrior = UNIFORM_PRIOR) -> IBLLight:
-    """The light (mean radiance 1 per channel, the level a metered photo is exposed for) that best explains a
-    metered photo's `colours` [P, 3] of the `surface`'s points with `materials` [P, 3] (`photo_response`)."""
+    """The light (grey, mean radiance 1 in every channel, the level a metered photo is exposed and white-balanced
+    for) that best explains a metered photo's `colours` [P, 3] of the `surface`'s points with `materials` [P, 3] (`photo_response`)."""
     transfers = surface.transfers()
     offset = torch.zeros_like(colours)
     for done in range(1, LIGHT_PASSES + 1):

@@ -1,7 +1,7 @@
 """Training near-tiny's lift regressor (`lift.regressor`): one lit view -> the object's even latents.
 
 Pairs, as NeAR's `SLatI2E` data set pairs them: the input is one view of a training object under one of its lights (an
-HDRI, a baked sky, or the uniform light itself), exposed as a camera meters it (`image.metered`), prepared exactly as a
+HDRI, a baked sky, or the uniform light itself), exposed and white-balanced as a camera does it (`image.metered`), prepared exactly as a
 user's photo is (`image.crop_object` at `LIFT_SIZE`, the camera fitted from the voxels as for a photo:
 `views.fit_crop_camera`); the targets are what the trained mesh encoder makes of the object's 12 uniformly lit views
 (the LH latent, `encode.encode_views`) and its material latents from the G-buffers (`encode.lift_materials`). Targets
@@ -37,7 +37,7 @@ from ..frame import DEFAULT_MATERIAL
 from ..lift import LIFT_SIZE, LIGHT_PRIOR_FILE
 from ..lift.delight import LightPrior
 from ..lift.encode import encode_views
-from ..lift.image import crop_object, light_level, metered
+from ..lift.image import crop_object, metered
 from ..lift.regressor import LATENT_CHANNELS, LIFT_KEYS, init_from_encoder, lift_network_args, predict_latents
 from ..lift.views import fit_crop_camera
 from ..progress import duration, progress
@@ -48,7 +48,7 @@ __all__ = ["LiftConfig", "LiftObject", "load_lift_object", "lift_photo", "train_
 
 CHECKPOINT = "lift_checkpoint.pt"
 #: How the cached photos were exposed; a cache written otherwise is computed again.
-PHOTO_EXPOSURE = "metered"
+PHOTO_EXPOSURE = "metered, white-balanced"
 
 
 @dataclass
@@ -76,17 +76,18 @@ class LiftObject:
     materials: torch.Tensor  # [N, 6]
 
 
-def lift_photo(image: torch.Tensor | np.ndarray, view_camera, coords: np.ndarray, resolution: int, level: float
-               ) -> tuple[torch.Tensor, Any]:
-    """A rendered view [H, W, 4] under a light of `level` (`image.light_level`) -> (the photo metered and prepared as
-    the lift prepares it, its crop camera fitted from the voxels)."""
-    prepared = crop_object(metered(np.asarray(image, dtype=np.float32), level), LIFT_SIZE)
+def lift_photo(image: torch.Tensor | np.ndarray, view_camera, coords: np.ndarray, resolution: int,
+               white: np.ndarray) -> tuple[torch.Tensor, Any]:
+    """A rendered view [H, W, 4] under a light whose mean radiance is `white` [3] -> (the photo exposed and
+    white-balanced (`image.metered`) and prepared as the lift prepares it, its crop camera fitted from the voxels)."""
+    prepared = crop_object(metered(np.asarray(image, dtype=np.float32), white), LIFT_SIZE)
     return torch.from_numpy(prepared.rgba), fit_crop_camera(view_camera, coords, resolution, LIFT_SIZE)
 
 
-def source_level(source: LightSource) -> float:
-    """The metering level (`image.light_level`) of a training light: its map's mean radiance times its strength."""
-    return light_level(source.envmap.mean_radiance() * source.light.strength)
+def source_white(source: LightSource) -> np.ndarray:
+    """What a white card reads [3] under a training light (`image.light_white`): its map's mean radiance times its
+    strength."""
+    return np.asarray(source.envmap.mean_radiance()) * source.light.strength
 
 
 def load_lift_object(folder: str | Path, encoders: dict, resolution: int = 64, size: int = 128,
@@ -103,10 +104,10 @@ def load_lift_object(folder: str | Path, encoders: dict, resolution: int = 64, s
     obj = load_training_object(folder, size, resolution)
     with torch.no_grad():
         latent = encode_views(encoders, obj.coords, obj.rgba, obj.cameras, obj.depth, resolution)
-    photos = [lift_photo(obj.lit_rgba[light, k], obj.cameras[view], obj.coords, resolution, source_level(source))
+    photos = [lift_photo(obj.lit_rgba[light, k], obj.cameras[view], obj.coords, resolution, source_white(source))
               for light, source in enumerate(obj.lights) for k, view in enumerate(obj.lit_views)]
     lit_count = len(photos)
-    photos += [lift_photo(obj.rgba[v], obj.cameras[v], obj.coords, resolution, source_level(UNIFORM_SOURCE))
+    photos += [lift_photo(obj.rgba[v], obj.cameras[v], obj.coords, resolution, source_white(UNIFORM_SOURCE))
                for v in range(len(obj.cameras))]
     result = LiftObject(obj.id, obj.coords, photos, lit_count, latent, torch.from_numpy(obj.materials))
     if cached is not None:
