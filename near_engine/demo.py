@@ -6,10 +6,10 @@ Steps (all offline, on the CPU):
    Cycles and encode its LH latent; saved as `sample.near`.
 2. For each HDRI (rotated 30 degrees, as a Mapping node would): a Cycles path-traced reference of the mesh from the
    first turntable view, then `NearPipeline.render` from every turntable azimuth over the HDRI background.
-3. The photo row: a Cycles render of the mesh from the photo convention's front view under `PHOTO_HDRI` stands in
-   for a user's photo (`photo.png`, with alpha, exposed and white-balanced as a camera does it: `lift.image.metered`); `lift_image`
-   lifts it with near-tiny (geometry from the mesh) and the lifted object is relit under each HDRI in the photo's own
-   view and from the first turntable view (a novel view), each scored against Cycles.
+3. The photo row: a Cycles render of the mesh from the photo convention's front view under `PHOTO_HDRI` stands in for
+   a user's photo (`photo.png`, with alpha, exposed and white-balanced as a camera does it: `lift.image.metered`);
+   `lift_image` lifts it with near-tiny (geometry from the mesh) and the lifted object is relit under each HDRI in the
+   photo's own view and from the first turntable view (a novel view), each scored against Cycles.
 4. Files: `HDRI_azNNN.exr` (scene-linear RGBA + `Depth.Z`) and `.png` (Standard view transform),
    `HDRI_cycles.png`, `contact_sheet.png` (one row per HDRI: Cycles, then NeAR's turntable; then the photo row:
    the photo, the lift relit in its view under each HDRI, then in the novel view) and `summary.json`

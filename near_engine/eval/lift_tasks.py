@@ -1,12 +1,11 @@
 """The paper's single-image tasks: lift one photo of a held-out object under a held-out HDRI, then render it.
 
-For every evaluation object, each held-out HDRI A in turn lights the *photo*: the relit view nearest a
-photographer's eye level (`PHOTO_ELEVATION`; the data set's views run from far below the object to far above it,
-and its first view, the photo until stop 22, looks up at the object's underside from 58-87 degrees below) under A,
-exposed and white-balanced as a camera does it (`lift.image.metered`) and prepared as a user's photo is (`lift.image.crop_object`),
-with its camera fitted from the voxels as for a photo
-(`lift.views.fit_crop_camera`: only the view's pose is known, as the photo convention gives it). Geometry from the
-object's mesh. Then:
+For every evaluation object, each held-out HDRI A in turn lights the *photo*: the relit view nearest a photographer's
+eye level (`PHOTO_ELEVATION`; the data set's views run from far below the object to far above it, and its first view,
+the photo until stop 22, looks up at the object's underside from 58-87 degrees below) under A, exposed and
+white-balanced as a camera does it (`lift.image.metered`) and prepared as a user's photo is
+(`lift.image.crop_object`), with its camera fitted from the voxels as for a photo (`lift.views.fit_crop_camera`: only
+the view's pose is known, as the photo convention gives it). Geometry from the object's mesh. Then:
 
 * **random illumination reconstruction**: the same view under A;
 * **novel-view relighting**: the object's 5 other relit views under another held-out HDRI B.

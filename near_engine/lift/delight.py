@@ -243,7 +243,8 @@ LIGHT_PASSES = 3
 def estimate_light(colours: torch.Tensor, surface: SeenSurface, materials: torch.Tensor,
                    prior: LightPrior = UNIFORM_PRIOR) -> IBLLight:
     """The light (grey, mean radiance 1 in every channel, the level a metered photo is exposed and white-balanced
-    for) that best explains a metered photo's `colours` [P, 3] of the `surface`'s points with `materials` [P, 3] (`photo_response`)."""
+    for) that best explains a metered photo's `colours` [P, 3] of the `surface`'s points with `materials` [P, 3]
+    (`photo_response`)."""
     transfers = surface.transfers()
     offset = torch.zeros_like(colours)
     for done in range(1, LIGHT_PASSES + 1):

@@ -1,15 +1,15 @@
 """Training near-tiny's lift regressor (`lift.regressor`): one lit view -> the object's even latents.
 
 Pairs, as NeAR's `SLatI2E` data set pairs them: the input is one view of a training object under one of its lights (an
-HDRI, a baked sky, or the uniform light itself), exposed and white-balanced as a camera does it (`image.metered`), prepared exactly as a
-user's photo is (`image.crop_object` at `LIFT_SIZE`, the camera fitted from the voxels as for a photo:
-`views.fit_crop_camera`); the targets are what the trained mesh encoder makes of the object's 12 uniformly lit views
-(the LH latent, `encode.encode_views`) and its material latents from the G-buffers (`encode.lift_materials`). Targets
-are computed once per object. The loss is the mean squared error of the LH latent, each channel divided by its variance
-over the training voxels, plus 4 x the squared error of the material latents (squared, not absolute: an L1 loss learns
-the median, and with a third of the objects metal the median metallic is 0 for every object whose photo leaves it open;
-measured after 600 steps, a dark metal lifted with L1 came out a grey dielectric at 14 dB, against 22 dB with its true
-materials).
+HDRI, a baked sky, or the uniform light itself), exposed and white-balanced as a camera does it (`image.metered`),
+prepared exactly as a user's photo is (`image.crop_object` at `LIFT_SIZE`, the camera fitted from the voxels as for a
+photo: `views.fit_crop_camera`); the targets are what the trained mesh encoder makes of the object's 12 uniformly lit
+views (the LH latent, `encode.encode_views`) and its material latents from the G-buffers (`encode.lift_materials`).
+Targets are computed once per object. The loss is the mean squared error of the LH latent, each channel divided by its
+variance over the training voxels, plus 4 x the squared error of the material latents (squared, not absolute: an L1
+loss learns the median, and with a third of the objects metal the median metallic is 0 for every object whose photo
+leaves it open; measured after 600 steps, a dark metal lifted with L1 came out a grey dielectric at 14 dB, against 22
+dB with its true materials).
 
 Resumable: `out/lift_checkpoint.pt` holds the networks, the optimizer and the step; the weights are written into
 `out/weights/` (a copy of the renderer's weights folder with the lift networks added) at every checkpoint.
