@@ -232,6 +232,9 @@ def train_lift(data: str | Path, out: str | Path, renderer_weights: str | Path, 
         log(f"resumed at step {step}")
     log(f"{len(objects)} objects, {len(all_latents)} voxels; training the lift from step {step} to {config.steps}")
     note = {"data": str(Path(data).name), "objects": [o.id for o in objects], "config": asdict(config)}
+    if light_prior is not None:  # what the lift's weights folder says of its light prior
+        note["light_prior"] = {"file": LIGHT_PRIOR_FILE, "from": f"the HDRIs and skies of the {len(objects)} training "
+                                                                  "objects, near_engine.train.lift.training_light_prior"}
     start, first, last = time.perf_counter(), step, {}
     while step < config.steps:
         rng = np.random.default_rng([config.seed, step])
