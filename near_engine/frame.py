@@ -314,6 +314,13 @@ class PassGaussians:
                              Gaussians.concatenate([p.lit for p in parts]))
 
 
+def filter_2d(networks: Mapping[str, nn.Module]) -> float:
+    """The 2D low-pass (pixels^2) the renderer's Gaussians are rasterized with: its representation config's
+    `2d_filter_kernel_size`, as TRELLIS's renderer passes it to its rasterizer (mip-splatting's kernel_size, the
+    same dilation with opacity compensation as gsplat's `eps2d`)."""
+    return float(_network(networks, "renderer").rep_config.filter_2d_kernel_size)
+
+
 def _network(networks: Mapping[str, nn.Module], key: str) -> nn.Module:
     if key not in networks:
         raise KeyError(f"networks lack {key!r} (have {', '.join(sorted(networks))})")
@@ -458,6 +465,7 @@ def rasterize_passes(
     background: EnvMap | torch.Tensor | np.ndarray | Sequence[float] | None = None,
     *,
     normal_space: str = "world",
+    filter_2d: float = 0.3,
     backend: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """Rasterize the intrinsic and lit batches for `camera` (same frame as the Gaussians) -> passes, each [H, W, k].
@@ -467,6 +475,7 @@ def rasterize_passes(
     "depth" 1, "alpha" 1. Lit pass (scales ŝ): "color" 3 (HDR, premultiplied), "shadow" 1, "lit_alpha" 1,
     "lit_depth" 1. "combined" 4: HDR RGBA, the lit colour over `background` (an EnvMap seen by this camera, [3] or
     [H, W, 3]); alpha is the lit alpha without background, 1 with one. Scene-linear, not tone-mapped.
+    `filter_2d`: the rasterizer's 2D low-pass in pixels^2, the one the weights were trained with (`filter_2d`).
     """
     if normal_space not in _NORMAL_SPACES:
         raise ValueError(f"normal_space must be one of {_NORMAL_SPACES}, got {normal_space!r}")
@@ -475,9 +484,9 @@ def rasterize_passes(
     lit = ["color", *(p.name for p in gaussian_channels("lit"))]
     values = {**gi.channels, "normal": _normals_to(gi.channels["normal"], normal_space, camera)}
     out_i = rasterize(gi.means, gi.quats, gi.scales, gi.opacities, torch.cat([values[n] for n in intrinsic], -1),
-                      camera, backend=backend)
+                      camera, eps2d=filter_2d, backend=backend)
     out_l = rasterize(gl.means, gl.quats, gl.scales, gl.opacities, torch.cat([gl.channels[n] for n in lit], -1),
-                      camera, backend=backend)
+                      camera, eps2d=filter_2d, backend=backend)
     out = {**_split_channels(out_i.channels, intrinsic, gi.channels), **_split_channels(out_l.channels, lit,
                                                                                         gl.channels)}
 

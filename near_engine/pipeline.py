@@ -64,6 +64,7 @@ from .frame import (
     ablation_inputs,
     decode_gaussians,
     decoder_input,
+    filter_2d,
     light_tokens,
     material_latents,
     surfel_materials,
@@ -371,7 +372,7 @@ class NearPipeline:
         with self._lock, torch.no_grad():
             gaussians = self.gaussians(scene, progress=progress)
             background = None if scene.transparent else scene.envmap.background(scene.camera)
-            out = rasterize_passes(gaussians, scene.camera, background)
+            out = rasterize_passes(gaussians, scene.camera, background, filter_2d=filter_2d(self.networks))
         return {name: out[name].detach().cpu().numpy() for name in passes}
 
 

@@ -260,3 +260,30 @@ def test_world_strength_scales_the_radiance_exactly(networks, assets) -> None:
     np.testing.assert_array_equal(twice["base_color"], once["base_color"])
     np.testing.assert_array_equal(twice["shadow"], once["shadow"])
     assert np.abs(once["combined"][..., :3]).max() > 0
+
+
+def test_the_gaussians_are_rasterized_with_the_2d_filter_their_weights_were_trained_with(assets, tmp_path) -> None:
+    """The renderer's representation config names its 2D low-pass (`2d_filter_kernel_size`: near-tiny 0.2, the
+    official config 0.1); a weights folder saying another one renders another outline, and rendering the pipeline's
+    own Gaussians with the filter written in the folder gives the pipeline's image."""
+    from near_engine.configs import get_config
+    from near_engine.frame import filter_2d, rasterize_passes
+    from near_engine.models.gaussian_heads import RepresentationConfig
+
+    official = get_config("near-official")["renderer"]["args"]["representation_config"]
+    assert RepresentationConfig.from_official(official).filter_2d_kernel_size == 0.1
+    scene = Scene([(assets[0], np.eye(4))], _env(1), _camera(), transparent=True)
+    alphas = {}
+    networks = random_weights("near-tiny", seed=3)
+    assert filter_2d(networks) == 0.2
+    for value in (0.1, 0.3):
+        config = get_config("near-tiny")
+        config["renderer"]["args"]["representation_config"]["2d_filter_kernel_size"] = value
+        save_networks(tmp_path / str(value), networks, config, {"gaussians": "surfels"})
+        pipeline = NearPipeline.from_pretrained(tmp_path / str(value), "cpu", light_size=LIGHT_SIZE)
+        assert filter_2d(pipeline.networks) == value
+        alphas[value] = pipeline.render(scene, ("alpha",))["alpha"]
+        with torch.no_grad():
+            by_hand = rasterize_passes(pipeline.gaussians(scene), scene.camera, filter_2d=value)["alpha"].numpy()
+        np.testing.assert_array_equal(alphas[value], by_hand)
+    assert np.abs(alphas[0.1] - alphas[0.3]).max() > 0.05

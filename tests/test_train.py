@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -231,6 +232,37 @@ def test_exposure_scales_inside_the_log():
         l1 = stage2_losses(passes, Frame, target, alpha, gbuffers, LossWeights(exposure=exposure))["l1"]
         expected = (torch.log1p(exposure * color) - torch.log1p(exposure * target)).abs().mean()
         torch.testing.assert_close(l1, expected)
+
+
+def test_the_colour_loss_sees_the_outline_over_the_lights_background():
+    """A silhouette a pixel too wide shows the object where the sky should be: over a bright background the L1 term
+    counts it at the sky's brightness (independently computed here), over none it costs only the object's own
+    colour; a prediction equal to the target costs nothing either way."""
+    from near_engine.train.losses import stage2_losses
+
+    target_alpha = torch.zeros(8, 8, 1)
+    target_alpha[2:6, 2:6] = 1.0
+    wide_alpha = torch.zeros(8, 8, 1)
+    wide_alpha[1:7, 1:7] = 1.0
+    colour = torch.full((8, 8, 3), 0.05)
+    sky = torch.full((8, 8, 3), 3.0)
+    normal = torch.nn.functional.normalize(torch.ones(8, 8, 3), dim=-1)
+    gbuffers = {"base_color": colour, "roughness": target_alpha, "metallic": target_alpha, "normal": normal}
+
+    class Frame:
+        intrinsic = lit = type("G", (), {"scales": torch.ones(4, 3), "opacities": torch.ones(4)})
+
+    def l1(alpha, background):
+        passes = {"color": colour * alpha, "lit_alpha": alpha, "alpha": alpha, "base_color": colour,
+                  "roughness": alpha, "metallic": alpha, "normal": normal}
+        return float(stage2_losses(passes, Frame, colour * target_alpha, target_alpha, gbuffers,
+                                   LossWeights(exposure=1.0), background)["l1"])
+
+    ring = 36 - 16  # pixels the wide silhouette adds, each showing 0.05 where the target shows the sky's 3.0
+    expected = ring * 3 * (math.log1p(3.0) - math.log1p(0.05)) / (8 * 8 * 3)
+    assert l1(wide_alpha, sky) == pytest.approx(expected, rel=1e-5)
+    assert l1(wide_alpha, None) == pytest.approx(ring * 3 * math.log1p(0.05) / (8 * 8 * 3), rel=1e-5)
+    assert l1(target_alpha, sky) == 0.0 and l1(target_alpha, None) == 0.0
 
 
 def test_encode_views_is_differentiable_and_follows_voxel_order(obj):

@@ -106,7 +106,7 @@ FIT_SIZE = 256
 
 def fit_surfel_materials(sampled: np.ndarray, gaussians: "Gaussians", gbuffers: Mapping[str, torch.Tensor],
                          alpha: torch.Tensor, cameras: Sequence[Camera], sweeps: int = FIT_SWEEPS,
-                         step: Callable[[], object] | None = None) -> np.ndarray:
+                         step: Callable[[], object] | None = None, filter_2d: float = 0.3) -> np.ndarray:
     """The materials at the surfels [N, PER_VOXEL * 6] that, drawn by `gaussians` (the intrinsic Gaussians a
     renderer makes of the asset, one per surfel in order, in the cameras' frame), best reproduce the views'
     G-buffers; `sampled` (`lift_surfel_materials`) is where the fit starts and what it holds surfels few pixels see
@@ -118,7 +118,8 @@ def fit_surfel_materials(sampled: np.ndarray, gaussians: "Gaussians", gbuffers: 
     Gaussians over it), so the materials that reproduce them are a least-squares problem, solved here by Jacobi
     sweeps (each surfel's step is its residual's back-projection over the pixel weight it gathers), with the
     rasterizer's own backward pass as the transpose. Only solid, finite pixels count (`SOLID`), and views larger
-    than `FIT_SIZE` count box-filtered down to it. All views share one size. `step()` is called after each sweep."""
+    than `FIT_SIZE` count box-filtered down to it. All views share one size. `step()` is called after each sweep.
+    `filter_2d`: the renderer's 2D low-pass (`frame.filter_2d`), so the Gaussians are drawn as it draws them."""
     from ..raster import rasterize
 
     means, quats, scales, opacities = (t.detach().float().cpu() for t in (gaussians.means, gaussians.quats,
@@ -140,7 +141,7 @@ def fit_surfel_materials(sampled: np.ndarray, gaussians: "Gaussians", gbuffers: 
     targets, alpha = torch.nan_to_num(targets), torch.where(finite, alpha, torch.zeros_like(alpha))
 
     def draw(values: torch.Tensor, view: int):
-        return rasterize(means, quats, scales, opacities, values, cameras[view], backend="cpu")
+        return rasterize(means, quats, scales, opacities, values, cameras[view], eps2d=filter_2d, backend="cpu")
 
     with torch.enable_grad():
         masks, gathered = [], torch.zeros(len(start), 1)
@@ -194,12 +195,13 @@ def fit_asset_materials(pipeline: "NearPipeline", asset: "Asset", gbuffers: Mapp
     import dataclasses
 
     from ..envmap import EnvMap
-    from ..frame import SURFEL_MATERIALS
+    from ..frame import SURFEL_MATERIALS, filter_2d
     from ..pipeline import Scene
 
     if not cameras or SURFEL_MATERIALS not in asset.extras or not pipeline.pbr_core or pipeline.placement != "surfels":
         return asset
     scene = Scene([(asset, np.eye(4))], EnvMap.uniform(1.0, height=8), cameras[0], transparent=True)
     gaussians = pipeline.gaussians(scene).intrinsic
-    fitted = fit_surfel_materials(asset.extras[SURFEL_MATERIALS], gaussians, gbuffers, alpha, cameras, step=step)
+    fitted = fit_surfel_materials(asset.extras[SURFEL_MATERIALS], gaussians, gbuffers, alpha, cameras, step=step,
+                                  filter_2d=filter_2d(pipeline.networks))
     return dataclasses.replace(asset, extras={**asset.extras, SURFEL_MATERIALS: fitted})

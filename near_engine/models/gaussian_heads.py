@@ -70,7 +70,7 @@ class RepresentationConfig:
     scaling_bias: float = 4e-3
     opacity_bias: float = 0.1
     min_kernel_size: float = 9e-4  # '3d_filter_kernel_size'
-    filter_2d_kernel_size: float = 0.1  # '2d_filter_kernel_size': a rasterizer setting, unused here
+    filter_2d_kernel_size: float = 0.1  # '2d_filter_kernel_size': the rasterizer's 2D low-pass (`frame.filter_2d`)
     scaling_activation: str = "softplus"
     feature_dim: int = FEATURE_DIM
     lr: Mapping[str, float] = field(default_factory=lambda: dict(_DEFAULT_LR))

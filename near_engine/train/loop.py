@@ -7,8 +7,8 @@ the IAD run once, the LAD, heads, shading and rasterizer once per image):
     each light's map (strength 1, its Z rotation) --tokenizer--> light tokens; --ibl.prefilter--> split-sum terms
     per image: LAD + heads + PBR core + shading MLP (`frame.decode_gaussians`) --`frame.rasterize_passes`--> passes
     lit colour vs the Cycles render divided by the light's strength (the pipeline renders at strength 1 and scales
-    the radiance afterwards: `pipeline._scale_radiance`), intrinsic passes vs the G-buffers of the same camera, both
-    alphas vs Cycles' alpha; see `losses.py`.
+    the radiance afterwards: `pipeline._scale_radiance`), both over the light's background, intrinsic passes vs
+    the G-buffers of the same camera, both alphas vs Cycles' alpha; see `losses.py`.
 The images are drawn from the relit views (HDRIs and skies) and the uniform-lit views (targets under the uniform
 world). `TrainConfig.inputs` chooses what the IAD reads, for the paper's input ablation: "lh+material" (near-tiny),
 "lh", "shaded" (the latent encoded from views under one of the object's HDRIs) or "material"; a latent left out is
@@ -42,7 +42,8 @@ from ..bundled import weights_folder
 from ..configs import build_networks, get_config, save_networks
 from ..errors import NearError
 from ..files import write_atomically
-from ..frame import INPUTS, VoxelPriors, ablation_inputs, decode_gaussians, decoder_input, rasterize_passes
+from ..frame import (INPUTS, VoxelPriors, ablation_inputs, decode_gaussians, decoder_input, filter_2d,
+                     rasterize_passes)
 from ..ibl import IBLLight
 from ..progress import duration, progress
 from ..sparse import SparseTensor
@@ -169,11 +170,14 @@ class StepModel(nn.Module):
             camera = obj.cameras[sample.camera_index]
             frame = decode_gaussians(nets, h, registers, tokens[source], camera_position=camera.position,
                                      priors=priors, ibl=ibl)
-            passes = rasterize_passes(frame.pass_gaussians(), camera)
+            passes = rasterize_passes(frame.pass_gaussians(), camera, filter_2d=filter_2d(nets))
             target = sample.target().to(latent)
             gbuffers = {name: g[sample.camera_index].to(latent) for name, g in obj.gbuffers.items()}
+            background = torch.from_numpy(source.envmap.with_settings(rotation_z=source.light.rotation_z)
+                                          .background(camera)).to(latent)  # strength 1, as the targets
             terms = stage2_losses(passes, frame, target[..., :3] / source.light.strength,
-                                  obj.rgba[sample.camera_index, ..., 3:].to(latent), gbuffers, self.config.weights)
+                                  obj.rgba[sample.camera_index, ..., 3:].to(latent), gbuffers, self.config.weights,
+                                  background)
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value / len(samples)
         return totals

@@ -5,7 +5,9 @@
 with the reference's w_pbr = 0.3 and exposure 1; near-tiny trains with w_pbr = 1 and exposure 4 (`LossWeights`).
 
 * reconstruction: L1 between log1p(exposure * colour) of the predicted and the Cycles lit colour (premultiplied,
-  linear HDR; exposure 1 is the reference's loss), and
+  linear HDR; exposure 1 is the reference's loss), both over the light's own background where it is given (as a
+  user and `near eval` see the object: a silhouette a fraction of a pixel too wide shows a bright sky's edge as the
+  object's colour; over black it costs little), and
   D-SSIM on gamma-2.2 images clipped to [0, 1] (the released code's choice; the paper uses AgX);
 * L_pbr: L1 of the intrinsic pass's base colour, roughness, metallic (and specular level where the data has it)
   against the G-buffers (0.5 each, as the code)
@@ -73,17 +75,23 @@ def _gamma(x: torch.Tensor) -> torch.Tensor:
 
 def stage2_losses(passes: dict[str, torch.Tensor], frame: FrameGaussians, target_rgb: torch.Tensor,
                   target_alpha: torch.Tensor, gbuffers: dict[str, torch.Tensor],
-                  weights: LossWeights = LossWeights()) -> dict[str, torch.Tensor]:
+                  weights: LossWeights = LossWeights(), background: torch.Tensor | None = None
+                  ) -> dict[str, torch.Tensor]:
     """Loss terms (weighted) and their sum under "loss", for one rendered view.
 
     `passes`: `rasterize_passes` output; `target_rgb` [H, W, 3] the Cycles lit colour (premultiplied, at the strength
     the networks render: see `loop.py`); `target_alpha` [H, W, 1]; `gbuffers`: base_color, roughness, metallic,
-    normal [H, W, k] of the same camera under uniform light.
+    normal [H, W, k] of the same camera under uniform light; `background` [H, W, 3] the light's map as the camera sees
+    it (at the targets' strength), under both colours in the L1 term.
     """
     color = passes["color"]
+    seen, seen_target = color.clamp_min(0.0), target_rgb
+    if background is not None:
+        seen = seen + (1.0 - passes["lit_alpha"]) * background
+        seen_target = seen_target + (1.0 - target_alpha) * background
     terms = {
-        "l1": weights.l1 * (torch.log1p(weights.exposure * color.clamp_min(0.0))
-                            - torch.log1p(weights.exposure * target_rgb)).abs().mean(),
+        "l1": weights.l1 * (torch.log1p(weights.exposure * seen)
+                            - torch.log1p(weights.exposure * seen_target)).abs().mean(),
         "dssim": weights.dssim * (1.0 - ssim(_gamma(color), _gamma(target_rgb))),
         "alpha": weights.alpha * ((passes["lit_alpha"] - target_alpha).abs().mean()
                                   + (passes["alpha"] - target_alpha).abs().mean()),
