@@ -171,7 +171,7 @@ def _tiny_rep(num_gaussians: int) -> dict[str, Any]:
     surface and widen every silhouette by as much (at 0.005, before surfels, it made up for the gaps between
     Gaussians spread over whole voxels). The 2D filter is 0.2 px^2: Cycles renders with a 1-pixel box filter, and
     overlapping opaque surfels under gsplat's 0.3 drew outline pixels 0.15 too opaque on average (0.05 at 0.2, and
-    0.2 scored best of 0.15-0.3 on training objects under their own lights)."""
+    0.2 scored best of 0.15-0.3 on training objects under their own lights; both with the weights before it)."""
     rep = _renderer_rep(num_gaussians)
     rep.update({"scaling_bias": 0.004, "opacity_bias": 0.99, "voxel_size": 1.0, "3d_filter_kernel_size": 0.001,
                 "2d_filter_kernel_size": 0.2})
