@@ -17,7 +17,7 @@ from near_engine.camera import Camera
 from near_engine.configs import build_networks
 from near_engine.envmap import EnvMap
 from near_engine.errors import NearError
-from near_engine.frame import VoxelPriors, decode_gaussians, light_tokens, rasterize_passes
+from near_engine.frame import VoxelPriors, decode_gaussians, filter_2d, light_tokens, rasterize_passes
 from near_engine.gaussians import quat_to_rotmat, rotmat_to_quat
 from near_engine.ibl import IBLLight, prefilter
 from near_engine.models.gaussian_heads import intrinsic_gaussians, voxel_centres
@@ -173,7 +173,7 @@ def _square_alpha(placement: str) -> tuple[np.ndarray, np.ndarray]:
         tokens = light_tokens(nets["hdri_encoder"], env, size=32)
         frame = decode_gaussians(nets, h, registers, tokens, camera_position=camera.position, priors=priors,
                                  ibl=IBLLight.for_frame(prefilter(env), 0.0))
-        alpha = rasterize_passes(frame.pass_gaussians(), camera)["alpha"][..., 0].numpy()
+        alpha = rasterize_passes(frame.pass_gaussians(), camera, filter_2d=filter_2d(nets))["alpha"][..., 0].numpy()
     # the exact mask: project the square's corners (a square parallel to the image plane stays a square)
     corners = vertices @ camera.world_to_camera[:3, :3].T + camera.world_to_camera[:3, 3]
     u = camera.fx * corners[:, 0] / corners[:, 2] + camera.cx
